@@ -1,0 +1,52 @@
+# Two commands do all setup on a fresh machine:
+#   make serve   environment + default model (fetched, converted) + OpenAI server on 127.0.0.1:8000
+#   make test    environment + the whole test suite (what .ci/run calls)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODELS ?= models
+DEFAULT_SRC := $(MODELS)/SmolLM2-135M-Instruct
+# The default served checkpoint; see README "Default model" for why this rank and strategy.
+RANK ?= 32
+ROPE ?= pairs
+DEFAULT_THIN := $(MODELS)/SmolLM2-135M-Instruct-thin-r$(RANK)-$(ROPE)
+HOST ?= 127.0.0.1
+PORT ?= 8000
+KV_CACHE_GIB ?= 1
+SERVE_FLAGS ?=
+
+.PHONY: setup serve test fetch convert clean-models
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -e ".[cpu,tools,test]"
+	# pip pulls CUDA builds of these through vLLM; with the CPU torch they break `import vllm`.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(BIN)/python -c "import vllm, thinkeys; print('vllm', vllm.__version__)"
+	touch $@
+
+fetch: setup
+	$(BIN)/thinkeys fetch --models-dir $(MODELS)
+
+$(DEFAULT_SRC)/config.json: | setup
+	$(BIN)/thinkeys fetch --models-dir $(MODELS)
+
+$(DEFAULT_THIN)/config.json: $(DEFAULT_SRC)/config.json
+	$(BIN)/thinkeys convert $(DEFAULT_SRC) $(DEFAULT_THIN) --rank $(RANK) --rope $(ROPE) --force
+
+convert: $(DEFAULT_THIN)/config.json
+
+serve: setup $(DEFAULT_THIN)/config.json
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-$(KV_CACHE_GIB)} \
+	$(BIN)/thinkeys serve $(DEFAULT_THIN) --host $(HOST) --port $(PORT) \
+		--served-model-name smollm2-thin $(SERVE_FLAGS)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean-models:
+	rm -rf $(MODELS)

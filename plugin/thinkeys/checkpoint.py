@@ -1,0 +1,170 @@
+"""The thin-key checkpoint format: the contract between conversion, fine-tuning and serving.
+
+A thin-key checkpoint is an ordinary Hugging Face folder (config.json, *.safetensors, tokenizer
+files) whose attention has been factored so that cached keys are ``rank``-dimensional while values
+keep the full ``head_dim``::
+
+      x ──W_Q'──► q' (H heads x r)  ─┐
+      x ──W_K'──► k' (Hkv heads x r) ─┴─► softmax(q'·k' / sqrt(head_dim)) ──► · v ──► W_O
+      x ──W_V ──► v  (Hkv heads x d)      (cached per token: k' of width r, v of width d)
+
+Tensor names and layouts are those of the source family with thinner q/k projections:
+
+* Llama / Mistral / Qwen2: ``q_proj.weight`` is ``[H * r, D]``, ``k_proj.weight`` is
+  ``[Hkv * r, D]`` (biases ``[H * r]`` / ``[Hkv * r]`` where the source has them), ``v_proj`` and
+  ``o_proj`` unchanged.
+* GPT-2: ``c_attn.weight`` keeps the Conv1D layout ``[D, H * r + H * r + H * d]`` (q | k | v).
+
+RoPE, when the source uses it, is applied to the first ``rope_dims`` of the r dims of every
+query and key head, in NeoX layout (dim ``j`` pairs with ``j + rope_dims / 2``), with a frequency
+table stored per layer and KV head as ``<layer>.self_attn.thin_rope_freqs`` of shape
+``[Hkv, rope_dims / 2]`` (float32, radians per position). Query heads use the table of their KV
+group. The remaining ``rank - rope_dims`` dims are not rotated. The softmax scale stays
+``1 / sqrt(head_dim)`` of the source model.
+
+This module is imported by every other part (converter, trainer, evaluator, vLLM models,
+accounting); it depends on nothing but pydantic.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+#: Key in config.json that holds the thin-key fields.
+CONFIG_KEY = "thin_keys"
+FORMAT_VERSION = 1
+#: Suffix (after ``<layer prefix>.self_attn.``) of the per-layer RoPE frequency table.
+ROPE_FREQS_NAME = "thin_rope_freqs"
+
+
+class RopeStrategy(str, Enum):
+    """How a RoPE source model's rotary embedding is carried into the thin r-dim space."""
+
+    #: The source has no rotary embedding (GPT-2): q'.k' approximates q.k exactly up to truncation.
+    NONE = "none"
+    #: The paper's variant: SVD basis, RoPE applied to all r dims with the first r/2 base
+    #: frequencies. Approximate (the SVD basis mixes rotary pairs); needs recovery training.
+    SVD = "svd"
+    #: Keep the r/2 original rotary pairs with the most energy, with their original frequencies.
+    #: Exact RoPE on what is kept; at r = head_dim it is the source model exactly.
+    PAIRS = "pairs"
+
+
+class SourceFamily(str, Enum):
+    LLAMA = "llama"
+    QWEN2 = "qwen2"
+    GPT2 = "gpt2"
+
+
+class Family(BaseModel):
+    """How a source architecture maps to its thin-key twin."""
+
+    model_config = ConfigDict(frozen=True)
+    family: SourceFamily
+    thin_architecture: str
+    rotary: bool
+
+
+#: Source architectures the converter accepts, and the architecture name of their thin twin.
+SUPPORTED_SOURCES: dict[str, Family] = {
+    "LlamaForCausalLM": Family(family=SourceFamily.LLAMA, thin_architecture="ThinKeyLlamaForCausalLM", rotary=True),
+    "MistralForCausalLM": Family(family=SourceFamily.LLAMA, thin_architecture="ThinKeyLlamaForCausalLM", rotary=True),
+    "Qwen2ForCausalLM": Family(family=SourceFamily.QWEN2, thin_architecture="ThinKeyQwen2ForCausalLM", rotary=True),
+    "GPT2LMHeadModel": Family(family=SourceFamily.GPT2, thin_architecture="ThinKeyGPT2LMHeadModel", rotary=False),
+}
+
+#: Thin-key architecture name -> "module:Class" of its vLLM implementation (registered lazily).
+VLLM_ARCHITECTURES: dict[str, str] = {
+    "ThinKeyLlamaForCausalLM": "thinkeys.models.llama:ThinKeyLlamaForCausalLM",
+    "ThinKeyQwen2ForCausalLM": "thinkeys.models.qwen2:ThinKeyQwen2ForCausalLM",
+    "ThinKeyGPT2LMHeadModel": "thinkeys.models.gpt2:ThinKeyGPT2LMHeadModel",
+}
+
+
+class ThinKeyError(ValueError):
+    """A thin-key checkpoint, conversion request or config is not valid. The message says why and how to fix it."""
+
+
+class ThinKeyConfig(BaseModel):
+    """The thin-key fields stored under ``config.json["thin_keys"]``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+    format_version: Literal[1] = FORMAT_VERSION
+    rank: int = Field(ge=1, description="r: width of every cached key head and every query head")
+    head_dim: int = Field(ge=1, description="d: head size of the source model; width of values")
+    rope: RopeStrategy = Field(description="how RoPE is carried into the r-dim space")
+    rope_dims: int = Field(ge=0, description="the first rope_dims of the r dims are rotated")
+    source_architecture: str = Field(description="architecture of the converted checkpoint")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ThinKeyConfig":
+        if self.rank > self.head_dim:
+            raise ValueError(
+                f"rank {self.rank} is larger than head_dim {self.head_dim}: "
+                f"choose 1 <= rank <= {self.head_dim}"
+            )
+        if self.rope == RopeStrategy.NONE and self.rope_dims != 0:
+            raise ValueError("rope 'none' needs rope_dims 0")
+        if self.rope != RopeStrategy.NONE:
+            if self.rope_dims % 2:
+                raise ValueError(f"rope_dims {self.rope_dims} must be even (RoPE rotates pairs of dims)")
+            if not 2 <= self.rope_dims <= self.rank:
+                raise ValueError(f"rope_dims {self.rope_dims} must be in [2, rank={self.rank}]")
+        if self.source_architecture not in SUPPORTED_SOURCES:
+            raise ValueError(
+                f"source_architecture {self.source_architecture!r} is not one of {sorted(SUPPORTED_SOURCES)}"
+            )
+        return self
+
+    @property
+    def family(self) -> Family:
+        return SUPPORTED_SOURCES[self.source_architecture]
+
+    @property
+    def thin_architecture(self) -> str:
+        return self.family.thin_architecture
+
+    # --- (de)serialisation -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_hf_config(cls, config: Any, *, where: str = "config.json") -> "ThinKeyConfig":
+        """Read the thin-key fields from a HF config (a ``PretrainedConfig`` or a dict)."""
+        raw = config.get(CONFIG_KEY) if isinstance(config, Mapping) else getattr(config, CONFIG_KEY, None)
+        if raw is None:
+            raise ThinKeyError(
+                f"{where}: no '{CONFIG_KEY}' field; this is not a thin-key checkpoint "
+                "(convert it first with `thinkeys convert SRC DST --rank R`)"
+            )
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or CONFIG_KEY}: {err['msg']}" for err in exc.errors()
+            )
+            raise ThinKeyError(f"{where}: invalid '{CONFIG_KEY}' ({problems})") from None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ThinKeyConfig":
+        config_path = Path(path) / "config.json"
+        if not config_path.is_file():
+            raise ThinKeyError(f"{config_path}: missing; a checkpoint folder needs a config.json")
+        return cls.from_hf_config(json.loads(config_path.read_text()), where=str(config_path))
+
+
+def is_thin_key_config(config: Any) -> bool:
+    raw = config.get(CONFIG_KEY) if isinstance(config, Mapping) else getattr(config, CONFIG_KEY, None)
+    return raw is not None
+
+
+def rope_freqs_name(layer_prefix: str) -> str:
+    """Checkpoint name of a layer's RoPE frequency table, e.g. ``model.layers.3.self_attn.thin_rope_freqs``."""
+    return f"{layer_prefix}.self_attn.{ROPE_FREQS_NAME}"

@@ -1,0 +1,461 @@
+"""KV-cache accounting: bytes per token and per block, capacity and concurrency, thin vs stock.
+
+This is the ONE place where KV sizes are computed. The start-up log line, the
+``/v1/thinkeys/savings`` endpoint, the Prometheus gauges and ``thinkeys plan`` all take their
+numbers from here, so the server and the planner can never disagree.
+
+Why blocks matter: vLLM does not hand out KV memory per token but in whole blocks of
+``block_size`` tokens, and a request holds ``cdiv(tokens, block_size)`` blocks. The numbers below
+reproduce vLLM 0.32's own rule (``v1/kv_cache_interface.py`` and ``v1/core/kv_cache_utils.py``)
+for a model whose attention layers all share one full-attention spec::
+
+    page_size_bytes  = block_size * num_kv_heads * (head_size + head_size_v) * dtype_bytes  (one layer)
+    bytes_per_block  = num_layers * page_size_bytes
+    num_blocks       = kv_cache_memory_bytes // bytes_per_block            (get_kv_cache_config_from_groups)
+    blocks_per_req   = cdiv(max_model_len, block_size)                     (FullAttentionSpec.max_memory_usage_bytes)
+    max_concurrency  = num_blocks / blocks_per_req                         (get_max_concurrency_for_kv_cache_config)
+    kv_cache_size_tokens = int(max_concurrency * max_model_len)            (get_kv_cache_capacity)
+
+A thin-key model caches keys of width ``head_size = rank`` next to values of width
+``head_size_v = head_dim``; the stock model caches both at ``head_dim``. Like vLLM, capacity counts
+every block, including the one null block its ``BlockPool`` keeps back, and every layer caches every
+token (exact for full attention; an upper bound for sliding-window layers, which vLLM caps).
+
+The per-token cell is described by :class:`AttentionGeometry` (cached key width, value width, a
+shared-K=V flag) and :class:`KVCacheDtype` (bytes per element plus per-(token, head) scale bytes),
+so quantized 8-bit caches with scales and shared-KV checkpoints only add table entries or flags.
+
+Pure Python and pydantic: importing this module never imports torch or vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, TypeAdapter, ValidationError, computed_field
+
+from thinkeys.checkpoint import ThinKeyConfig, ThinKeyError, is_thin_key_config
+
+# --- KV-cache element types --------------------------------------------------------------------
+
+
+class KVCacheDtype(BaseModel):
+    """How one cached element is stored.
+
+    ``scale_bytes_per_token_head`` is the room a quantized cache keeps per (token, KV head) for its
+    scales; 0 for plain float caches and per-tensor-scaled fp8 (vLLM keeps those scales outside
+    the pages).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(description="vLLM's kv_cache_dtype name, e.g. 'bfloat16' or 'fp8_e4m3'")
+    element_bytes: int = Field(ge=1)
+    scale_bytes_per_token_head: int = Field(default=0, ge=0)
+
+
+#: vLLM kv_cache_dtype (and model dtype) names whose page size this module reproduces, with their
+#: element size (``vllm.utils.torch_utils.STR_DTYPE_TO_TORCH_DTYPE``). fp8 variants keep one byte
+#: per element and a per-tensor scale outside the page.
+KV_CACHE_DTYPES: dict[str, KVCacheDtype] = {
+    d.name: d
+    for d in (
+        KVCacheDtype(name="float32", element_bytes=4),
+        KVCacheDtype(name="float16", element_bytes=2),
+        KVCacheDtype(name="bfloat16", element_bytes=2),
+        KVCacheDtype(name="fp8", element_bytes=1),
+        KVCacheDtype(name="fp8_e4m3", element_bytes=1),
+        KVCacheDtype(name="fp8_e5m2", element_bytes=1),
+        KVCacheDtype(name="fp8_inc", element_bytes=1),
+        KVCacheDtype(name="int8", element_bytes=1),
+    )
+}
+_DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "half": "float16", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: Any = None) -> KVCacheDtype:
+    """The cache element type for vLLM's ``--kv-cache-dtype`` value.
+
+    ``"auto"`` means "the model's dtype" (a name like ``"bfloat16"`` or a ``torch.dtype``).
+    """
+    name = _dtype_name(kv_cache_dtype)
+    if name == "auto":
+        if model_dtype is None:
+            raise ThinKeyError(
+                "kv cache dtype 'auto' needs the model's dtype, and the config names none: "
+                f"pass an explicit KV dtype (one of {', '.join(KV_CACHE_DTYPES)})"
+            )
+        name = _dtype_name(model_dtype)
+        if name == "auto":
+            raise ThinKeyError("the model dtype cannot itself be 'auto'")
+    if name not in KV_CACHE_DTYPES:
+        raise ThinKeyError(
+            f"KV cache dtype {name!r} is not one the accounting knows "
+            f"(known: auto, {', '.join(KV_CACHE_DTYPES)}); 4-bit and per-token-head-scaled caches "
+            "are not modelled yet"
+        )
+    return KV_CACHE_DTYPES[name]
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = str(dtype).strip().lower().removeprefix("torch.")
+    return _DTYPE_ALIASES.get(name, name)
+
+
+# --- model geometry -------------------------------------------------------------------------
+
+
+class AttentionGeometry(BaseModel):
+    """What decides a model's KV size: layers, KV heads and the width of each cached vector.
+
+    ``head_dim`` (d) is the value width and the stock key width; ``key_dim`` is the cached key width
+    (r for thin keys, d for the stock model). With ``shared_kv`` one cached vector per token and
+    head serves as both key and value.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str | None = None
+    num_layers: int = Field(ge=1, description="attention layers that cache keys and values")
+    num_query_heads: int = Field(ge=1)
+    num_kv_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1, description="d: value width, and key width of the stock model")
+    key_dim: int = Field(ge=1, description="cached key width: r for thin keys, d for stock")
+    shared_kv: bool = False
+    model_dtype: str | None = Field(default=None, description="weights dtype, what KV dtype 'auto' means")
+    max_position_embeddings: int | None = None
+    sliding_window: int | None = Field(
+        default=None, description="window of sliding-window layers; vLLM caps their KV, this accounting does not"
+    )
+
+    @property
+    def rank(self) -> int:
+        return self.key_dim
+
+    @property
+    def cached_dims_per_head(self) -> int:
+        """Elements cached per token and KV head: key + value, or one shared vector."""
+        return self.key_dim if self.shared_kv else self.key_dim + self.head_dim
+
+    @property
+    def is_stock(self) -> bool:
+        return self.key_dim == self.head_dim and not self.shared_kv
+
+    def stock(self) -> "AttentionGeometry":
+        """The same model with its original layout: full-width keys, separate values."""
+        return self.model_copy(update={"key_dim": self.head_dim, "shared_kv": False})
+
+    def with_rank(self, rank: int) -> "AttentionGeometry":
+        """The same model with keys factored to ``rank`` dims (for planning a conversion)."""
+        if rank < 1:
+            raise ThinKeyError(f"rank must be a positive number of key dims, got {rank}")
+        return make_geometry(**{**self.model_dump(), "key_dim": rank})
+
+
+def make_geometry(**fields: Any) -> AttentionGeometry:
+    """Build and check an :class:`AttentionGeometry`; problems become one clear ThinKeyError."""
+    try:
+        geometry = AttentionGeometry(**fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ThinKeyError(f"invalid model geometry ({problems})") from None
+    if geometry.key_dim > geometry.head_dim:
+        raise ThinKeyError(
+            f"rank {geometry.key_dim} is larger than head_dim {geometry.head_dim}: "
+            f"choose 1 <= rank <= {geometry.head_dim}"
+        )
+    if geometry.num_query_heads % geometry.num_kv_heads:
+        raise ThinKeyError(
+            f"{geometry.num_query_heads} query heads cannot be split into {geometry.num_kv_heads} KV groups"
+        )
+    if geometry.shared_kv and geometry.key_dim != geometry.head_dim:
+        raise ThinKeyError(
+            "a shared K=V cache stores one vector that is both key and value, so its key width "
+            f"must equal head_dim ({geometry.head_dim}), not {geometry.key_dim}"
+        )
+    return geometry
+
+
+#: HF config keys, first match wins (GPT-2 spells them n_layer / n_head / n_embd / n_positions).
+_CONFIG_KEYS = {
+    "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "num_query_heads": ("num_attention_heads", "n_head"),
+    "num_kv_heads": ("num_key_value_heads", "num_kv_heads", "n_head_kv"),
+    "hidden_size": ("hidden_size", "n_embd", "d_model"),
+    "head_dim": ("head_dim",),
+    "max_position_embeddings": ("max_position_embeddings", "n_positions"),
+    "dtype": ("dtype", "torch_dtype"),
+    "sliding_window": ("sliding_window",),
+}
+
+
+def geometry_from_config(config: Any, *, rank: int | None = None, name: str | None = None) -> AttentionGeometry:
+    """Read the KV geometry from a HF config (a ``PretrainedConfig`` or a config.json dict).
+
+    A thin-key checkpoint config gives its own rank and head_dim (via ``ThinKeyConfig``); a stock
+    config gives the stock layout, or the layout after factoring to ``rank`` when one is given.
+    """
+    text_config = _text_config(config)
+
+    def get(field: str) -> Any:
+        for key in _CONFIG_KEYS[field]:
+            value = _lookup(text_config, key)
+            if value is not None:
+                return value
+        return None
+
+    num_layers, num_query_heads = get("num_layers"), get("num_query_heads")
+    if num_layers is None or num_query_heads is None:
+        raise ThinKeyError(
+            "config has no layer or attention-head count (num_hidden_layers / num_attention_heads): "
+            "pass a decoder-only transformer's config.json"
+        )
+    head_dim = get("head_dim")
+    if head_dim is None:
+        hidden_size = get("hidden_size")
+        if hidden_size is None:
+            raise ThinKeyError("config has neither head_dim nor hidden_size: cannot tell the head size")
+        head_dim = int(hidden_size) // int(num_query_heads)
+    if rank is not None and rank < 1:
+        raise ThinKeyError(f"rank must be a positive number of key dims, got {rank}")
+    key_dim = int(head_dim) if rank is None else rank
+
+    if is_thin_key_config(config):
+        thin = ThinKeyConfig.from_hf_config(config)
+        if rank is not None and rank != thin.rank:
+            raise ThinKeyError(
+                f"this is a thin-key checkpoint of rank {thin.rank}; --rank {rank} would need a new "
+                "conversion from the source model (plan from the source config.json instead)"
+            )
+        head_dim, key_dim = thin.head_dim, thin.rank
+
+    dtype = get("dtype")
+    uses_window = _lookup(text_config, "use_sliding_window")
+    return make_geometry(
+        name=name if name is not None else _config_name(config),
+        num_layers=int(num_layers),
+        num_query_heads=int(num_query_heads),
+        num_kv_heads=int(get("num_kv_heads") or num_query_heads),
+        head_dim=int(head_dim),
+        key_dim=key_dim,
+        model_dtype=None if dtype is None else _dtype_name(dtype),
+        max_position_embeddings=get("max_position_embeddings"),
+        # Qwen2 configs carry a window they do not use unless use_sliding_window is set.
+        sliding_window=None if uses_window is False else get("sliding_window"),
+    )
+
+
+def _lookup(config: Any, key: str) -> Any:
+    return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+
+def _text_config(config: Any) -> Any:
+    """The language-model part of a config (multimodal configs nest it under ``text_config``)."""
+    if isinstance(config, Mapping):
+        return config.get("text_config") or config
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def _config_name(config: Any) -> str | None:
+    raw = _lookup(config, "_name_or_path" if isinstance(config, Mapping) else "name_or_path")
+    if raw:
+        return str(raw)
+    archs = _lookup(config, "architectures")
+    return archs[0] if archs else None
+
+
+# --- footprint of one layout ----------------------------------------------------------------
+
+
+class KVFootprint(BaseModel):
+    """The KV bytes of one cache layout (thin or stock) under one dtype and block size."""
+
+    model_config = ConfigDict(frozen=True)
+
+    geometry: AttentionGeometry
+    kv_dtype: KVCacheDtype
+    block_size: int = Field(ge=1, description="tokens per KV block")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def bytes_per_token_per_layer(self) -> int:
+        g, t = self.geometry, self.kv_dtype
+        return g.num_kv_heads * (g.cached_dims_per_head * t.element_bytes + t.scale_bytes_per_token_head)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def bytes_per_token(self) -> int:
+        return self.geometry.num_layers * self.bytes_per_token_per_layer
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def page_size_bytes(self) -> int:
+        """One layer's block: vLLM's ``AttentionSpec.page_size_bytes``."""
+        return self.block_size * self.bytes_per_token_per_layer
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def bytes_per_block(self) -> int:
+        """One block across all layers: the divisor vLLM turns KV memory into blocks with."""
+        return self.geometry.num_layers * self.page_size_bytes
+
+    def blocks_for_tokens(self, num_tokens: int) -> int:
+        """Blocks a request with ``num_tokens`` cached tokens holds (whole blocks)."""
+        return -(-num_tokens // self.block_size)
+
+    def bytes_for_tokens(self, num_tokens: int) -> int:
+        """KV bytes a request with ``num_tokens`` cached tokens occupies (whole blocks)."""
+        return self.blocks_for_tokens(num_tokens) * self.bytes_per_block
+
+    def capacity(self, kv_memory_bytes: int, context_tokens: int) -> "KVCapacity":
+        """What ``kv_memory_bytes`` of KV cache holds in this layout, vLLM's way."""
+        if kv_memory_bytes < 0:
+            raise ThinKeyError(f"KV memory must be >= 0 bytes, got {kv_memory_bytes}")
+        return self.capacity_from_blocks(kv_memory_bytes // self.bytes_per_block, context_tokens)
+
+    def capacity_from_blocks(self, num_blocks: int, context_tokens: int) -> "KVCapacity":
+        """Capacity of a cache of ``num_blocks`` blocks (e.g. the count the engine allocated)."""
+        if context_tokens < 1:
+            raise ThinKeyError(f"context length must be >= 1 token, got {context_tokens}")
+        blocks_per_request = self.blocks_for_tokens(context_tokens)
+        # The exact float expressions of vLLM's get_max_concurrency_for_kv_cache_config and
+        # get_kv_cache_capacity, so capacity_tokens matches its kv_cache_size_tokens bit for bit.
+        max_concurrency = num_blocks / blocks_per_request
+        return KVCapacity(
+            num_blocks=num_blocks,
+            block_size=self.block_size,
+            context_tokens=context_tokens,
+            blocks_per_request=blocks_per_request,
+            max_concurrency=max_concurrency,
+            capacity_tokens=int(max_concurrency * context_tokens),
+            max_users=num_blocks // blocks_per_request,
+            bytes_per_user=blocks_per_request * self.bytes_per_block,
+        )
+
+
+class KVCapacity(BaseModel):
+    """How much one KV cache holds, counted the way vLLM counts it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    num_blocks: int = Field(description="blocks in the cache (vLLM's num_gpu_blocks)")
+    block_size: int
+    context_tokens: int = Field(description="tokens per request the concurrency is counted at")
+    blocks_per_request: int = Field(description="cdiv(context_tokens, block_size)")
+    max_concurrency: float = Field(description="num_blocks / blocks_per_request: vLLM's 'Maximum concurrency'")
+    capacity_tokens: int = Field(description="int(max_concurrency * context_tokens): vLLM's kv_cache_size_tokens")
+    max_users: int = Field(description="whole requests of context_tokens that fit at once")
+    bytes_per_user: int = Field(description="KV bytes one request of context_tokens holds")
+
+
+# --- thin vs stock ---------------------------------------------------------------------------
+
+
+class CapacityComparison(BaseModel):
+    """A thin-key cache next to the stock cache of the same model in the same KV memory."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kv_memory_bytes: int
+    context_tokens: int
+    thin_footprint: KVFootprint
+    stock_footprint: KVFootprint
+    thin: KVCapacity
+    stock: KVCapacity
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def per_user_saved_bytes(self) -> int:
+        """KV bytes one request of ``context_tokens`` saves against the stock layout."""
+        return self.stock.bytes_per_user - self.thin.bytes_per_user
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def concurrency_gain(self) -> float | None:
+        """thin / stock max concurrency (None when not even one stock request's blocks fit)."""
+        if self.stock.max_concurrency == 0:
+            return None
+        return self.thin.max_concurrency / self.stock.max_concurrency
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def bytes_per_token_ratio(self) -> float:
+        """stock / thin bytes per token: the gain when memory is large against one block."""
+        return self.stock_footprint.bytes_per_token / self.thin_footprint.bytes_per_token
+
+    def request_bytes(self, num_tokens: int) -> tuple[int, int]:
+        """(thin, stock) KV bytes a request with ``num_tokens`` cached tokens occupies."""
+        return self.thin_footprint.bytes_for_tokens(num_tokens), self.stock_footprint.bytes_for_tokens(num_tokens)
+
+
+def compare(
+    thin: KVFootprint,
+    *,
+    kv_memory_bytes: int,
+    context_tokens: int,
+    thin_num_blocks: int | None = None,
+) -> CapacityComparison:
+    """Thin vs stock for one KV memory budget and request length.
+
+    ``thin_num_blocks``, when given, is the block count the engine really allocated; the thin
+    capacity then comes from it instead of from the formula. Stock is always what vLLM would
+    allocate for the stock model in ``kv_memory_bytes``.
+    """
+    stock = thin.model_copy(update={"geometry": thin.geometry.stock()})
+    thin_capacity = (
+        thin.capacity(kv_memory_bytes, context_tokens)
+        if thin_num_blocks is None
+        else thin.capacity_from_blocks(thin_num_blocks, context_tokens)
+    )
+    return CapacityComparison(
+        kv_memory_bytes=kv_memory_bytes,
+        context_tokens=context_tokens,
+        thin_footprint=thin,
+        stock_footprint=stock,
+        thin=thin_capacity,
+        stock=stock.capacity(kv_memory_bytes, context_tokens),
+    )
+
+
+# --- units ---------------------------------------------------------------------------------
+
+_BYTES = TypeAdapter(ByteSize)
+
+
+def parse_bytes(text: str | int) -> int:
+    """``"80GiB"`` -> 85899345920, ``"80GB"`` -> 80000000000 (pydantic's ByteSize units)."""
+    try:
+        return int(_BYTES.validate_python(text.strip() if isinstance(text, str) else text))
+    except ValidationError:
+        raise ThinKeyError(
+            f"{text!r} is not a memory size: write a number with a unit, e.g. 80GiB, 24GB, 512MiB"
+        ) from None
+
+
+def parse_tokens(text: str | int) -> int:
+    """``"128K"`` -> 131072, ``"4096"`` -> 4096 (K and M are binary, as in "128K context")."""
+    raw = str(text).strip().replace("_", "").replace(",", "")
+    factor = {"k": 1024, "m": 1024 * 1024}.get(raw[-1:].lower(), 1)
+    digits = raw[:-1] if factor > 1 else raw
+    if not digits.isdigit() or int(digits) * factor < 1:
+        raise ThinKeyError(f"{text!r} is not a token count: write e.g. 4096, 32K or 1M (K = 1024 tokens)")
+    return int(digits) * factor
+
+
+def format_bytes(num_bytes: int | float) -> str:
+    """``25769803776`` -> ``"24.0 GiB"``."""
+    sign = "-" if num_bytes < 0 else ""
+    return sign + ByteSize(int(abs(num_bytes))).human_readable(separator=" ")
+
+
+def format_bytes_both(num_bytes: int | float) -> str:
+    """``25769803776`` -> ``"24.0 GiB (25.8 GB)"``: binary and decimal units side by side."""
+    sign = "-" if num_bytes < 0 else ""
+    size = ByteSize(int(abs(num_bytes)))
+    return f"{sign}{size.human_readable(separator=' ')} ({sign}{size.human_readable(decimal=True, separator=' ')})"
+
+
+def format_gain(gain: float | None) -> str:
+    return "n/a" if gain is None or math.isnan(gain) else f"{gain:.2f}x"

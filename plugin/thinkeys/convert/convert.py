@@ -1,0 +1,253 @@
+"""Convert a Hugging Face checkpoint folder into a thin-key checkpoint folder.
+
+Every check runs before any weight is read or anything is written, and the destination is
+written through :func:`thinkeys.hf_io.atomic_directory`, so a refused or failed conversion leaves
+no destination (and no temporary folder) behind.
+
+The result is a normal HF folder: the source's tensors under the same names with thinner q/k
+(:mod:`thinkeys.convert.families`), one RoPE frequency table per layer for RoPE families,
+config.json with ``architectures`` = the thin twin and ``thin_keys`` = :class:`ThinKeyConfig`,
+plus the tokenizer, chat template and generation config.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from thinkeys import hf_io
+from thinkeys.checkpoint import (
+    CONFIG_KEY,
+    SUPPORTED_SOURCES,
+    RopeStrategy,
+    ThinKeyConfig,
+    ThinKeyError,
+    rope_freqs_name,
+)
+from thinkeys.convert.families import Geometry, layout_for
+from thinkeys.convert.rope_strategies import source_inv_freq, thin_basis
+from thinkeys.convert.svd import absorb, retained_key_energy
+
+#: --dtype choices.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did, for the CLI summary and for callers that want figures."""
+
+    src: Path
+    dst: Path
+    source_architecture: str
+    thin: ThinKeyConfig
+    geometry: Geometry
+    dtype: torch.dtype
+    #: Kept share of each KV head's key-projection energy, ``[layers, Hkv]`` (see ``retained_key_energy``).
+    retained_energy: torch.Tensor
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def kv_bytes_per_token(self, rank: int | None = None) -> int:
+        """KV-cache bytes per token over all layers, keys at ``rank`` (source: ``head_dim``) and values at head_dim."""
+        g = self.geometry
+        key_width = g.head_dim if rank is None else rank
+        return g.num_layers * g.num_kv_heads * (key_width + g.head_dim) * self.dtype.itemsize
+
+    def summary(self) -> str:
+        g, t = self.geometry, self.thin
+        before, after = self.kv_bytes_per_token(), self.kv_bytes_per_token(t.rank)
+        energy = self.retained_energy
+        return (
+            f"Converted {self.src} ({self.source_architecture}: {g.num_layers} layers, {g.num_heads} query / "
+            f"{g.num_kv_heads} KV heads, head dim {g.head_dim}) into {self.dst} ({t.thin_architecture}) in "
+            f"{self.seconds:.1f} s: keys are {t.rank} wide instead of {g.head_dim}, RoPE strategy '{t.rope.value}' "
+            f"({t.rope_dims} rotated dims), weights {str(self.dtype).removeprefix('torch.')} in "
+            f"{len([f for f in self.files if f.endswith('.safetensors')])} safetensors file(s). "
+            f"The thin keys keep {100 * energy.mean():.1f}% of the key projections' energy on average "
+            f"(lowest head {100 * energy.min():.1f}%). KV cache per token: {before:,} -> {after:,} bytes "
+            f"({100 * (1 - after / before):.1f}% smaller, {before / after:.2f}x the tokens in the same memory). "
+            "Below full rank (and with 'svd' RoPE at any rank) the model is an approximation: measure its "
+            "perplexity with `thinkeys eval` and recover with `thinkeys finetune`."
+        )
+
+
+@dataclass
+class _Plan:
+    src: Path
+    dst: Path
+    raw_config: dict[str, Any]
+    hf_config: Any
+    architecture: str
+    geometry: Geometry
+    thin: ThinKeyConfig
+    dtype: torch.dtype | None
+    inv_freq: torch.Tensor | None
+
+
+def _plan(src: str | Path, dst: str | Path, rank: int, rope: str | RopeStrategy | None, dtype: str | None, force: bool) -> _Plan:
+    """All checks of a conversion request, before any weight is read or anything is written."""
+    src, dst = Path(src).absolute(), Path(dst).absolute()
+    if not src.is_dir():
+        raise ThinKeyError(f"{src}: not a folder; SRC must be a Hugging Face checkpoint folder")
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise ThinKeyError(f"{config_path}: missing; SRC must be a Hugging Face checkpoint folder with a config.json")
+    raw = json.loads(config_path.read_text())
+    if CONFIG_KEY in raw:
+        raise ThinKeyError(
+            f"{src}: already a thin-key checkpoint ({CONFIG_KEY}: rank {raw[CONFIG_KEY].get('rank')}); "
+            "convert the original model instead"
+        )
+    if "quantization_config" in raw:
+        raise ThinKeyError(f"{config_path}: quantized checkpoints cannot be factored; convert a full-precision checkpoint")
+    archs = raw.get("architectures") or []
+    supported = ", ".join(sorted(SUPPORTED_SOURCES))
+    if len(archs) != 1 or archs[0] not in SUPPORTED_SOURCES:
+        raise ThinKeyError(f"{config_path}: architecture {archs or 'unset'} is not supported; supported: {supported}")
+    arch = archs[0]
+    family = SUPPORTED_SOURCES[arch]
+
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise ThinKeyError(f"rank must be an integer, got {rank!r}")
+    if rope is None:
+        strategy = RopeStrategy.PAIRS if family.rotary else RopeStrategy.NONE
+    else:
+        try:
+            strategy = RopeStrategy(rope)
+        except ValueError:
+            raise ThinKeyError(f"--rope {rope!r} is not one of: {', '.join(s.value for s in RopeStrategy)}") from None
+    if not family.rotary and strategy != RopeStrategy.NONE:
+        raise ThinKeyError(f"{arch} has no rotary embedding: --rope {strategy.value} does not apply (leave --rope out)")
+    if family.rotary and strategy == RopeStrategy.NONE:
+        raise ThinKeyError(f"{arch} uses RoPE: choose --rope pairs (exact on kept pairs) or --rope svd (the paper's)")
+    if dtype is not None and dtype not in DTYPES:
+        raise ThinKeyError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
+
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(src)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ThinKeyError(f"{config_path}: transformers cannot read it ({exc})") from None
+    geo = Geometry.from_config(hf_config)
+    d = geo.head_dim
+    if not 1 <= rank <= d:
+        raise ThinKeyError(f"rank {rank} is out of range: choose 1 <= rank <= head_dim ({d})")
+    if family.rotary and rank % 2:
+        raise ThinKeyError(f"rank {rank} is odd: RoPE rotates pairs of dims, so with RoPE the rank must be even")
+    if not family.rotary and (getattr(hf_config, "scale_attn_by_inverse_layer_idx", False) or getattr(hf_config, "add_cross_attention", False)):
+        raise ThinKeyError(f"{config_path}: scale_attn_by_inverse_layer_idx / add_cross_attention are not supported")
+    inv_freq = source_inv_freq(arch, hf_config, d) if family.rotary else None
+    if not hf_io.has_tokenizer(src):
+        raise ThinKeyError(
+            f"{src}: no tokenizer (expected one of {', '.join(hf_io.TOKENIZER_VOCAB_FILES)}); a served model needs one"
+        )
+    hf_io.weight_files(src)  # raises when there are none
+
+    if dst == src or dst in src.parents or src in dst.parents:
+        raise ThinKeyError(f"{dst}: DST must be a separate folder, not SRC or a folder inside/around it")
+    if dst.exists() and not force:
+        raise ThinKeyError(f"{dst}: already exists; choose another destination or pass --force to replace it")
+    thin = ThinKeyConfig(
+        rank=rank,
+        head_dim=d,
+        rope=strategy,
+        rope_dims=rank if strategy != RopeStrategy.NONE else 0,
+        source_architecture=arch,
+    )
+    return _Plan(src, dst, raw, hf_config, arch, geo, thin, DTYPES[dtype] if dtype else None, inv_freq)
+
+
+def _source_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype most of the floating-point weights are stored in (the weights, not config.json, are the truth)."""
+    counts: dict[torch.dtype, int] = {}
+    for t in state.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.__getitem__)
+
+
+def run_conversion(
+    src: str | Path,
+    dst: str | Path,
+    rank: int,
+    rope: str | RopeStrategy | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    *,
+    progress: bool = True,
+) -> ConversionReport:
+    """Convert SRC to a thin-key checkpoint at DST and return what was done (see :func:`convert_checkpoint`)."""
+    start = time.monotonic()
+    plan = _plan(src, dst, rank, rope, dtype, force)
+    geo, thin = plan.geometry, plan.thin
+
+    state = hf_io.load_state_dict(plan.src)
+    out_dtype = plan.dtype or _source_dtype(state)
+    state = {n: t.to(out_dtype) if t.is_floating_point() else t for n, t in state.items()}
+    layout = layout_for(plan.architecture, geo, state)
+
+    energy = torch.empty(geo.num_layers, geo.num_kv_heads, dtype=torch.float64)
+    for i in tqdm(range(geo.num_layers), desc="converting layers", unit="layer", disable=not progress):
+        qk = layout.read(state, i)
+        basis = thin_basis(thin.rope, qk, thin.rank, plan.inv_freq)  # basis: [Hkv, d, r]
+        energy[i] = retained_key_energy(qk.k_weight, basis.basis)
+        thin_qk = absorb(qk, basis.basis)
+        for name in ("q_weight", "k_weight", "q_bias", "k_bias"):
+            t = getattr(thin_qk, name)
+            setattr(thin_qk, name, None if t is None else t.to(out_dtype).contiguous())
+        layout.write(state, i, thin_qk)
+        if basis.freqs is not None:
+            state[rope_freqs_name(layout.layer_prefix(i))] = basis.freqs.contiguous()  # [Hkv, r/2] float32
+
+    config = dict(plan.raw_config)
+    config["architectures"] = [thin.thin_architecture]
+    config["head_dim"] = geo.head_dim
+    config["dtype"] = str(out_dtype).removeprefix("torch.")
+    if "torch_dtype" in config:
+        config["torch_dtype"] = config["dtype"]
+    config[CONFIG_KEY] = thin.to_dict()
+
+    with hf_io.atomic_directory(plan.dst, force=force) as tmp:
+        hf_io.save_state_dict(state, tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        hf_io.copy_tokenizer_and_sidecars(plan.src, tmp)
+        files = sorted(p.name for p in tmp.iterdir())
+
+    return ConversionReport(
+        src=plan.src,
+        dst=plan.dst,
+        source_architecture=plan.architecture,
+        thin=thin,
+        geometry=geo,
+        dtype=out_dtype,
+        retained_energy=energy,
+        files=files,
+        seconds=time.monotonic() - start,
+    )
+
+
+def convert_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    rank: int,
+    rope: str | RopeStrategy | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    *,
+    progress: bool = True,
+) -> Path:
+    """Convert the HF checkpoint folder ``src`` into a thin-key checkpoint folder ``dst``; returns ``dst``.
+
+    ``rank``: width r of every key (and query) head, 1 <= r <= head_dim, even with RoPE.
+    ``rope``: ``"pairs"`` (default for RoPE families), ``"svd"`` (the paper's), ``"none"`` (GPT-2, the
+    only choice there). ``dtype``: ``float32`` / ``float16`` / ``bfloat16``; default: the source's.
+    ``force``: replace an existing ``dst``. Raises :class:`ThinKeyError` (leaving no ``dst``) on bad input.
+    """
+    return run_conversion(src, dst, rank, rope, dtype, force, progress=progress).dst

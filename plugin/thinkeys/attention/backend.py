@@ -1,0 +1,164 @@
+"""vLLM attention backend for caches whose keys (width r) are narrower than their values (width d).
+
+vLLM 0.32 already sizes such pages correctly: an ``Attention(head_size=r, head_size_v=d)`` layer
+builds an ``AttentionSpec`` whose page is ``block_size * H_kv * (r + d) * dtype_bytes``, and the
+per-layer cache view is ``[num_blocks, H_kv, block_size, r + d]``. What it lacks on CPU is a kernel:
+``CPU_ATTN`` takes one head size. This backend supplies the kernel (``paged.py``), the metadata
+builder and the implementation class that vLLM's ``Attention`` layer drives.
+
+Touch points with vLLM internals (pinned version; each covered by tests/test_vllm_contract.py):
+``AttentionBackend`` / ``AttentionMetadataBuilder`` / ``AttentionImpl`` and their hooks,
+``CommonAttentionMetadata`` fields, ``forward_includes_kv_cache_update`` + ``do_kv_cache_update``,
+``supported_kv_cache_layouts``, and ``register_backend`` (in ``thinkeys.register``).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+from thinkeys import ATTENTION_BACKEND_NAME
+from thinkeys.attention.paged import ThinPagedMetadata, build_metadata, paged_attention, write_kv
+
+
+class ThinKeyAttentionBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return ATTENTION_BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type["ThinKeyAttentionImpl"]:
+        return ThinKeyAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["ThinKeyMetadataBuilder"]:
+        return ThinKeyMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(1)]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # Token-major blocks ([B, N, H, C]) make a token's slot one contiguous row; the kernel
+        # indexes the logical view, so the head-major layout works as well.
+        return (KVCacheLayout.LBNHC, KVCacheLayout.LBHNC)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+
+class ThinKeyMetadataBuilder(AttentionMetadataBuilder[ThinPagedMetadata]):
+    # Ask vLLM to put single-token decodes at the front of every batch, so they run as one call.
+    reorder_batch_threshold: int | None = 1
+
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.block_size = kv_cache_spec.block_size
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> ThinPagedMetadata:
+        cm = common_attn_metadata
+        if not (isinstance(cm.causal, bool) and cm.causal):
+            raise NotImplementedError(f"{ATTENTION_BACKEND_NAME} supports causal decoder attention only")
+        num_reqs = cm.num_reqs
+        return build_metadata(
+            query_start_loc=cm.query_start_loc_cpu[: num_reqs + 1].tolist(),
+            seq_lens=cm.seq_lens[:num_reqs].tolist(),
+            block_table=cm.block_table_tensor[:num_reqs],
+            block_size=self.block_size,
+            num_actual_tokens=cm.num_actual_tokens,
+        )
+
+
+class ThinKeyAttentionImpl(AttentionImpl[ThinPagedMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        **unsupported,
+    ) -> None:
+        unsupported = {k: v for k, v in unsupported.items() if v is not None}
+        problems = [
+            name
+            for name, bad in (
+                ("alibi_slopes", alibi_slopes is not None),
+                ("sliding_window", sliding_window is not None),
+                ("logits_soft_cap", bool(logits_soft_cap)),
+                ("kv sharing", kv_sharing_target_layer_name is not None),
+                (f"kv_cache_dtype={kv_cache_dtype}", kv_cache_dtype not in ThinKeyAttentionBackend.supported_kv_cache_dtypes),
+                (f"attn_type={attn_type}", attn_type != AttentionType.DECODER),
+                (", ".join(unsupported), bool(unsupported)),
+            )
+            if bad
+        ]
+        if problems:
+            raise NotImplementedError(f"{ATTENTION_BACKEND_NAME} attention does not support: {'; '.join(problems)}")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = None
+        self.sliding_window = None
+
+    def do_kv_cache_update(
+        self,
+        layer: AttentionLayer,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        if kv_cache.numel() == 0:
+            return
+        write_kv(kv_cache, key, value, slot_mapping)
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: ThinPagedMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError(f"{ATTENTION_BACKEND_NAME} does not fuse output quantization")
+        if attn_metadata is None:  # profiling / warm-up run
+            return output.zero_()
+        n = attn_metadata.num_actual_tokens
+        paged_attention(query[:n], kv_cache, attn_metadata, self.scale, output[:n])
+        return output

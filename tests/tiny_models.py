@@ -143,8 +143,9 @@ def make_tiny_llama(
     arch: str = "LlamaForCausalLM",
     seed: int = 0,
     rope_parameters: dict[str, Any] | None = None,
+    tie_word_embeddings: bool = False,
 ) -> Path:
-    """Tiny Llama (or, with ``arch="MistralForCausalLM"``, Mistral) with GQA; ``rope_parameters`` overrides the default RoPE (theta 1e4)."""
+    """Tiny Llama (or, with ``arch="MistralForCausalLM"``, Mistral) with GQA; ``rope_parameters`` overrides the default RoPE (theta 1e4); ``tie_word_embeddings`` as SmolLM2."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     if arch not in ("LlamaForCausalLM", "MistralForCausalLM"):
@@ -162,7 +163,7 @@ def make_tiny_llama(
         head_dim=head_dim,
         max_position_embeddings=2048,
         rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         torch_dtype="float32",
         **extra,
     )

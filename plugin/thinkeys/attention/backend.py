@@ -3,8 +3,13 @@
 vLLM 0.32 already sizes such pages correctly: an ``Attention(head_size=r, head_size_v=d)`` layer
 builds an ``AttentionSpec`` whose page is ``block_size * H_kv * (r + d) * dtype_bytes``, and the
 per-layer cache view is ``[num_blocks, H_kv, block_size, r + d]``. What it lacks on CPU is a kernel:
-``CPU_ATTN`` takes one head size. This backend supplies the kernel (``paged.py``), the metadata
-builder and the implementation class that vLLM's ``Attention`` layer drives.
+``CPU_ATTN`` takes one head size. This backend supplies the kernel (``paged.py``: the compiled
+kernel of ``kernels.py`` when it builds, else plain PyTorch), the metadata builder and the
+implementation class that vLLM's ``Attention`` layer drives.
+
+Cost per model step: the builder runs once per step and, with the compiled kernel, only hands over
+vLLM's own host tensors (query offsets, sequence lengths, block table); each layer then makes one
+call for the cache write and one for attention over the whole batch.
 
 Touch points with vLLM internals (pinned version; each covered by tests/test_vllm_contract.py):
 ``AttentionBackend`` / ``AttentionMetadataBuilder`` / ``AttentionImpl`` and their hooks,
@@ -29,6 +34,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from thinkeys import ATTENTION_BACKEND_NAME
+from thinkeys.attention import kernels
 from thinkeys.attention.paged import ThinPagedMetadata, build_metadata, paged_attention, write_kv
 
 
@@ -55,9 +61,10 @@ class ThinKeyAttentionBackend(AttentionBackend):
 
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
-        # Token-major blocks ([B, N, H, C]) make a token's slot one contiguous row; the kernel
-        # indexes the logical view, so the head-major layout works as well.
-        return (KVCacheLayout.LBNHC, KVCacheLayout.LBHNC)
+        # Head-major blocks ([B, H, N, C], CPU_ATTN's layout too) make each (block, KV head) page one
+        # contiguous run that the compiled kernel streams; both kernels index the logical view
+        # through its strides, so the token-major layout works as well.
+        return (KVCacheLayout.LBHNC, KVCacheLayout.LBNHC)
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
@@ -65,12 +72,15 @@ class ThinKeyAttentionBackend(AttentionBackend):
 
 
 class ThinKeyMetadataBuilder(AttentionMetadataBuilder[ThinPagedMetadata]):
-    # Ask vLLM to put single-token decodes at the front of every batch, so they run as one call.
+    # Ask vLLM to put single-token decodes at the front of every batch, so the PyTorch path runs
+    # them as one call (the compiled kernel does not care about the order).
     reorder_batch_threshold: int | None = 1
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
+        # Built (or loaded from the cache) here, during engine start-up, not on the first request.
+        self.use_kernel = torch.device(device).type == "cpu" and kernels.available()
 
     def build(
         self,
@@ -83,11 +93,12 @@ class ThinKeyMetadataBuilder(AttentionMetadataBuilder[ThinPagedMetadata]):
             raise NotImplementedError(f"{ATTENTION_BACKEND_NAME} supports causal decoder attention only")
         num_reqs = cm.num_reqs
         return build_metadata(
-            query_start_loc=cm.query_start_loc_cpu[: num_reqs + 1].tolist(),
-            seq_lens=cm.seq_lens[:num_reqs].tolist(),
+            query_start_loc=cm.query_start_loc_cpu[: num_reqs + 1],
+            seq_lens=cm.seq_lens[:num_reqs],
             block_table=cm.block_table_tensor[:num_reqs],
             block_size=self.block_size,
             num_actual_tokens=cm.num_actual_tokens,
+            torch_path=not self.use_kernel,
         )
 
 

@@ -10,16 +10,26 @@ One code path covers prefill, decode, chunked prefill and prefix-cache hits: a r
 and ``q_len`` new query tokens attends to positions ``0 .. seq_len - 1``, query ``i`` seeing key
 ``j`` iff ``j <= seq_len - q_len + i``.
 
-Decodes (``q_len == 1``; vLLM puts them first when the builder asks for batch reordering) run as
-one batched SDPA call over a padded gather; prefills run one SDPA call per request.
+Two implementations share the metadata and the cache format:
+
+- the compiled kernel (``kernels.py``, ``csrc/paged_attention.cpp``), used whenever it could be
+  built: one call per layer for the whole batch, reading the cache in place;
+- the PyTorch path below (``paged_attention_torch``), the fallback and a second opinion in tests:
+  decodes (``q_len == 1``; vLLM puts them first when the builder asks for batch reordering) run as
+  one batched SDPA call over a padded gather, prefills one SDPA call per request.
+
+Both are checked against the dense float64 reference in ``reference.py``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from thinkeys.attention import kernels
 
 
 @dataclass
@@ -40,6 +50,12 @@ class ThinPagedMetadata:
 
     num_actual_tokens: int
     num_decodes: int  # the first num_decodes requests (and tokens) are single-token decodes
+    # Inputs of the compiled kernel: int32 host tensors, as vLLM's CommonAttentionMetadata holds them.
+    query_start_loc: torch.Tensor | None = None  # [num_reqs + 1]
+    seq_lens: torch.Tensor | None = None  # [num_reqs]
+    block_table: torch.Tensor | None = None  # [num_reqs, max_blocks]
+    # Index tensors of the PyTorch path; built only when that path may run (see build_metadata).
+    torch_path: bool = True
     decode_blocks: torch.Tensor | None = None  # [n_dec, max_len] block id per position (padded with 0)
     decode_offsets: torch.Tensor | None = None  # [n_dec, max_len]
     decode_mask: torch.Tensor | None = None  # [n_dec, 1, 1, max_len] bool, True = real position
@@ -53,25 +69,45 @@ def _token_locations(
     return block_table_row[positions // block_size], positions % block_size
 
 
+def _int32_host(x: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(device="cpu", dtype=torch.int32)
+    return torch.tensor(list(x), dtype=torch.int32)
+
+
 def build_metadata(
     *,
-    query_start_loc: list[int],
-    seq_lens: list[int],
+    query_start_loc: Sequence[int] | torch.Tensor,
+    seq_lens: Sequence[int] | torch.Tensor,
     block_table: torch.Tensor,
     block_size: int,
     num_actual_tokens: int,
+    torch_path: bool = True,
 ) -> ThinPagedMetadata:
-    """Index tensors for :func:`paged_attention`, from host-side query offsets and sequence lengths.
+    """Metadata for :func:`paged_attention`, from host-side query offsets and sequence lengths.
 
-    ``block_table`` is ``[num_reqs, max_blocks]`` on the compute device.
+    ``block_table`` is ``[num_reqs, max_blocks]`` on the compute device. The compiled kernel needs
+    only the three tensors; ``torch_path=False`` skips the per-request Python work that builds the
+    PyTorch path's gather indices and masks (what the backend does when the kernel is loaded).
     """
+    qsl_t, lens_t = _int32_host(query_start_loc), _int32_host(seq_lens)
+    num_reqs = lens_t.shape[0]
+    query_lens_t = qsl_t[1 : num_reqs + 1] - qsl_t[:num_reqs]  # [num_reqs]
+    num_decodes = int((query_lens_t == 1).to(torch.int32).cumprod(0).sum())  # leading decodes
+    meta = ThinPagedMetadata(
+        num_actual_tokens=num_actual_tokens,
+        num_decodes=num_decodes,
+        query_start_loc=qsl_t[: num_reqs + 1],
+        seq_lens=lens_t,
+        block_table=block_table[:num_reqs].to(device="cpu", dtype=torch.int32),
+        torch_path=torch_path,
+    )
+    if not torch_path:
+        return meta
+
     device = block_table.device
-    num_reqs = len(seq_lens)
-    query_lens = [query_start_loc[i + 1] - query_start_loc[i] for i in range(num_reqs)]
-    num_decodes = 0
-    while num_decodes < num_reqs and query_lens[num_decodes] == 1:
-        num_decodes += 1
-    meta = ThinPagedMetadata(num_actual_tokens=num_actual_tokens, num_decodes=num_decodes)
+    query_start_loc, seq_lens = qsl_t.tolist(), lens_t.tolist()
+    query_lens = query_lens_t.tolist()
 
     if num_decodes:
         lens = torch.tensor(seq_lens[:num_decodes], device=device)
@@ -105,8 +141,23 @@ def write_kv(
 ) -> None:
     """Store each token's thin key ``[T, H_kv, r]`` and value ``[T, H_kv, d]`` at its slot (in place).
 
-    Padding tokens have slot -1 and are skipped.
+    Padding tokens have slot -1 and are skipped. Uses the compiled kernel when it is loaded.
     """
+    if (
+        kernels.available()
+        and kv_cache.device.type == "cpu"
+        and key.dtype == value.dtype == kv_cache.dtype
+        and slot_mapping.device.type == "cpu"
+    ):
+        kernels.write_kv(kv_cache, key, value, slot_mapping.to(torch.int64))
+        return
+    write_kv_torch(kv_cache, key, value, slot_mapping)
+
+
+def write_kv_torch(
+    kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """:func:`write_kv` in plain PyTorch (advanced-index assignment through the logical view)."""
     num_tokens = slot_mapping.shape[0]
     key, value = key[:num_tokens], value[:num_tokens]
     valid = slot_mapping >= 0
@@ -118,6 +169,16 @@ def write_kv(
     kv_cache[blocks, :, offsets] = entry
 
 
+def use_kernel(query: torch.Tensor, kv_cache: torch.Tensor, meta: ThinPagedMetadata) -> bool:
+    """Whether :func:`paged_attention` runs the compiled kernel for these inputs."""
+    return (
+        meta.query_start_loc is not None
+        and query.device.type == "cpu"
+        and query.dtype == kv_cache.dtype
+        and kernels.available()
+    )
+
+
 def paged_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -125,7 +186,27 @@ def paged_attention(
     scale: float,
     output: torch.Tensor,
 ) -> torch.Tensor:
-    """Attention of ``query`` ``[T, H, r]`` over the cache; writes ``output`` ``[T, H, d]``."""
+    """Attention of ``query`` ``[T, H, r]`` over the cache; writes ``output`` ``[T, H, d]``.
+
+    The compiled kernel when it is loaded and the dtypes match, else :func:`paged_attention_torch`.
+    """
+    if use_kernel(query, kv_cache, meta) and output.dtype == kv_cache.dtype:
+        return kernels.paged_attention(
+            query, kv_cache, meta.block_table, meta.query_start_loc, meta.seq_lens, scale, output
+        )
+    if not meta.torch_path:
+        raise RuntimeError("metadata was built without the PyTorch path's indices (torch_path=False)")
+    return paged_attention_torch(query, kv_cache, meta, scale, output)
+
+
+def paged_attention_torch(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: ThinPagedMetadata,
+    scale: float,
+    output: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`paged_attention` in plain PyTorch: a padded gather + SDPA for the decodes, SDPA per prefill."""
     r = query.shape[-1]
     num_kv_heads = kv_cache.shape[1]
     gqa = query.shape[1] != num_kv_heads

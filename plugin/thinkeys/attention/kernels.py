@@ -1,0 +1,139 @@
+"""The compiled CPU kernels for thin-key attention: built on first use, cached, optional.
+
+``csrc/paged_attention.cpp`` is compiled with ``torch.utils.cpp_extension.load`` the first time a
+process needs it (about a minute on two cores) into ``$XDG_CACHE_HOME/thinkeys/kernels/`` (or
+``$THINKEYS_KERNEL_CACHE``), keyed by torch version and instruction set; later processes only load
+the shared library. It registers ``torch.ops.thinkeys.paged_attention`` and
+``torch.ops.thinkeys.write_kv``.
+
+Instruction set: no ``-march=native``. ``-mavx2 -mfma -mf16c`` (the kernel's intrinsics path) is
+added only when torch's own runtime CPU detection (``torch.backends.cpu.get_cpu_capability()``)
+reports AVX2 or better; otherwise the portable loops are built. The build directory is named after
+that choice, so a cache directory shared by machines of different CPUs stays correct.
+
+``THINKEYS_ATTENTION_KERNEL`` picks the implementation: ``auto`` (default: the compiled kernel,
+falling back to the PyTorch path in ``paged.py`` with a warning when it cannot be built),
+``compiled`` (fail with a clear error instead of falling back) or ``torch`` (always the fallback).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from thinkeys.checkpoint import ThinKeyError
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
+ENV_CHOICE = "THINKEYS_ATTENTION_KERNEL"
+ENV_CACHE = "THINKEYS_KERNEL_CACHE"
+CHOICES = ("auto", "compiled", "torch")
+
+# torch's CPU capabilities that include AVX2 + FMA + F16C: the kernel's intrinsics path. Everything
+# else builds with the compiler's baseline for the platform (the portable loops).
+AVX2_CAPABILITIES = {"AVX2", "AVX512", "AVX512_BF16", "AVX512_VNNI", "AMX", "AVX512_FP16"}
+AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+
+
+def kernel_choice() -> str:
+    choice = os.environ.get(ENV_CHOICE, "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ThinKeyError(f"{ENV_CHOICE}={choice!r} is not one of {', '.join(CHOICES)}: unset it or pick one of those")
+    return choice
+
+
+def cpu_isa() -> str:
+    """``avx2`` when torch's runtime CPU detection reports AVX2 or better, else ``baseline``."""
+    try:
+        capability = str(torch.backends.cpu.get_cpu_capability()).upper()
+    except Exception:  # noqa: BLE001 - older/other builds
+        capability = "DEFAULT"
+    return "avx2" if capability in AVX2_CAPABILITIES else "baseline"
+
+
+def build_dir(isa: str) -> Path:
+    root = os.environ.get(ENV_CACHE) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "thinkeys" / "kernels"
+    torch_tag = torch.__version__.replace("+", "_")
+    return Path(root) / f"torch-{torch_tag}-{isa}"
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> bool:
+    """Build (first time) and load the kernel library; True when ``torch.ops.thinkeys`` has it."""
+    choice = kernel_choice()
+    if choice == "torch":
+        return False
+    isa = cpu_isa()
+    flags = ["-O3", "-fopenmp", "-DNDEBUG", *(AVX2_FLAGS if isa == "avx2" else [])]
+    directory = build_dir(isa)
+    try:
+        from torch.utils import cpp_extension
+
+        directory.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        logger.info("thin keys: loading the CPU attention kernel (%s; compiled once into %s, ~1 min)", isa, directory)
+        cpp_extension.load(
+            name=f"thinkeys_attention_{isa}",
+            sources=[str(SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
+        logger.info("thin keys: CPU attention kernel ready in %.1f s", time.perf_counter() - started)
+        return True
+    except Exception as exc:  # noqa: BLE001 - no compiler, no headers, read-only cache, ...
+        reason = _first_error_line(exc)
+        if choice == "compiled":
+            raise ThinKeyError(
+                f"{ENV_CHOICE}=compiled but the CPU attention kernel could not be built in {directory}: {reason} "
+                f"(install g++ and ninja, set {ENV_CACHE} to a writable folder, or use {ENV_CHOICE}=torch)"
+            ) from exc
+        logger.warning(
+            "thin keys: CPU attention kernel unavailable (%s); using the slower PyTorch path. "
+            "Install g++ and ninja (or set %s to a writable folder) to enable it.",
+            reason, ENV_CACHE,
+        )
+        return False
+
+
+def _first_error_line(exc: Exception) -> str:
+    """The compiler's first ``error:`` line if there is one, else the exception's last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    return f"{type(exc).__name__}: {(errors or lines or [''])[0 if errors else -1]}"
+
+
+def available() -> bool:
+    """Whether the compiled kernel is in use in this process (builds it on the first call)."""
+    return _load()
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    output: torch.Tensor,
+) -> torch.Tensor:
+    """Attention of ``query`` ``[T, H, r]`` over the paged cache into ``output`` ``[T, H, d]`` (in place).
+
+    ``block_table`` ``[num_reqs, max_blocks]``, ``query_start_loc`` ``[num_reqs + 1]`` and ``seq_lens``
+    ``[num_reqs]`` are int32 CPU tensors as vLLM's ``CommonAttentionMetadata`` holds them.
+    """
+    torch.ops.thinkeys.paged_attention(query, kv_cache, block_table, query_start_loc, seq_lens, float(scale), output)
+    return output
+
+
+def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store keys ``[T, H_kv, r]`` and values ``[T, H_kv, d]`` at their slots (-1 = padding, skipped)."""
+    torch.ops.thinkeys.write_kv(kv_cache, key, value, slot_mapping)

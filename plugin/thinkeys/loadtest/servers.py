@@ -1,0 +1,135 @@
+"""Start local ``thinkeys serve`` servers for ``thinkeys loadtest compare``, and always stop them.
+
+Each server is a real ``thinkeys serve`` subprocess (the same command users and the container run)
+bound to 127.0.0.1 on a free port, in its own process group so that stopping it also stops vLLM's
+engine-core and worker processes. All servers of a comparison get the same KV-cache budget
+(``--kv-cache-memory-bytes``) and the same vLLM flags; only the checkpoint differs.
+
+On the CPU build ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB) would override ``--kv-cache-memory-bytes``
+(vLLM's CPU platform applies it after argument parsing), so it is removed from the servers'
+environment: the byte budget given here is the one in force, and it can be smaller than 1 GiB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+from thinkeys.checkpoint import ThinKeyError
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class LocalServer:
+    label: str
+    model: str
+    base_url: str
+    log_path: Path
+    process: subprocess.Popen
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def server_command(model: str, *, port: int, served_model_name: str, kv_cache_memory: str, max_model_len: int, extra_args: list[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "thinkeys.cli", "serve", model,
+        "--host", HOST, "--port", str(port),
+        "--served-model-name", served_model_name,
+        "--kv-cache-memory-bytes", str(kv_cache_memory),
+        "--max-model-len", str(max_model_len),
+        *extra_args,
+    ]
+
+
+def stop_all(procs: list[subprocess.Popen], grace_s: float = 30) -> None:
+    """SIGTERM every server's process group at once, SIGKILL what is left after ``grace_s``.
+
+    vLLM shuts down cleanly on SIGTERM once it is up; a server still compiling may ignore it,
+    hence the hard kill. Whole groups are signalled: engine-core and worker processes go too.
+    """
+    alive = [p for p in procs if p.poll() is None]
+    for proc in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in alive:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        # the leader may be gone while its engine core / workers are not: kill the group regardless
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def start_servers(
+    models: list[tuple[str, str]],
+    *,
+    kv_cache_memory: str,
+    max_model_len: int,
+    extra_args: list[str],
+    log_dir: Path,
+    startup_timeout_s: float = 900,
+) -> Iterator[list[LocalServer]]:
+    """Start one server per ``(label, model)`` at once, wait until all answer ``/health``, stop all on exit."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # a real server, as users run it
+    servers: list[LocalServer] = []
+    logs = []
+    try:
+        for label, model in models:
+            port = free_port()
+            log_path = log_dir / f"server-{label}.log"
+            log = open(log_path, "w")
+            logs.append(log)
+            cmd = server_command(model, port=port, served_model_name=label, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len, extra_args=extra_args)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            servers.append(LocalServer(label, model, f"http://{HOST}:{port}", log_path, proc))
+        deadline = time.monotonic() + startup_timeout_s
+        waiting = list(servers)
+        while waiting:
+            for server in list(waiting):
+                if server.process.poll() is not None:
+                    raise ThinKeyError(
+                        f"server {server.label!r} ({server.model}) exited with code {server.process.returncode} "
+                        f"before it was healthy; its log ({server.log_path}) ends with:\n{_tail(server.log_path)}"
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+                        waiting.remove(server)
+            if waiting and time.monotonic() > deadline:
+                raise ThinKeyError(
+                    f"server(s) {[s.label for s in waiting]} not healthy after {startup_timeout_s:.0f} s; "
+                    f"see {waiting[0].log_path}:\n{_tail(waiting[0].log_path)}"
+                )
+            time.sleep(1)
+        yield servers
+    finally:
+        stop_all([server.process for server in servers])
+        for log in logs:
+            log.close()

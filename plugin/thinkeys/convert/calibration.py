@@ -1,24 +1,33 @@
-"""Calibration statistics: what the attention layers of the source model really see, on a little text.
+"""Calibration statistics: what real text makes each attention layer's queries and keys look like.
 
-Data-free choices model the attention input as isotropic. Real hidden states are far from it (a few
-feature directions carry most of the magnitude), so the data-aware strategies
-(:mod:`thinkeys.convert.mixed`, calibrated ``pairs``; :mod:`thinkeys.convert.rebuild`) work from
-the first and second moments of every layer's attention input ``x`` (the post-norm hidden state
-that q_proj/k_proj, or GPT-2's c_attn, read)::
+The data-free strategies only see weights, and model the attention input as isotropic. Real hidden
+states are far from it (a few feature directions carry most of the magnitude), so the data-aware
+strategies (calibrated ``pairs`` and ``mixed``, :mod:`thinkeys.convert.mixed`; the measured-only
+:mod:`thinkeys.convert.rebuild`) work from the first two moments of every layer's attention input
+``x`` (the post-norm hidden state that q_proj/k_proj read)::
 
-    mean[i]   = E[x]        [D]
-    moment[i] = E[x x^T]    [D, D]
+    mean[i]     E[x]       [D]        (float64)
+    moment[i]   E[x x^T]   [D, D]     (float64, uncentered)
 
-and derive the query/key statistics of any projection ``y = W x + b`` from them exactly
-(:func:`qk_moments`), so the source model is run once per conversion, not once per head.
+Those are enough for every query/key statistic a strategy needs, because q and k are affine in x
+(:func:`qk_moments`)::
 
-Calibrate on text the model will not be evaluated on (the tune split, ``data/wiki/tune.txt``).
-``read_token_ids`` / ``token_windows`` are shared with fine-tuning, which cuts its text the same way.
+    E[k] = W_K E[x] + b_K
+    E[k k^T] = W_K E[xx^T] W_K^T + (bias terms)
+
+so the statistics are independent of the rank and strategy: collected once per source model and
+text (:func:`collect_calibration`), and cacheable on disk (:meth:`Calibration.save` / ``load``).
+
+Calibrate (and fine-tune) on the ``tune`` split, evaluate on ``eval`` (``thinkeys fetch`` makes
+both, split by article), so no score is ever measured on text the model was fitted to.
+:func:`read_token_ids` / :func:`token_windows` are shared with fine-tuning, which cuts its text
+the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,66 +38,122 @@ from tqdm.auto import tqdm
 from thinkeys.checkpoint import SUPPORTED_SOURCES, SourceFamily, ThinKeyError
 from thinkeys.convert.families import QueryKey
 
-#: Default of ``--calibration-tokens``.
+#: Default of ``--calibration-tokens``: 16 windows of 512 tokens.
 DEFAULT_CALIBRATION_TOKENS = 8192
-#: Tokens per forward pass when collecting statistics (capped by the model's context).
-CALIBRATION_WINDOW = 1024
+#: Tokens per forward pass when collecting statistics.
+DEFAULT_WINDOW = 512
 #: Fewer tokens than this give second moments too noisy to rank anything.
-MIN_CALIBRATION_TOKENS = 256
+MIN_CALIBRATION_TOKENS = 64
+_FORMAT = "thinkeys-calibration-v1"
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def read_token_ids(tokenizer: Any, text: str | Path) -> torch.Tensor:
-    """All token ids of a text file, without special tokens, as a 1-D long tensor."""
-    path = Path(text)
+def read_token_ids(tokenizer: Any, text_path: str | Path) -> list[int]:
+    """Token ids of a whole UTF-8 text file, without special tokens (as ``thinkeys eval ppl`` tokenizes)."""
+    path = Path(text_path)
     if not path.is_file():
-        raise ThinKeyError(f"{path}: no such text file (use the tune split, e.g. data/wiki/tune.txt)")
-    ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False, verbose=False)["input_ids"]  # no "too long" warning: it is cut into windows
-    return torch.tensor(ids, dtype=torch.long)
+        raise ThinKeyError(
+            f"{path}: no such text file; calibration and fine-tuning text is the 'tune' split that "
+            "`thinkeys fetch` writes to data/wiki/tune.txt"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ThinKeyError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not text.strip():
+        raise ThinKeyError(f"{path}: the file is empty")
+    # verbose=False: no "sequence longer than the model" warning, the ids are cut into windows
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
-def token_windows(ids: torch.Tensor, window: int, max_tokens: int | None, *, seed: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows ``[N, window]`` of ``ids`` (a trailing partial window is dropped).
+def token_windows(ids: list[int], window: int, count: int | None = None, *, seed: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of ``window`` tokens cut from ``ids``, ``[n, window]`` (int64).
 
-    ``max_tokens`` keeps only the first ``max_tokens // window`` windows (at least one);
-    ``seed`` shuffles the windows (after that cut) in a reproducible order.
+    ``count`` windows are taken evenly spread over the whole text (so calibration sees every part
+    of the corpus, not just its first articles); ``None`` takes them all. With ``seed`` the windows
+    come in a seeded random order (for training batches) instead of text order.
     """
-    ids = torch.as_tensor(ids, dtype=torch.long)
-    n = ids.numel() // window
-    if n == 0:
-        raise ThinKeyError(f"the text has {ids.numel()} tokens, fewer than one window of {window}: give more text")
-    windows = ids[: n * window].view(n, window)  # [N, T]
-    if max_tokens is not None:
-        windows = windows[: max(1, max_tokens // window)]
+    if window < 2:
+        raise ThinKeyError(f"window {window}: needs at least 2 tokens")
+    available = len(ids) // window
+    if available == 0:
+        raise ThinKeyError(f"the text has {len(ids)} tokens, fewer than one window of {window}: give more text")
+    if count is None:
+        count = available
+    if count > available:
+        raise ThinKeyError(
+            f"asked for {count} windows of {window} tokens but the text has only {len(ids):,} tokens "
+            f"({available} windows); ask for fewer tokens or give a longer text"
+        )
+    starts = torch.linspace(0, available - 1, count).round().long() * window  # evenly spread
     if seed is not None:
-        windows = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))]
-    return windows
+        starts = starts[torch.randperm(count, generator=torch.Generator().manual_seed(seed))]
+    table = torch.tensor(ids, dtype=torch.long)
+    return torch.stack([table[s : s + window] for s in starts.tolist()])  # [n, window]
 
 
 @dataclass
 class Calibration:
-    """First and second moments of every layer's attention input, from ``tokens`` tokens of ``text``."""
+    """Per-layer first and second moments of the attention input ``x``, from ``tokens`` tokens of a text."""
 
-    mean: list[torch.Tensor]  # per layer [D] float64
-    moment: list[torch.Tensor]  # per layer [D, D] float64
+    mean: torch.Tensor  # [L, D] float64
+    moment: torch.Tensor  # [L, D, D] float64, E[x x^T]
     tokens: int
-    text: str
+    window: int
     text_sha256: str
+    source: str
 
     @property
     def num_layers(self) -> int:
-        return len(self.mean)
+        return self.mean.shape[0]
 
     def describe(self) -> dict[str, Any]:
-        """Provenance for config.json: which text, how much of it."""
-        return {"text": Path(self.text).name, "text_sha256": self.text_sha256, "tokens": self.tokens}
+        """Provenance recorded in the converted checkpoint's config.json."""
+        return {"tokens": self.tokens, "window": self.window, "text_sha256": self.text_sha256}
+
+    def save(self, path: str | Path) -> Path:
+        """Write to a safetensors file (atomically: temporary file, then rename)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        meta = {"format": _FORMAT, "tokens": str(self.tokens), "window": str(self.window),
+                "text_sha256": self.text_sha256, "source": self.source}
+        save_file({"mean": self.mean.contiguous(), "moment": self.moment.contiguous()}, tmp, metadata=meta)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibration":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ThinKeyError(f"{path}: no such calibration file")
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != _FORMAT:
+                raise ThinKeyError(f"{path}: not a thinkeys calibration file (format {meta.get('format')!r})")
+            return cls(
+                mean=f.get_tensor("mean"),
+                moment=f.get_tensor("moment"),
+                tokens=int(meta["tokens"]),
+                window=int(meta["window"]),
+                text_sha256=meta["text_sha256"],
+                source=meta["source"],
+            )
 
 
 def _attention_input_module(model: torch.nn.Module, family: SourceFamily, i: int) -> torch.nn.Module:
-    """The module whose input is layer ``i``'s attention input (post-norm hidden states)."""
+    """The module whose (first positional) input is layer ``i``'s attention input."""
     if family == SourceFamily.GPT2:
         return model.transformer.h[i].attn.c_attn
     return model.model.layers[i].self_attn.q_proj
@@ -96,83 +161,92 @@ def _attention_input_module(model: torch.nn.Module, family: SourceFamily, i: int
 
 @torch.no_grad()
 def collect_calibration(
-    src: str | Path, text: str | Path, *, tokens: int = DEFAULT_CALIBRATION_TOKENS, progress: bool = True
+    src: str | Path,
+    text_path: str | Path,
+    *,
+    tokens: int = DEFAULT_CALIBRATION_TOKENS,
+    window: int = DEFAULT_WINDOW,
+    progress: bool = True,
 ) -> Calibration:
-    """Run the source model (transformers, fp32) over ``tokens`` tokens of ``text``; accumulate each layer's input moments."""
+    """Run the source model (transformers, fp32) over ``tokens`` tokens of ``text_path`` and collect :class:`Calibration`.
+
+    The tokens are ``tokens / window`` windows spread evenly over the text; each layer's attention
+    input is captured by a forward pre-hook and reduced to its moments on the fly.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    src, text = Path(src), Path(text)
+    src = Path(src)
     if tokens < MIN_CALIBRATION_TOKENS:
         raise ThinKeyError(f"--calibration-tokens {tokens}: use at least {MIN_CALIBRATION_TOKENS}")
     config = AutoConfig.from_pretrained(src)
     family = SUPPORTED_SOURCES[config.architectures[0]].family
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", CALIBRATION_WINDOW)
-    window = min(CALIBRATION_WINDOW, context, tokens)
-    ids = read_token_ids(AutoTokenizer.from_pretrained(src), text)
-    if ids.numel() < MIN_CALIBRATION_TOKENS:
-        raise ThinKeyError(f"--calibration {text}: only {ids.numel()} tokens; give at least {MIN_CALIBRATION_TOKENS}")
-    windows = token_windows(ids, min(window, ids.numel()), tokens)  # [N, T], in text order
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or window
+    window = min(window, tokens, context)  # a small calibration is one shorter window
+    ids = read_token_ids(AutoTokenizer.from_pretrained(src), text_path)
+    batch = token_windows(ids, window, math.ceil(tokens / window))  # [n, window]
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     n_layers, hidden = config.num_hidden_layers, config.hidden_size
-    sums = [torch.zeros(hidden, dtype=torch.float64) for _ in range(n_layers)]
-    outer = [torch.zeros(hidden, hidden, dtype=torch.float64) for _ in range(n_layers)]
+    total = torch.zeros(n_layers, hidden, dtype=torch.float64)
+    outer = torch.zeros(n_layers, hidden, hidden, dtype=torch.float64)
 
-    def accumulate(i: int):
+    def hook_for(i: int):
         def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].reshape(-1, hidden).to(torch.float64)  # [B * T, D]
-            sums[i] += x.sum(0)
+            x = args[0].reshape(-1, hidden).to(torch.float64)  # [T, D]
+            total[i] += x.sum(0)
             outer[i] += x.T @ x
 
         return hook
 
-    hooks = [_attention_input_module(model, family, i).register_forward_pre_hook(accumulate(i)) for i in range(n_layers)]
+    handles = [_attention_input_module(model, family, i).register_forward_pre_hook(hook_for(i)) for i in range(n_layers)]
     try:
-        for w in tqdm(windows, desc="calibrating", unit="window", disable=not progress):
-            model(w[None])
+        for row in tqdm(batch, desc="calibration", unit="window", disable=not progress):
+            model(input_ids=row[None], use_cache=False)
     finally:
-        for h in hooks:
+        for h in handles:
             h.remove()
-    n = windows.numel()
+    n = batch.numel()
     return Calibration(
-        mean=[s / n for s in sums],
-        moment=[m / n for m in outer],
+        mean=total / n,
+        moment=outer / n,
         tokens=n,
-        text=str(text.absolute()),
-        text_sha256=_sha256(text),
+        window=window,
+        text_sha256=_sha256(Path(text_path)),
+        source=str(src),
     )
 
 
 @dataclass
 class QKMoments:
-    """Query/key statistics of one layer, per KV head (pre-RoPE)."""
+    """One layer's query/key statistics per KV head (pre-RoPE, source width d), float64."""
 
-    q_moment: torch.Tensor  # [Hkv, d, d]: E[q q^T], summed over the query heads of the group
+    q_moment: torch.Tensor  # [Hkv, d, d]: sum over the group's query heads of E[q q^T]
     k_moment: torch.Tensor  # [Hkv, d, d]: E[k k^T]
-    k_cov: torch.Tensor  # [Hkv, d, d]: Cov(k) = E[k k^T] - E[k] E[k]^T
+    k_mean: torch.Tensor  # [Hkv, d]: E[k]
 
-
-def _projected_moment(w: torch.Tensor, b: torch.Tensor | None, mean: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
-    """``E[y y^T]`` of ``y = W x + b`` per head, from ``E[x]`` and ``E[x x^T]``: ``W M W^T + W m b^T + b m^T W^T + b b^T``."""
-    w = w.to(torch.float64)  # [n, d, D]
-    out = torch.einsum("ndD,DE,neE->nde", w, moment, w)  # [n, d, d]
-    if b is not None:
-        b = b.to(torch.float64)  # [n, d]
-        wm = torch.einsum("ndD,D->nd", w, mean)  # [n, d]: W E[x]
-        out = out + wm[:, :, None] * b[:, None, :] + b[:, :, None] * wm[:, None, :] + b[:, :, None] * b[:, None, :]
-    return out
+    @property
+    def k_cov(self) -> torch.Tensor:
+        """Centered key covariance ``E[(k - E k)(k - E k)^T]``, ``[Hkv, d, d]``."""
+        return self.k_moment - self.k_mean[..., :, None] * self.k_mean[..., None, :]
 
 
 def qk_moments(qk: QueryKey, mean: torch.Tensor, moment: torch.Tensor) -> QKMoments:
-    """Exact query/key moments of one layer from its attention-input moments (``mean`` ``[D]``, ``moment`` ``[D, D]``)."""
-    mean, moment = mean.to(torch.float64), moment.to(torch.float64)
+    """Exact query/key moments of one layer from its attention-input moments (``mean`` [D], ``moment`` [D, D])."""
     n_heads, d, _ = qk.q_weight.shape
     n_kv = qk.k_weight.shape[0]
-    q = _projected_moment(qk.q_weight, qk.q_bias, mean, moment)  # [H, d, d]
-    q_group = q.reshape(n_kv, n_heads // n_kv, d, d).sum(1)  # [Hkv, d, d]
-    k = _projected_moment(qk.k_weight, qk.k_bias, mean, moment)  # [Hkv, d, d]
-    k_mean = torch.einsum("gdD,D->gd", qk.k_weight.to(torch.float64), mean)  # [Hkv, d]
-    if qk.k_bias is not None:
-        k_mean = k_mean + qk.k_bias.to(torch.float64)
-    k_cov = k - k_mean[:, :, None] * k_mean[:, None, :]
-    return QKMoments(q_moment=q_group, k_moment=k, k_cov=k_cov)
+    mean, moment = mean.to(torch.float64), moment.to(torch.float64)
+
+    def second(w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        w = w.to(torch.float64)  # [n, d, D]
+        m = torch.einsum("ndD,D->nd", w, mean)  # E[W x]
+        s = torch.einsum("ndD,DE,neE->nde", w, moment, w)  # E[W x x^T W^T]
+        if b is not None:  # E[(Wx + b)(Wx + b)^T] = W M W^T + W m b^T + b m^T W^T + b b^T
+            b = b.to(torch.float64)
+            s = s + m[:, :, None] * b[:, None, :] + b[:, :, None] * m[:, None, :] + b[:, :, None] * b[:, None, :]
+            m = m + b
+        return m, s  # [n, d], [n, d, d]
+
+    k_mean, k_moment = second(qk.k_weight, qk.k_bias)
+    _, q_moment = second(qk.q_weight, qk.q_bias)
+    q_moment = q_moment.reshape(n_kv, n_heads // n_kv, d, d).sum(1)  # a group's logit errors add up
+    return QKMoments(q_moment=q_moment, k_moment=k_moment, k_mean=k_mean)

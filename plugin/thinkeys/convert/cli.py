@@ -1,10 +1,12 @@
-"""``thinkeys convert SRC DST --rank R [--rope svd|pairs] [--dtype ...] [--force]``."""
+"""``thinkeys convert SRC DST --rank R [--rope svd|pairs|mixed] [--calibration TEXT] [--dtype ...] [--force]``."""
 
 from __future__ import annotations
 
 import argparse
 
+from thinkeys.convert.calibration import DEFAULT_CALIBRATION_TOKENS
 from thinkeys.convert.convert import DTYPES
+from thinkeys.convert.mixed import DEFAULT_NOPE_CONTEXT
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
@@ -13,11 +15,33 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", "-r", type=int, required=True, help="key width r per head (1..head_dim; even with RoPE)")
     parser.add_argument(
         "--rope",
-        choices=["pairs", "svd", "none"],
+        choices=["pairs", "svd", "mixed", "none"],
         default=None,
         help="how RoPE is carried into the r dims: 'pairs' keeps the r/2 strongest rotary pairs exactly "
         "(default for RoPE models), 'svd' is the paper's SVD basis with the first r/2 frequencies "
-        "(approximate, needs fine-tuning); GPT-2 has no RoPE ('none', the default there)",
+        "(approximate, needs fine-tuning), 'mixed' keeps the strongest fast rotary pairs exactly and folds the "
+        "slowly turning pairs into an unrotated low-rank part fitted to real activations (needs --calibration); "
+        "GPT-2 has no RoPE ('none', the default there)",
+    )
+    parser.add_argument(
+        "--calibration",
+        metavar="TEXT",
+        default=None,
+        help="text file (the tune split, e.g. data/wiki/tune.txt) to collect activation statistics from: "
+        "'pairs' then chooses its pairs by real query/key energy; required by 'mixed'",
+    )
+    parser.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=DEFAULT_CALIBRATION_TOKENS,
+        help=f"tokens of --calibration to run through the source model (default {DEFAULT_CALIBRATION_TOKENS})",
+    )
+    parser.add_argument(
+        "--nope-context",
+        type=float,
+        default=DEFAULT_NOPE_CONTEXT,
+        help="'mixed' only: a rotary pair turning less than 1 radian over this many tokens may be folded into "
+        f"the unrotated part (default {DEFAULT_NOPE_CONTEXT}; larger is more conservative for long prompts)",
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: the source's)")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
@@ -26,6 +50,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from thinkeys.convert.convert import run_conversion
 
-    report = run_conversion(args.src, args.dst, args.rank, args.rope, args.dtype, args.force, progress=True)
+    report = run_conversion(
+        args.src, args.dst, args.rank, args.rope, args.dtype, args.force, progress=True,
+        calibration=args.calibration, calibration_tokens=args.calibration_tokens, nope_context=args.nope_context,
+    )
     print(report.summary())
     return 0

@@ -30,9 +30,16 @@ from thinkeys.checkpoint import (
     ThinKeyError,
     rope_freqs_name,
 )
+from thinkeys.convert.calibration import DEFAULT_CALIBRATION_TOKENS, Calibration, collect_calibration, qk_moments
 from thinkeys.convert.families import Geometry, layout_for
+from thinkeys.convert.mixed import DEFAULT_NOPE_CONTEXT, build_thin_layer
 from thinkeys.convert.rope_strategies import source_inv_freq, thin_basis
 from thinkeys.convert.svd import absorb, retained_key_energy
+
+#: Config key (beside ``thin_keys``) recording how a data-aware conversion was made.
+PROVENANCE_KEY = "thin_keys_provenance"
+#: Strategies that read calibration statistics (``pairs`` optionally, ``mixed`` always).
+CALIBRATED = (RopeStrategy.PAIRS, RopeStrategy.MIXED)
 
 #: --dtype choices.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -90,7 +97,29 @@ class _Plan:
     inv_freq: torch.Tensor | None
 
 
-def _plan(src: str | Path, dst: str | Path, rank: int, rope: str | RopeStrategy | None, dtype: str | None, force: bool) -> _Plan:
+def _check_calibration(strategy: RopeStrategy, calibration: Any, architecture: str, hf_config: Any) -> None:
+    """Refuse calibration where it does not apply, and ``mixed`` without it."""
+    if strategy == RopeStrategy.MIXED and calibration is None:
+        raise ThinKeyError(
+            "--rope mixed is fitted to real activations: give --calibration TEXT "
+            "(text from the tune split, e.g. data/wiki/tune.txt)"
+        )
+    if calibration is None:
+        return
+    if strategy not in CALIBRATED:
+        raise ThinKeyError(
+            f"--calibration applies to --rope pairs or --rope mixed, not {strategy.value!r}; leave it out"
+        )
+    if not isinstance(calibration, Calibration) and not Path(calibration).is_file():
+        raise ThinKeyError(f"--calibration {calibration}: no such text file (use the tune split, e.g. data/wiki/tune.txt)")
+    if isinstance(calibration, Calibration) and calibration.num_layers != hf_config.num_hidden_layers:
+        raise ThinKeyError(
+            f"the calibration statistics have {calibration.num_layers} layers but {architecture} has "
+            f"{hf_config.num_hidden_layers}; collect them from this source model"
+        )
+
+
+def _plan(src: str | Path, dst: str | Path, rank: int, rope: str | RopeStrategy | None, dtype: str | None, force: bool, calibration: Any = None) -> _Plan:
     """All checks of a conversion request, before any weight is read or anything is written."""
     src, dst = Path(src).absolute(), Path(dst).absolute()
     if not src.is_dir():
@@ -144,6 +173,7 @@ def _plan(src: str | Path, dst: str | Path, rank: int, rope: str | RopeStrategy 
     if not family.rotary and (getattr(hf_config, "scale_attn_by_inverse_layer_idx", False) or getattr(hf_config, "add_cross_attention", False)):
         raise ThinKeyError(f"{config_path}: scale_attn_by_inverse_layer_idx / add_cross_attention are not supported")
     inv_freq = source_inv_freq(arch, hf_config, d) if family.rotary else None
+    _check_calibration(strategy, calibration, arch, hf_config)
     if not hf_io.has_tokenizer(src):
         raise ThinKeyError(
             f"{src}: no tokenizer (expected one of {', '.join(hf_io.TOKENIZER_VOCAB_FILES)}); a served model needs one"
@@ -182,11 +212,17 @@ def run_conversion(
     force: bool = False,
     *,
     progress: bool = True,
+    calibration: str | Path | Calibration | None = None,
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+    nope_context: float = DEFAULT_NOPE_CONTEXT,
 ) -> ConversionReport:
     """Convert SRC to a thin-key checkpoint at DST and return what was done (see :func:`convert_checkpoint`)."""
     start = time.monotonic()
-    plan = _plan(src, dst, rank, rope, dtype, force)
+    plan = _plan(src, dst, rank, rope, dtype, force, calibration)
     geo, thin = plan.geometry, plan.thin
+    if calibration is not None and not isinstance(calibration, Calibration):
+        calibration = collect_calibration(plan.src, calibration, tokens=calibration_tokens, progress=progress)
+    unrotated_dims = 0
 
     state = hf_io.load_state_dict(plan.src)
     out_dtype = plan.dtype or _source_dtype(state)
@@ -196,15 +232,27 @@ def run_conversion(
     energy = torch.empty(geo.num_layers, geo.num_kv_heads, dtype=torch.float64)
     for i in tqdm(range(geo.num_layers), desc="converting layers", unit="layer", disable=not progress):
         qk = layout.read(state, i)
-        basis = thin_basis(thin.rope, qk, thin.rank, plan.inv_freq)  # basis: [Hkv, d, r]
-        energy[i] = retained_key_energy(qk.k_weight, basis.basis)
-        thin_qk = absorb(qk, basis.basis)
+        if calibration is not None:  # data-aware: calibrated pairs, or mixed (thinkeys.convert.mixed)
+            moments = qk_moments(qk, calibration.mean[i], calibration.moment[i])
+            layer = build_thin_layer(
+                qk, thin.rank, plan.inv_freq, moments,
+                nope_context=nope_context if thin.rope == RopeStrategy.MIXED else None,
+            )
+            u, sv, _ = torch.linalg.svd(layer.key_map.transpose(1, 2), full_matrices=False)  # u: [Hkv, d, r]
+            key_basis = u * (sv > 1e-9 * sv.amax(-1, keepdim=True))[:, None, :]  # the key subspace kept
+            energy[i] = retained_key_energy(qk.k_weight, key_basis)
+            unrotated_dims += sum(p.unrotated_rank for p in layer.plans)
+            thin_qk, freqs = layer.qk, layer.freqs
+        else:
+            basis = thin_basis(thin.rope, qk, thin.rank, plan.inv_freq)  # basis: [Hkv, d, r]
+            energy[i] = retained_key_energy(qk.k_weight, basis.basis)
+            thin_qk, freqs = absorb(qk, basis.basis), basis.freqs
         for name in ("q_weight", "k_weight", "q_bias", "k_bias"):
             t = getattr(thin_qk, name)
             setattr(thin_qk, name, None if t is None else t.to(out_dtype).contiguous())
         layout.write(state, i, thin_qk)
-        if basis.freqs is not None:
-            state[rope_freqs_name(layout.layer_prefix(i))] = basis.freqs.contiguous()  # [Hkv, r/2] float32
+        if freqs is not None:
+            state[rope_freqs_name(layout.layer_prefix(i))] = freqs.contiguous()  # [Hkv, r/2] float32
 
     config = dict(plan.raw_config)
     config["architectures"] = [thin.thin_architecture]
@@ -213,6 +261,13 @@ def run_conversion(
     if "torch_dtype" in config:
         config["torch_dtype"] = config["dtype"]
     config[CONFIG_KEY] = thin.to_dict()
+    if calibration is not None:
+        config[PROVENANCE_KEY] = {
+            "strategy": thin.rope.value,
+            "calibration": calibration.describe(),
+            **({"nope_context": nope_context} if thin.rope == RopeStrategy.MIXED else {}),
+            "unrotated_dims_per_head": unrotated_dims / (geo.num_layers * geo.num_kv_heads),
+        }
 
     with hf_io.atomic_directory(plan.dst, force=force) as tmp:
         hf_io.save_state_dict(state, tmp)
@@ -242,6 +297,9 @@ def convert_checkpoint(
     force: bool = False,
     *,
     progress: bool = True,
+    calibration: str | Path | Calibration | None = None,
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+    nope_context: float = DEFAULT_NOPE_CONTEXT,
 ) -> Path:
     """Convert the HF checkpoint folder ``src`` into a thin-key checkpoint folder ``dst``; returns ``dst``.
 
@@ -249,5 +307,12 @@ def convert_checkpoint(
     ``rope``: ``"pairs"`` (default for RoPE families), ``"svd"`` (the paper's), ``"none"`` (GPT-2, the
     only choice there). ``dtype``: ``float32`` / ``float16`` / ``bfloat16``; default: the source's.
     ``force``: replace an existing ``dst``. Raises :class:`ThinKeyError` (leaving no ``dst``) on bad input.
+    ``calibration``: a text file (tune split; ``calibration_tokens`` of it are run through the source)
+    or precollected :class:`~thinkeys.convert.calibration.Calibration`; makes ``pairs`` choose its pairs
+    from real activations and is required by ``"mixed"`` (see :mod:`thinkeys.convert.mixed`, whose
+    ``nope_context`` says which pairs turn slowly enough to be folded into the unrotated part).
     """
-    return run_conversion(src, dst, rank, rope, dtype, force, progress=progress).dst
+    return run_conversion(
+        src, dst, rank, rope, dtype, force, progress=progress,
+        calibration=calibration, calibration_tokens=calibration_tokens, nope_context=nope_context,
+    ).dst

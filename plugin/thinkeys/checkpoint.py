@@ -53,6 +53,10 @@ class RopeStrategy(str, Enum):
     #: Keep the r/2 original rotary pairs with the most energy, with their original frequencies.
     #: Exact RoPE on what is kept; at r = head_dim it is the source model exactly.
     PAIRS = "pairs"
+    #: Kept rotary pairs at their own frequencies plus an unrotated low-rank part over the slowly
+    #: turning pairs (frequency-0 slots), fitted to calibration statistics (thinkeys.convert.mixed).
+    #: rope_dims = rank; the unrotated slots are the ones whose table entry is 0.
+    MIXED = "mixed"
 
 
 class SourceFamily(str, Enum):

@@ -7,7 +7,9 @@
   (sharding at 5 GB and de-duplication of tied tensors, the same way ``save_pretrained`` does).
 * :func:`atomic_directory` makes a folder appear complete or not at all: everything is written to
   a temporary folder beside the destination and renamed into place at the end, so an interrupted
-  or failed run never leaves a half-written checkpoint that a server could pick up.
+  or failed run never leaves a half-written checkpoint that a server could pick up. While it is
+  open, SIGTERM (``docker stop``, ``kill``, a job scheduler) raises ``SystemExit(143)`` instead of
+  killing the process on the spot, so the temporary folder is removed as for Ctrl-C (SIGINT).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -121,6 +125,27 @@ def _default_permissions(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into ``SystemExit(143)`` for the block, so ``finally``/``except`` clean-ups run.
+
+    Only where Python can install handlers (the main thread) and only over the default action: a
+    program that handles SIGTERM itself (e.g. to save a training checkpoint) keeps its handler.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def atomic_directory(dst: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``dst``; on success it becomes ``dst``, on error it is removed.
@@ -132,17 +157,18 @@ def atomic_directory(dst: str | Path, *, force: bool = False) -> Iterator[Path]:
     if dst.exists() and not force:
         raise ThinKeyError(f"{dst}: already exists; choose another destination or pass --force to replace it")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        yield tmp
-        _default_permissions(tmp)
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            dst.rename(old / dst.name)
-            tmp.rename(dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _sigterm_raises():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+        try:
+            yield tmp
+            _default_permissions(tmp)
+            if dst.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+                dst.rename(old / dst.name)
+                tmp.rename(dst)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

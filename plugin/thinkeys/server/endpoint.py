@@ -10,6 +10,13 @@ Running requests are read from ``AsyncLLM.output_processor.request_states``, the
 table of unfinished requests (vLLM 0.32 internals; :func:`running_requests` is the one place that
 touches them). A request leaves it when it finishes or is aborted, which is what vLLM does when a
 streaming client disconnects.
+
+API keys: vLLM's ``--api-key`` / ``VLLM_API_KEY`` middleware guards only paths under ``/v1``,
+``/v2``, ``/inference`` and ``/cohere``, so the savings route (under ``/v1``) needs the key exactly
+as vLLM's own routes do, while ``/invocations`` (the same completions without ``/v1``),
+``/tokenize``, ``/detokenize``, ``/load`` and the elastic-scaling routes stay open to anyone.
+:class:`ApiKeyGuard` closes that gap: with a key configured, every path except the health, metrics
+and schema paths in :data:`PUBLIC_PATHS` needs it, checked by vLLM's own token comparison.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ from argparse import Namespace
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
-from starlette.datastructures import State
+from starlette.datastructures import Headers, State
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from thinkeys.server.metrics import get_metrics
 from thinkeys.server.savings import RunningRequest, SavingsReport, ServerSavings
@@ -27,6 +36,11 @@ from thinkeys.server.savings import RunningRequest, SavingsReport, ServerSavings
 SAVINGS_PATH = "/v1/thinkeys/savings"
 #: Attribute of ``app.state`` holding the :class:`SavingsSource`.
 STATE_KEY = "thinkeys_savings"
+#: Attribute of ``app.state`` holding the API-key verifier (None: the server has no key).
+AUTH_STATE_KEY = "thinkeys_api_key_verifier"
+#: Paths that answer without the API key: health checks (container and load-balancer probes),
+#: Prometheus scrapes (vLLM leaves /metrics open too) and the API schema and its viewers.
+PUBLIC_PATHS = frozenset({"/health", "/ping", "/metrics", "/version", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 
 router = APIRouter(tags=["thinkeys"])
 
@@ -87,6 +101,34 @@ async def get_savings(raw_request: Request) -> SavingsReport:
     return source.report()
 
 
+def api_keys(args: Namespace) -> list[str]:
+    """The keys vLLM's server demands, by its own rule: ``--api-key`` values, else ``VLLM_API_KEY``."""
+    from vllm import envs
+
+    return [key for key in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if key]
+
+
+class ApiKeyGuard:
+    """ASGI middleware: when the server has API keys, every path outside PUBLIC_PATHS needs one.
+
+    The keys are known only in ``init_state`` (after the app is built), so they are read from
+    ``app.state`` per request; the comparison is vLLM's (``AuthenticationMiddleware.verify_token``:
+    ``Authorization: Bearer <key>``, constant-time), and a refusal is the same 401 vLLM sends.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and scope.get("method") != "OPTIONS":
+            verifier = getattr(scope["app"].state, AUTH_STATE_KEY, None) if "app" in scope else None
+            path = scope["path"].removeprefix(scope.get("root_path", ""))
+            if verifier is not None and path not in PUBLIC_PATHS and not verifier.verify_token(Headers(scope=scope)):
+                await JSONResponse(content={"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class ThinKeysEndpoint:
     """vLLM endpoint plugin (entry point ``thinkeys_savings``)."""
 
@@ -95,8 +137,13 @@ class ThinKeysEndpoint:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        app.add_middleware(ApiKeyGuard)
 
     async def init_state(self, engine_client: Any | None, state: State, args: Namespace) -> None:
+        from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+        keys = api_keys(args)
+        setattr(state, AUTH_STATE_KEY, AuthenticationMiddleware(app=None, tokens=keys) if keys else None)
         if engine_client is None:  # vLLM's render-only server: no engine, no KV cache
             return
         logger = _logger()

@@ -5,17 +5,33 @@ What it adds to ``python -m vllm.entrypoints.openai.api_server``:
 * ``VLLM_PLUGINS`` names our general plugin (architectures + attention backend) and our endpoint
   plugin (``/v1/thinkeys/savings`` and metrics), appended to whatever the user already allows.
   vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them.
-* A thin-key checkpoint is validated before vLLM starts, so a broken one fails with one line.
+* The model folder is checked before vLLM starts (:mod:`thinkeys.checkpoint_check` for a thin-key
+  checkpoint: config fields against weight shapes, frequency tables, truncated files), so a broken
+  checkpoint fails with one line naming the file and the field and exit code 2, instead of a
+  traceback from an engine worker.
+* Weights are read from safetensors only. ``pytorch_model.bin`` and other pickle-based files can run
+  code when loaded, so a folder that has only those is refused, vLLM's ``--load-format auto`` (which
+  falls back to them) becomes ``safetensors``, and a pickle-reading ``--load-format`` is refused,
+  unless ``--allow-pickle`` says the user trusts the files.
+* ``--require-api-key`` refuses to start without an API key (``--api-key`` or ``VLLM_API_KEY``), for
+  deployments that publish the port beyond loopback; without it, a server listening on a
+  non-loopback address with no key logs a warning.
 * On CPU, a KV-cache budget: without ``VLLM_CPU_KVCACHE_SPACE`` or ``--kv-cache-memory-bytes``
-  vLLM asks for 92% of the NUMA node and refuses to start when anything else holds memory.
+  vLLM asks for 92% of the NUMA node and refuses to start when anything else holds memory. When both
+  are given, the explicit byte flag wins (vLLM's CPU platform would silently let the variable win).
 * It avoids the ``vllm`` console script, which crashes under the ``vllm-cpu`` distribution name.
 
-The server process replaces this one (``os.execv``), so signals reach vLLM directly.
+Two steps, one process: :func:`run` checks what it can without importing vLLM, then replaces
+itself (``os.execve``, so signals reach vLLM directly) with ``python -m thinkeys.server.serve``,
+which is vLLM's own server ``main`` with :func:`check_server_args` run on the arguments exactly as
+vLLM parsed them (its parser accepts ``--config`` files, ``--x=y``, underscores, ...).
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import json
 import os
 import sys
 from pathlib import Path
@@ -26,6 +42,14 @@ PASSTHROUGH = True  # unknown flags go to vLLM unchanged
 GENERAL_PLUGIN = "thinkeys"
 ENDPOINT_PLUGIN = "thinkeys_savings"
 DEFAULT_CPU_KV_CACHE_GIB = 4
+#: How ``run`` tells the server process (``python -m thinkeys.server.serve``) about its own flags.
+ALLOW_PICKLE_ENV = "THINKEYS_ALLOW_PICKLE"
+REQUIRE_API_KEY_ENV = "THINKEYS_REQUIRE_API_KEY"
+KV_SPACE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+#: vLLM load formats that read nothing but safetensors files (or no files: ``dummy``).
+SAFETENSORS_LOAD_FORMATS = frozenset({"safetensors", "fastsafetensors", "instanttensor", "mistral", "dummy"})
+#: Weight files that are Python pickles (``torch.load``): loading one can execute code.
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +58,18 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         "--print-command",
         action="store_true",
         help="print the environment and command that would run, and exit",
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also load pickle-based weights (pytorch_model.bin, *.pt): only for files you trust, "
+        "since unpickling can run code. Default: safetensors only",
+    )
+    parser.add_argument(
+        "--require-api-key",
+        action="store_true",
+        help="refuse to start without an API key (--api-key or VLLM_API_KEY); "
+        "for servers reachable beyond loopback",
     )
     parser.epilog = "Every other flag is passed to vLLM's OpenAI server (see its --help)."
 
@@ -49,7 +85,12 @@ def plugin_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _validate_model(model: str) -> None:
+def pickle_weight_files(folder: Path) -> list[str]:
+    return sorted({p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern)})
+
+
+def _validate_model(model: str, *, allow_pickle: bool = False) -> None:
+    """Check a local model folder before vLLM starts; raises ThinKeyError (one line) when it cannot be served."""
     path = Path(model)
     if not path.exists():
         if "/" in model and not model.startswith((".", "/")):
@@ -58,37 +99,57 @@ def _validate_model(model: str) -> None:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ThinKeyError(f"{config_path}: missing; a model folder needs a config.json")
-    import json
-
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise ThinKeyError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ThinKeyError(f"{config_path}: not a JSON object; a model config maps field names to values")
     if is_thin_key_config(config):
         ThinKeyConfig.from_hf_config(config, where=str(config_path))
         from thinkeys.checkpoint_check import check_checkpoint_files
 
-        check_checkpoint_files(path)
+        check_checkpoint_files(path)  # safetensors only: the converter never writes anything else
+    elif not allow_pickle and not any(path.glob("*.safetensors")):
+        pickles = pickle_weight_files(path)
+        if pickles:
+            raise ThinKeyError(
+                f"{path / pickles[0]}: pickle-based weights (loading them can run code) and no *.safetensors; "
+                "convert them to safetensors, or pass --allow-pickle if you trust the files"
+            )
+
+
+def _check_kv_space_env(env: dict[str, str]) -> None:
+    value = env.get(KV_SPACE_ENV)
+    if value is not None and not value.strip().isdigit():
+        raise ThinKeyError(
+            f"{KV_SPACE_ENV}={value!r} is not a whole number of GiB; set e.g. {KV_SPACE_ENV}=1, "
+            "or unset it and pass --kv-cache-memory-bytes (e.g. 512M)"
+        )
 
 
 def server_command(model: str, passthrough: list[str]) -> list[str]:
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *passthrough]
+    return [sys.executable, "-m", "thinkeys.server.serve", "--model", model, *passthrough]
 
 
 def run(args: argparse.Namespace) -> int:
-    _validate_model(args.model)
+    _validate_model(args.model, allow_pickle=args.allow_pickle)
     env = plugin_env()
+    _check_kv_space_env(env)
     passthrough = list(args.passthrough)
     if (
-        not any(flag.startswith("--kv-cache-memory-bytes") for flag in passthrough)
-        and "VLLM_CPU_KVCACHE_SPACE" not in env
+        not any(flag.startswith(("--kv-cache-memory-bytes", "--kv_cache_memory_bytes")) for flag in passthrough)
+        and KV_SPACE_ENV not in env
         and _is_cpu_build()
     ):
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(DEFAULT_CPU_KV_CACHE_GIB)
+        env[KV_SPACE_ENV] = str(DEFAULT_CPU_KV_CACHE_GIB)
         print(
-            f"thinkeys serve: VLLM_CPU_KVCACHE_SPACE not set; using {DEFAULT_CPU_KV_CACHE_GIB} GiB of KV cache",
+            f"thinkeys serve: {KV_SPACE_ENV} not set; using {DEFAULT_CPU_KV_CACHE_GIB} GiB of KV cache",
             file=sys.stderr,
         )
+    for flag, name in ((args.allow_pickle, ALLOW_PICKLE_ENV), (args.require_api_key, REQUIRE_API_KEY_ENV)):
+        if flag:
+            env[name] = "1"
     cmd = server_command(args.model, passthrough)
     if args.print_command:
         print(f"VLLM_PLUGINS={env['VLLM_PLUGINS']} " + " ".join(cmd))
@@ -105,3 +166,84 @@ def _is_cpu_build() -> bool:
         return True
     except PackageNotFoundError:
         return False
+
+
+# --- the server process: vLLM's main with our checks on its parsed arguments -------------------------
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``--host`` listens on loopback only (unset or empty means every interface)."""
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from elsewhere
+
+
+def check_server_args(args: argparse.Namespace, *, allow_pickle: bool, require_api_key: bool) -> list[str]:
+    """Apply the load-format, API-key and KV-budget rules to vLLM's parsed args (may edit them); returns warnings."""
+    from thinkeys.server.endpoint import api_keys
+
+    warnings: list[str] = []
+    load_format = str(args.load_format)
+    if not allow_pickle:
+        if load_format == "auto":
+            model = Path(args.model)
+            # vLLM's "auto" picks Mistral's consolidated format when it is there, else falls back to *.bin.
+            args.load_format = "mistral" if model.is_dir() and any(model.glob("consolidated*.safetensors")) else "safetensors"
+        elif load_format not in SAFETENSORS_LOAD_FORMATS:
+            raise ThinKeyError(
+                f"--load-format {load_format} may read pickle-based weights (loading them can run code); use "
+                f"one of {', '.join(sorted(SAFETENSORS_LOAD_FORMATS))}, or pass --allow-pickle if you trust the files"
+            )
+    if not api_keys(args):
+        where = f"unix socket {args.uds}" if getattr(args, "uds", None) else f"host {args.host or '0.0.0.0 (all interfaces)'}"
+        if require_api_key:
+            raise ThinKeyError(
+                f"--require-api-key: no API key for {where}; set VLLM_API_KEY (or pass --api-key KEY)"
+            )
+        if not getattr(args, "uds", None) and not is_loopback(args.host):
+            warnings.append(
+                f"listening on {where} without an API key: anyone who reaches the port can use the model; "
+                "set VLLM_API_KEY, or bind --host 127.0.0.1"
+            )
+    if getattr(args, "kv_cache_memory_bytes", None) is not None and os.environ.get(KV_SPACE_ENV):
+        # vLLM's CPU platform applies the legacy variable after argument parsing, overriding the flag.
+        del os.environ[KV_SPACE_ENV]
+        warnings.append(f"--kv-cache-memory-bytes {args.kv_cache_memory_bytes} given: ignoring {KV_SPACE_ENV}")
+    return warnings
+
+
+def main() -> int:
+    """``python -m thinkeys.server.serve [vLLM server flags]``: what :func:`run` execs."""
+    from vllm.entrypoints.launchers import cli_args
+    from vllm.entrypoints.launchers.api_server import entry
+    from vllm.logger import init_logger
+
+    logger = init_logger("vllm.thinkeys.serve")
+    vllm_validate = cli_args.validate_parsed_serve_args
+
+    def validate(args: argparse.Namespace) -> None:
+        for warning in check_server_args(
+            args,
+            allow_pickle=os.environ.get(ALLOW_PICKLE_ENV) == "1",
+            require_api_key=os.environ.get(REQUIRE_API_KEY_ENV) == "1",
+        ):
+            logger.warning(warning)
+        vllm_validate(args)
+
+    # vLLM's main imports this name when it runs, after parsing and before any engine starts.
+    cli_args.validate_parsed_serve_args = validate
+    try:
+        entry.main()
+    except ThinKeyError as exc:
+        print(f"thinkeys serve: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

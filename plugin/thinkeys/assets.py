@@ -313,12 +313,12 @@ def fetch_wiki(
     return final
 
 
-def count_tokens(model_dir: Path, text_path: Path) -> int:
-    """Tokens of a text file under a model's tokenizer (no special tokens), as ``thinkeys eval ppl`` counts them."""
+def count_tokens(model_dir: Path, text_paths: list[Path]) -> list[int]:
+    """Tokens of text files under a model's tokenizer (no special tokens), as ``thinkeys eval ppl`` counts them."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return len(tokenizer(text_path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
+    return [len(tokenizer(p.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]) for p in text_paths]
 
 
 # --- command -----------------------------------------------------------------------------------
@@ -339,11 +339,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"model: {model_dir}")
     if args.only in (None, "data"):
         wiki_dir = fetch_wiki(args.data_dir, force=args.force)
-        manifest = data.load_manifest(wiki_dir)
-        for name, info in manifest.splits.items():
-            tokens = ""
-            if model_dir is not None:
-                tokens = f", {count_tokens(model_dir, wiki_dir / info.file):,} {DEFAULT_MODEL_NAME} tokens"
-            print(f"text:  {wiki_dir / info.file}: {info.articles} articles, {info.bytes:,} bytes{tokens}")
+        splits = list(data.load_manifest(wiki_dir).splits.values())
+        tokens = [""] * len(splits)
+        if model_dir is not None:  # counted with the model's tokenizer, as `thinkeys eval ppl` does
+            counts = count_tokens(model_dir, [wiki_dir / info.file for info in splits])
+            tokens = [f", {n:,} {DEFAULT_MODEL_NAME} tokens" for n in counts]
+        for info, n_tokens in zip(splits, tokens):
+            print(f"text:  {wiki_dir / info.file}: {info.articles} articles, {info.bytes:,} bytes{n_tokens}")
     print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Container entrypoint (also runs as is on a host with the package installed): serve a model with
+# thin keys through vLLM's OpenAI-compatible server, configured from environment variables.
+#
+#   THINKEYS_MODEL              model folder (read-only is fine)    default /models/SmolLM2-135M-Instruct
+#   THINKEYS_RANK               thin-key rank r; 0 / stock = serve the model unconverted     default 32
+#   THINKEYS_ROPE               how RoPE is carried into r dims (pairs | svd)                default pairs
+#   THINKEYS_KV_CACHE_MEMORY    KV-cache budget, vLLM units (1G = 1 GiB, 512M = 512 MiB)     default 1G
+#   THINKEYS_MAX_MODEL_LEN      context limit in tokens                                      default 2048
+#   THINKEYS_HOST               address inside the container                                 default 0.0.0.0
+#   THINKEYS_PORT               port inside the container                                    default 8000
+#   THINKEYS_SERVED_MODEL_NAME  name clients put in "model"                                  default smollm2-thin
+#   THINKEYS_API_KEY            if set, /v1 requests need "Authorization: Bearer <key>"      default unset
+#   THINKEYS_CACHE_DIR          writable folder for conversions                             default /var/cache/thinkeys
+#   THINKEYS_EXTRA_ARGS         more vLLM server flags, split on spaces                      default empty
+#
+# A source checkpoint (no "thin_keys" in its config.json) is converted once with `thinkeys convert`
+# into THINKEYS_CACHE_DIR (the conversion is written to a temporary folder and renamed, so a
+# container stopped half-way leaves nothing half-written) and served from there; the model volume
+# itself is never written. A thin-key checkpoint is served as it is. Any argument given to this
+# script goes to `thinkeys serve` after the flags above (e.g. --print-command to see the command).
+set -euo pipefail
+
+MODEL=${THINKEYS_MODEL:-/models/SmolLM2-135M-Instruct}
+RANK=${THINKEYS_RANK:-32}
+ROPE=${THINKEYS_ROPE:-pairs}
+KV_CACHE_MEMORY=${THINKEYS_KV_CACHE_MEMORY:-1G}
+MAX_MODEL_LEN=${THINKEYS_MAX_MODEL_LEN:-2048}
+HOST=${THINKEYS_HOST:-0.0.0.0}
+PORT=${THINKEYS_PORT:-8000}
+SERVED_MODEL_NAME=${THINKEYS_SERVED_MODEL_NAME:-smollm2-thin}
+CACHE_DIR=${THINKEYS_CACHE_DIR:-/var/cache/thinkeys}
+THINKEYS=${THINKEYS_BIN:-thinkeys}
+
+die() { echo "thinkeys-entrypoint: error: $*" >&2; exit 2; }
+
+[ -f "$MODEL/config.json" ] || die "$MODEL/config.json not found: mount the model folder (THINKEYS_MODELS_DIR on the host, \
+fetched with \`thinkeys fetch --models-dir models\` or \`docker compose --profile setup run --rm fetch\`) and set THINKEYS_MODEL"
+
+SERVE_MODEL=$MODEL
+if grep -q '"thin_keys"' "$MODEL/config.json"; then
+  echo "thinkeys-entrypoint: $MODEL is a thin-key checkpoint; serving it as it is (THINKEYS_RANK ignored)" >&2
+elif [[ "$RANK" =~ ^(0|stock|none|)$ ]]; then
+  echo "thinkeys-entrypoint: THINKEYS_RANK=$RANK: serving $MODEL unconverted (stock keys)" >&2
+else
+  [[ "$RANK" =~ ^[0-9]+$ ]] || die "THINKEYS_RANK=$RANK is not a number: give the key rank r (e.g. 32), or 0 for the stock model"
+  SERVE_MODEL="$CACHE_DIR/$(basename "$MODEL")-thin-r$RANK-$ROPE"
+  if [ ! -f "$SERVE_MODEL/config.json" ]; then
+    mkdir -p "$CACHE_DIR" || die "cannot create THINKEYS_CACHE_DIR=$CACHE_DIR: mount a writable volume there"
+    echo "thinkeys-entrypoint: converting $MODEL to rank $RANK ($ROPE) into $SERVE_MODEL" >&2
+    "$THINKEYS" convert "$MODEL" "$SERVE_MODEL" --rank "$RANK" --rope "$ROPE"
+  fi
+fi
+
+# On the CPU build VLLM_CPU_KVCACHE_SPACE (whole GiB) would override --kv-cache-memory-bytes.
+unset VLLM_CPU_KVCACHE_SPACE
+# The key goes through the environment (vLLM reads VLLM_API_KEY), not the command line `ps` shows.
+if [ -n "${THINKEYS_API_KEY:-}" ]; then export VLLM_API_KEY=$THINKEYS_API_KEY; fi
+
+read -r -a EXTRA <<< "${THINKEYS_EXTRA_ARGS:-}"
+exec "$THINKEYS" serve "$SERVE_MODEL" \
+  --host "$HOST" --port "$PORT" \
+  --served-model-name "$SERVED_MODEL_NAME" \
+  --kv-cache-memory-bytes "$KV_CACHE_MEMORY" \
+  --max-model-len "$MAX_MODEL_LEN" \
+  ${EXTRA[@]+"${EXTRA[@]}"} "$@"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-STARTUP_TIMEOUT_S = 300
+STARTUP_TIMEOUT_S = 600  # ~1 min on an idle 2-core machine; far more under load
 
 
 @dataclass

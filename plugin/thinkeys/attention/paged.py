@@ -94,15 +94,14 @@ def build_metadata(
     num_reqs = lens_t.shape[0]
     query_lens_t = qsl_t[1 : num_reqs + 1] - qsl_t[:num_reqs]  # [num_reqs]
     num_decodes = int((query_lens_t == 1).to(torch.int32).cumprod(0).sum())  # leading decodes
-    meta = ThinPagedMetadata(
-        num_actual_tokens=num_actual_tokens,
-        num_decodes=num_decodes,
-        query_start_loc=qsl_t[: num_reqs + 1],
-        seq_lens=lens_t,
-        block_table=block_table[:num_reqs].to(device="cpu", dtype=torch.int32),
-        torch_path=torch_path,
-    )
+    meta = ThinPagedMetadata(num_actual_tokens=num_actual_tokens, num_decodes=num_decodes, torch_path=torch_path)
+    if block_table.device.type == "cpu":  # the compiled kernel is CPU-only; no device->host copies
+        meta.query_start_loc = qsl_t[: num_reqs + 1]
+        meta.seq_lens = lens_t
+        meta.block_table = block_table[:num_reqs].to(torch.int32)
     if not torch_path:
+        if meta.block_table is None:
+            raise ValueError("torch_path=False needs host tensors: the compiled kernel runs on the CPU only")
         return meta
 
     device = block_table.device

@@ -1,4 +1,12 @@
-"""Pick the attention backend for a thin-key layer (keys of width r, values of width d)."""
+"""Pick the attention backend for a thin-key layer (keys of width r, values of width d).
+
+- CPU (and anything that is not CUDA): our ``THINKEYS`` backend, whose compiled kernel
+  (``kernels.py``) reads the ``[.., r + d]`` pages in place; vLLM's ``CPU_ATTN`` takes one head size.
+- CUDA: vLLM's in-tree ``TRITON_ATTN_DIFFKV`` reads the same ``[.., r + d]`` page layout, but its
+  tiles need a key head size of at least 32 (its ``supports_head_size``), so it serves r >= 32; narrower keys fall back to our backend, which on CUDA runs its
+  PyTorch path (gather + SDPA). ``FLASH_ATTN_DIFFKV`` (FA3/FA4) accepts only a few (r, d) pairs
+  and is not chosen: no GPU run has validated it with thin-key checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +18,15 @@ logger = init_logger(__name__)
 
 
 def select_attention_backend(rank: int, head_dim: int) -> type[AttentionBackend]:
-    """Our paged backend everywhere; vLLM's in-tree DIFFKV kernels on CUDA where they fit.
-
-    vLLM's ``TRITON_ATTN_DIFFKV`` handles the same ``[.., r + d]`` page layout on NVIDIA GPUs but
-    needs a key head size of at least 32 (its tiles), so it is used for r >= 32 there.
-    """
-    if current_platform.is_cuda() and rank >= 32:
+    """The backend class for one thin-key ``Attention`` layer; see the module docstring for the rule."""
+    if current_platform.is_cuda():
         from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-        backend = AttentionBackendEnum.TRITON_ATTN_DIFFKV.get_class()
-        backend.set_head_size_v(head_dim)
-        logger.info_once("thin keys: using %s (r=%d, d=%d)", backend.get_name(), rank, head_dim)
-        return backend
+        triton = AttentionBackendEnum.TRITON_ATTN_DIFFKV.get_class()
+        if triton.supports_head_size(rank):
+            triton.set_head_size_v(head_dim)  # class-level in vLLM: one value width per process
+            logger.info_once("thin keys: using %s (r=%d, d=%d)", triton.get_name(), rank, head_dim)
+            return triton
     from thinkeys.attention.backend import ThinKeyAttentionBackend
 
     logger.info_once("thin keys: using %s (r=%d, d=%d)", ThinKeyAttentionBackend.get_name(), rank, head_dim)

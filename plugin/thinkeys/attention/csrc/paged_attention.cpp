@@ -39,6 +39,7 @@ namespace thinkeys {
 namespace {
 
 constexpr int kQueryTile = 16;  // query tokens per work item in a prefill (rows = kQueryTile * G)
+constexpr int kChunk = 32;  // tokens per inner step (a multiple of 8): fp32 scratch of a chunk fits L1
 
 // ---- element conversion -------------------------------------------------------------------------
 
@@ -227,6 +228,22 @@ inline float exp_and_sum(float* __restrict s, int n, float max) {
   return sum;
 }
 
+// Software prefetch of n cache rows of `width` elements, `stride` elements apart.
+template <typename T>
+inline void prefetch_rows(const T* first, int n, int64_t stride, int width) {
+  constexpr int kLine = 64;
+  if (stride == width) {  // contiguous rows (head-major pages): one run
+    const char* p = reinterpret_cast<const char*>(first);
+    const int64_t bytes = int64_t(n) * width * sizeof(T);
+    for (int64_t o = 0; o < bytes; o += kLine) __builtin_prefetch(p + o, 0, 3);
+    return;
+  }
+  for (int j = 0; j < n; ++j) {
+    const char* p = reinterpret_cast<const char*>(first + j * stride);
+    for (int64_t o = 0; o < int64_t(width * sizeof(T)); o += kLine) __builtin_prefetch(p + o, 0, 3);
+  }
+}
+
 // ---- problem description ------------------------------------------------------------------------
 
 template <typename T>
@@ -252,15 +269,15 @@ struct WorkItem {
 // Per-thread scratch, grown on demand and reused across calls.
 struct Scratch {
   std::vector<float> q, scores, acc, keys, values, row_max, row_sum;
-  void fit(int rows, int R, int D, int padded_block) {
+  void fit(int rows, int R, int D, int chunk) {
     auto grow = [](auto& v, size_t n) {
       if (v.size() < n) v.resize(n, 0);
     };
     grow(q, size_t(rows) * R);
-    grow(scores, size_t(rows) * padded_block);
+    grow(scores, size_t(rows) * chunk);
     grow(acc, size_t(rows) * D);
-    grow(keys, size_t(padded_block) * R);
-    grow(values, size_t(padded_block) * D);
+    grow(keys, size_t(chunk) * R);
+    grow(values, size_t(chunk) * D);
     grow(row_max, rows);
     grow(row_sum, rows);
   }
@@ -276,19 +293,18 @@ Scratch& thread_scratch() {
 template <typename T>
 void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
   const int G = p.G, R = p.R, D = p.D, BS = p.block_size;
-  const int padded_block = (BS + 7) / 8 * 8;  // score / key rows are computed eight at a time
   const int q_len = p.query_start_loc[w.req + 1] - p.query_start_loc[w.req];
   const int kv_len = p.seq_lens[w.req];
   const int context = kv_len - q_len;  // cached tokens before the first new one
   const int nq = w.q_end - w.q_begin;
   const int rows = nq * G;  // row = query token * G + head within the group
   const int64_t first_tok = int64_t(p.query_start_loc[w.req]) + w.q_begin;
-  s.fit(rows, R, D, padded_block);
+  s.fit(rows, R, D, kChunk);
   float* __restrict q = s.q.data();  // [rows, R], pre-scaled
-  float* __restrict scores = s.scores.data();  // [rows, padded_block]: scores, then probabilities
+  float* __restrict scores = s.scores.data();  // [rows, kChunk]: scores, then probabilities
   float* __restrict acc = s.acc.data();  // [rows, D]: unnormalized output
-  float* __restrict keys = s.keys.data();  // [padded_block, R] one block's keys in fp32
-  float* __restrict values = s.values.data();  // [padded_block, D]
+  float* __restrict keys = s.keys.data();  // [kChunk, R] one chunk's keys in fp32
+  float* __restrict values = s.values.data();  // [kChunk, D]
   float* __restrict row_max = s.row_max.data();
   float* __restrict row_sum = s.row_sum.data();
 
@@ -307,36 +323,49 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
 
   const int kv_end = context + w.q_end;  // the tile's last query sees keys [0, kv_end)
   const int32_t* blocks = p.block_table + int64_t(w.req) * p.bt_stride;
-  for (int n0 = 0, b = 0; n0 < kv_end; n0 += BS, ++b) {
-    const int n = std::min(BS, kv_end - n0);
+  for (int page_start = 0, b = 0; page_start < kv_end; page_start += BS, ++b) {
     const T* page = p.cache + int64_t(blocks[b]) * p.c_block + int64_t(w.kv_head) * p.c_head;
-    // this block's keys and values in fp32, converted once for all rows of the tile
-    for (int j = 0; j < n; ++j) {
-      load_f32(page + j * p.c_tok, keys + j * R, R);
-      load_f32(page + j * p.c_tok + R, values + j * D, D);
-    }
-    std::fill(keys + n * R, keys + (n + 7) / 8 * 8 * R, 0.0f);  // finite padding for row_scores
+    const int page_len = std::min(BS, kv_end - page_start);
+    for (int c0 = 0; c0 < page_len; c0 += kChunk) {  // chunks of a page, so the scratch stays in L1
+      const int n = std::min(kChunk, page_len - c0);
+      const int n0 = page_start + c0;  // position of the chunk's first token
+      // Decode is bound by reading the cache: ask for the next chunk (on this page or the next,
+      // which sits anywhere in memory) while this one is computed.
+      if (c0 + kChunk < page_len) {
+        prefetch_rows(page + int64_t(c0 + kChunk) * p.c_tok, std::min(kChunk, page_len - c0 - kChunk), p.c_tok, R + D);
+      } else if (page_start + BS < kv_end) {
+        const T* next = p.cache + int64_t(blocks[b + 1]) * p.c_block + int64_t(w.kv_head) * p.c_head;
+        prefetch_rows(next, std::min(kChunk, kv_end - page_start - BS), p.c_tok, R + D);
+      }
+      // the chunk's keys and values in fp32, converted once for all rows of the tile
+      for (int j = 0; j < n; ++j) {
+        const T* row = page + int64_t(c0 + j) * p.c_tok;
+        load_f32(row, keys + j * R, R);
+        load_f32(row + R, values + j * D, D);
+      }
+      std::fill(keys + n * R, keys + (n + 7) / 8 * 8 * R, 0.0f);  // finite padding for row_scores
 
-    for (int i = 0; i < nq; ++i) {
-      const int vis = std::min(n, context + w.q_begin + i + 1 - n0);  // causal limit in this block
-      for (int g = 0; g < G; ++g) {
-        const int row = i * G + g;
+      for (int i = 0; i < nq; ++i) {
+        const int vis = std::min(n, context + w.q_begin + i + 1 - n0);  // causal limit in this chunk
         if (vis <= 0) continue;
-        float* sr = scores + row * padded_block;
-        row_scores(q + row * R, keys, vis, R, sr);
-        // online softmax: new running maximum, probabilities, rescale of earlier sums
-        const float prev_max = row_max[row];
-        const float new_max = row_max_of(sr, vis, prev_max);
-        const float sum = exp_and_sum(sr, vis, new_max);
-        const float alpha = prev_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(prev_max - new_max);
-        row_sum[row] = row_sum[row] * alpha + sum;
-        row_max[row] = new_max;
-        float* ar = acc + row * D;
-        if (alpha != 1.0f) {
+        for (int g = 0; g < G; ++g) {
+          const int row = i * G + g;
+          float* sr = scores + row * kChunk;
+          row_scores(q + row * R, keys, vis, R, sr);
+          // online softmax: new running maximum, probabilities, rescale of earlier sums
+          const float prev_max = row_max[row];
+          const float new_max = row_max_of(sr, vis, prev_max);
+          const float sum = exp_and_sum(sr, vis, new_max);
+          const float alpha = prev_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(prev_max - new_max);
+          row_sum[row] = row_sum[row] * alpha + sum;
+          row_max[row] = new_max;
+          float* ar = acc + row * D;
+          if (alpha != 1.0f) {
 #pragma omp simd
-          for (int c = 0; c < D; ++c) ar[c] *= alpha;
+            for (int c = 0; c < D; ++c) ar[c] *= alpha;
+          }
+          row_pv(sr, values, vis, D, ar);
         }
-        row_pv(sr, values, vis, D, ar);
       }
     }
   }

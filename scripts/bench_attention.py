@@ -1,0 +1,290 @@
+#!/usr/bin/env python
+"""Micro-benchmark: the thin-key attention op against vLLM's CPU_ATTN on the same shapes.
+
+Both kernels are called directly, outside any engine, on paged bf16 caches with the same block
+size, batch and context and scattered block tables; only the key width differs (stock keys are d
+wide, thin keys r). Per-step metadata (CPU_ATTN's scheduler metadata, our int32 host tensors) is
+built once per case, outside the timed calls, since an engine builds it once per step for all layers.
+
+Timing: every case runs stock and thin alternately for ``--rounds`` rounds (the order flips each
+round), each round timing ``--reps`` consecutive calls; reported are medians over rounds of the
+per-call time, both as wall time and as the calling thread's CPU time (``time.thread_time``, which
+a busy shared machine inflates far less: with one thread every kernel runs on the caller's thread).
+Ratios are stock time / thin time (> 1: thin is faster).
+
+    python scripts/bench_attention.py                     # the default table, 1 thread
+    python scripts/bench_attention.py --torch-path        # + the PyTorch fallback (slow)
+    python scripts/bench_attention.py --json bench-results/speed/attention.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_CASES = [
+    # (name, batch, context, query tokens per request)
+    ("decode", 1, 512, 1),
+    ("decode", 8, 512, 1),
+    ("decode", 32, 512, 1),
+    ("decode", 1, 2048, 1),
+    ("decode", 8, 2048, 1),
+    ("decode", 32, 2048, 1),
+    ("prefill", 1, 512, 512),
+    ("prefill", 1, 2048, 2048),
+    ("chunked prefill", 1, 2048, 512),  # last 512-token chunk of a 2048-token prompt
+]
+
+
+@dataclass
+class CaseResult:
+    case: str
+    batch: int
+    context: int
+    query_len: int
+    stock_ms: float
+    thin_ms: float
+    stock_cpu_ms: float
+    thin_cpu_ms: float
+    torch_path_ms: float | None = None
+
+    @property
+    def speedup(self) -> float:
+        return self.stock_ms / self.thin_ms
+
+    @property
+    def speedup_cpu(self) -> float:
+        return self.stock_cpu_ms / self.thin_cpu_ms
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import vllm
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "vllm": vllm.__version__,
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+class StockCase:
+    """vLLM's CPU_ATTN: d-wide keys and values in [blocks, H_kv, block_size, 2d] (keys, then values)."""
+
+    def __init__(self, q, keys, values, block_table, qsl, seq_lens, slots, num_blocks, block_size, scale):
+        from vllm import _custom_ops as ops
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        self.ops = ops
+        T, H, d = q.shape
+        H_kv = keys.shape[1]
+        self.isa = _get_attn_isa(q.dtype, block_size, d)
+        cache = torch.zeros(num_blocks, H_kv, block_size, 2 * d, dtype=q.dtype)
+        self.key_cache, self.value_cache = cache.view(num_blocks, H_kv, 2 * block_size, d).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(keys, values, self.key_cache, self.value_cache, slots, self.isa)
+        self.scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=seq_lens.shape[0], num_heads=H, num_kv_heads=H_kv, head_dim=d, seq_lens=seq_lens,
+            dtype=q.dtype, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=self.isa,
+            enable_kv_split=True,
+        )
+        self.q, self.block_table, self.qsl, self.seq_lens, self.scale = q, block_table, qsl, seq_lens, scale
+        self.out = torch.empty(T, H, d, dtype=q.dtype)
+
+    def __call__(self) -> None:
+        self.ops.cpu_attention_with_kv_cache(
+            query=self.q, key_cache=self.key_cache, value_cache=self.value_cache, output=self.out,
+            query_start_loc=self.qsl, seq_lens=self.seq_lens, scale=self.scale, causal=True,
+            alibi_slopes=None, sliding_window=-1, block_table=self.block_table, softcap=0.0,
+            scheduler_metadata=self.scheduler_metadata, s_aux=None,
+        )
+
+
+class ThinCase:
+    """Our backend's op: r-wide keys and d-wide values in [blocks, H_kv, block_size, r + d]."""
+
+    def __init__(self, q, keys, values, block_table, qsl, seq_lens, slots, num_blocks, block_size, scale, torch_path=False):
+        from thinkeys.attention.paged import build_metadata, paged_attention, paged_attention_torch, write_kv
+
+        T, H, r = q.shape
+        H_kv, d = values.shape[1], values.shape[2]
+        # head-major pages, the layout our backend asks vLLM for
+        self.cache = torch.zeros(num_blocks, H_kv, block_size, r + d, dtype=q.dtype)
+        write_kv(self.cache, keys, values, slots)
+        self.meta = build_metadata(
+            query_start_loc=qsl, seq_lens=seq_lens, block_table=block_table, block_size=block_size,
+            num_actual_tokens=T, torch_path=torch_path,
+        )
+        self.fn = paged_attention_torch if torch_path else paged_attention
+        self.q, self.scale = q, scale
+        self.out = torch.empty(T, H, d, dtype=q.dtype)
+
+    def __call__(self) -> None:
+        self.fn(self.q, self.cache, self.meta, self.scale, self.out)
+
+
+def make_case(batch: int, context: int, query_len: int, args, torch_path: bool):
+    g = torch.Generator().manual_seed(0)
+    H, H_kv, d, r, bs, dtype = args.heads, args.kv_heads, args.head_dim, args.rank, args.block_size, getattr(torch, args.dtype)
+    blocks_per_req = -(-context // bs)
+    num_blocks = batch * blocks_per_req + 1
+    block_table = (torch.randperm(num_blocks - 1, generator=g) + 1)[: batch * blocks_per_req]
+    block_table = block_table.view(batch, blocks_per_req).to(torch.int32)  # scattered pages
+    seq_lens = torch.full((batch,), context, dtype=torch.int32)
+    qsl = torch.arange(0, batch * query_len + 1, query_len, dtype=torch.int32)
+    pos = torch.arange(context)
+    slots = (block_table[:, pos // bs].long() * bs + pos % bs).reshape(-1)  # [batch * context]
+    keys = torch.randn(batch * context, H_kv, d, generator=g).to(dtype)
+    values = torch.randn(batch * context, H_kv, d, generator=g).to(dtype)
+    q = torch.randn(batch * query_len, H, d, generator=g).to(dtype)
+    scale = d**-0.5
+    common = (block_table, qsl, seq_lens, slots, num_blocks, bs, scale)
+    stock = StockCase(q, keys, values, *common)
+    thin = ThinCase(q[..., :r].contiguous(), keys[..., :r].contiguous(), values, *common)
+    slow = ThinCase(q[..., :r].contiguous(), keys[..., :r].contiguous(), values, *common, torch_path=True) if torch_path else None
+    return stock, thin, slow
+
+
+def time_calls(fn, reps: int) -> tuple[float, float]:
+    """(wall, thread CPU) seconds per call over ``reps`` consecutive calls."""
+    wall, cpu = time.perf_counter(), time.thread_time()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - wall) / reps, (time.thread_time() - cpu) / reps
+
+
+def run_case(name, batch, context, query_len, args) -> CaseResult:
+    stock, thin, slow = make_case(batch, context, query_len, args, args.torch_path)
+    # warm-up; also sizes `reps` so a timed run takes about --target-ms of the slower kernel
+    for fn in (stock, thin, stock, thin):
+        fn()
+    one = max(time_calls(stock, 1)[0], time_calls(thin, 1)[0])
+    reps = max(1, min(200, int(args.target_ms / 1e3 / max(one, 1e-6))))
+    samples = {"stock": [], "thin": []}
+    for rnd in range(args.rounds):
+        order = [("stock", stock), ("thin", thin)]
+        for key, fn in order if rnd % 2 == 0 else order[::-1]:
+            samples[key].append(time_calls(fn, reps))
+    torch_path_ms = None
+    if slow is not None:
+        slow()
+        torch_path_ms = statistics.median(time_calls(slow, 1)[0] for _ in range(3)) * 1e3
+    med = {k: (statistics.median(w for w, _ in v) * 1e3, statistics.median(c for _, c in v) * 1e3) for k, v in samples.items()}
+    return CaseResult(name, batch, context, query_len, med["stock"][0], med["thin"][0], med["stock"][1], med["thin"][1], torch_path_ms)
+
+
+def print_table(results: list[CaseResult], args) -> None:
+    print(f"\nattention op, one layer: H={args.heads} H_kv={args.kv_heads} d={args.head_dim} r={args.rank} "
+          f"{args.dtype} block {args.block_size}, {args.threads} thread(s); ms per call, medians of {args.rounds} rounds")
+    head = f"{'case':<16}{'batch':>6}{'ctx':>6}{'q':>6} | {'stock':>9}{'thin':>9}{'ratio':>7} | {'stock cpu':>10}{'thin cpu':>9}{'ratio':>7}"
+    if args.torch_path:
+        head += f" | {'torch path':>10}"
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        line = (f"{r.case:<16}{r.batch:>6}{r.context:>6}{r.query_len:>6} | {r.stock_ms:>9.3f}{r.thin_ms:>9.3f}{r.speedup:>6.2f}x"
+                f" | {r.stock_cpu_ms:>10.3f}{r.thin_cpu_ms:>9.3f}{r.speedup_cpu:>6.2f}x")
+        if args.torch_path:
+            line += f" | {r.torch_path_ms:>10.3f}"
+        print(line)
+    print("ratio = stock time / thin time (> 1: thin is faster)")
+
+
+def plot(results: list[CaseResult], args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.case}\nb={r.batch} ctx={r.context}" + (f" q={r.query_len}" if r.query_len > 1 else "") for r in results]
+    x = range(len(results))
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(results)), 4.2))
+    ax.bar([i - 0.2 for i in x], [r.speedup_cpu for r in results], 0.4, label="CPU time")
+    ax.bar([i + 0.2 for i in x], [r.speedup for r in results], 0.4, label="wall time", alpha=0.6)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_ylabel("stock time / thin time (> 1: thin faster)")
+    ax.set_title(f"Attention op: thin keys (r={args.rank}) vs vLLM CPU_ATTN (d={args.head_dim}), {args.dtype}, "
+                 f"{args.threads} thread(s)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.plot, dpi=120)
+    print(f"wrote {args.plot}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--heads", type=int, default=9, help="query heads (default: SmolLM2-135M's 9)")
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--head-dim", type=int, default=64, help="d: stock key width and value width")
+    p.add_argument("--rank", type=int, default=16, help="r: thin key width")
+    p.add_argument("--block-size", type=int, default=128, help="vLLM's CPU default is 128")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--threads", type=int, default=1, help="torch threads (a vLLM CPU engine on 2 cores uses 1)")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--target-ms", type=float, default=60.0, help="time per timed run of one kernel")
+    p.add_argument("--cases", default=None, help="comma list of batch:context:query_len (default: the table in this file)")
+    p.add_argument("--torch-path", action="store_true", help="also time the PyTorch fallback path (slow)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG of the ratios here (needs matplotlib)")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    from thinkeys.attention import kernels
+
+    if not kernels.available():
+        print("the compiled thin-key kernel is not available: this would time the PyTorch path", file=sys.stderr)
+        return 2
+    if args.cases:
+        cases = []
+        for spec in args.cases.split(","):
+            b, c, q = (int(x) for x in spec.split(":"))
+            cases.append(("decode" if q == 1 else "prefill" if q == c else "chunked prefill", b, c, q))
+    else:
+        cases = DEFAULT_CASES
+
+    from tqdm import tqdm
+
+    results = []
+    for case in tqdm(cases, desc="attention cases", file=sys.stderr):
+        results.append(run_case(*case, args))
+    print_table(results, args)
+    if args.plot:
+        plot(results, args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "benchmark": "attention op, thin-key kernel vs vLLM CPU_ATTN",
+            "command": "python scripts/bench_attention.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": machine_info(),
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("json", "plot")},
+            "results": [asdict(r) | {"speedup": r.speedup, "speedup_cpu": r.speedup_cpu} for r in results],
+        }
+        tmp = args.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        tmp.replace(args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

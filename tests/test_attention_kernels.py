@@ -199,3 +199,35 @@ def test_kernel_rejects_bad_inputs():
         kernels.paged_attention(query, cache, table, qsl, lens, 1.0, torch.empty(1, 6, 31))
     with pytest.raises(RuntimeError, match="outside the cache"):
         kernels.write_kv(cache, torch.zeros(1, 2, 16), torch.zeros(1, 2, 32), torch.tensor([10_000]))
+
+
+def _load_in_subprocess(tmp_path, choice):
+    """kernels.available() in a fresh process whose compiler is broken (CXX=/bin/false)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "THINKEYS_ATTENTION_KERNEL": choice, "THINKEYS_KERNEL_CACHE": str(tmp_path), "CXX": "/bin/false"}
+    code = "from thinkeys.attention import kernels; print('available', kernels.available())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_without_a_compiler_auto_falls_back_with_a_warning(tmp_path):
+    proc = _load_in_subprocess(tmp_path, "auto")
+    assert proc.returncode == 0, proc.stderr
+    assert "available False" in proc.stdout
+    assert "CPU attention kernel unavailable" in proc.stderr and "PyTorch path" in proc.stderr
+
+
+def test_without_a_compiler_compiled_mode_fails_clearly(tmp_path):
+    proc = _load_in_subprocess(tmp_path, "compiled")
+    assert proc.returncode != 0
+    assert "ThinKeyError" in proc.stderr and "THINKEYS_ATTENTION_KERNEL=torch" in proc.stderr
+
+
+def test_unknown_kernel_choice_is_a_clear_error(monkeypatch):
+    from thinkeys.checkpoint import ThinKeyError
+
+    monkeypatch.setenv("THINKEYS_ATTENTION_KERNEL", "fast")
+    with pytest.raises(ThinKeyError, match="auto, compiled, torch"):
+        kernels.kernel_choice()

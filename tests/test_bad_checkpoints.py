@@ -171,7 +171,8 @@ def test_serve_refuses_a_broken_checkpoint_with_one_line(case, broken, capsys):
     for part in CASES[case][1]:
         assert part in line, f"{part!r} not in {line!r}"
     assert str(folder) in line, "the line names the file"
-    record("bad_checkpoints", case=case, exit_code=code, message=line.removeprefix("thinkeys serve: error: "))
+    message = line.removeprefix("thinkeys serve: error: ").replace(str(folder), "CKPT")
+    record("bad_checkpoints", case=case, exit_code=code, message=message)
 
 
 def test_the_intact_checkpoint_passes(checkpoints):
@@ -213,7 +214,8 @@ def test_pickle_weights_are_refused_unless_allowed(checkpoints, tmp_path, capsys
     assert thinkeys_main(["serve", str(folder), "--print-command"]) == 2
     line = _one_line(capsys.readouterr().err)
     assert f"{folder / 'pytorch_model.bin'}: pickle-based weights" in line and "--allow-pickle" in line
-    record("bad_checkpoints", case="stock model with only pytorch_model.bin", exit_code=2, message=line.removeprefix("thinkeys serve: error: "))
+    message = line.removeprefix("thinkeys serve: error: ").replace(str(folder), "CKPT")
+    record("bad_checkpoints", case="stock model with only pytorch_model.bin", exit_code=2, message=message)
     assert thinkeys_main(["serve", str(folder), "--allow-pickle", "--print-command"]) == 0
     out = capsys.readouterr().out
     assert f"--model {folder}" in out

@@ -1,0 +1,142 @@
+"""Layer-wise distillation: fit each layer's thin q/k to the original layer's attention output.
+
+Why first. A thin layer sees the original model's inputs almost unchanged (only q/k differ), so
+each layer can be fitted on its own, on cached inputs, without back-propagating through the
+whole network: one teacher forward pass captures, for every layer ``l``::
+
+    x_l      the input of self_attn (the pre-attention norm output)     [N, T, D]
+    y_l      the original attention output, after o_proj               [N, T, D]
+
+and then each thin attention is trained (Adam, cosine decay) to minimise the relative error
+``||attn_thin(x_l) - y_l||^2 / ||y_l||^2`` on minibatches of those windows. A step costs one
+attention layer instead of the whole model and its LM head, so layer-wise fitting moves the thin
+model most of the way cheaply; end-to-end distillation (:mod:`thinkeys.train.logit`) then fixes
+what only shows up through the layers' interaction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from thinkeys.checkpoint import ThinKeyError
+
+
+@dataclass
+class TeacherActivations:
+    inputs: list[torch.Tensor]  # per layer [N, T, D]: self_attn input
+    outputs: list[torch.Tensor]  # per layer [N, T, D]: self_attn output (after o_proj)
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ThinKeyError(f"layer-wise distillation supports Llama-family models; got {type(model).__name__}")
+    return list(layers)
+
+
+@torch.no_grad()
+def capture_teacher(teacher: nn.Module, windows: torch.Tensor, *, progress: bool = True) -> TeacherActivations:
+    """Run the teacher over ``windows`` ``[N, T]`` and keep every layer's attention input and output."""
+    layers = _decoder_layers(teacher)
+    n, t = windows.shape
+    hidden = teacher.config.hidden_size
+    inputs = [torch.empty(n, t, hidden) for _ in layers]
+    outputs = [torch.empty(n, t, hidden) for _ in layers]
+    row = {"i": 0}
+
+    def hooks_for(l: int) -> tuple[Callable, Callable]:
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs[l][row["i"]] = kwargs.get("hidden_states", args[0] if args else None)[0]
+
+        def post(module: nn.Module, args: tuple, kwargs: dict, out: tuple) -> None:
+            outputs[l][row["i"]] = out[0][0]
+
+        return pre, post
+
+    handles = []
+    for l, layer in enumerate(layers):
+        pre, post = hooks_for(l)
+        handles.append(layer.self_attn.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_hook(post, with_kwargs=True))
+    try:
+        for i in tqdm(range(n), desc="teacher activations", unit="window", disable=not progress):
+            row["i"] = i
+            teacher(input_ids=windows[i : i + 1], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return TeacherActivations(inputs, outputs)
+
+
+def cosine_lr(base: float, progress: float, *, warmup: float = 0.05, final: float = 0.1) -> float:
+    """Linear warm-up over the first ``warmup`` of training, then cosine decay to ``final * base``."""
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < warmup:
+        return base * (progress / warmup)
+    span = (progress - warmup) / max(1.0 - warmup, 1e-9)
+    return base * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * span)))
+
+
+def relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
+
+
+def fit_layer(
+    attn: nn.Module,
+    params: list[nn.Parameter],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    freq_params: list[nn.Parameter] | None = None,
+    freq_lr: float = 0.0,
+) -> tuple[float, float]:
+    """Train one thin attention on cached teacher activations; returns (error before, error after) on all windows.
+
+    ``inputs`` / ``targets`` ``[N, T, D]``; minibatches of ``batch`` windows cycle in a seeded order.
+    """
+    n, t, _ = inputs.shape
+    positions = torch.arange(t)[None]  # [1, T]
+
+    def error_on_all() -> float:
+        with torch.no_grad():
+            num = den = 0.0
+            for i in range(0, n, batch):
+                out = attn(inputs[i : i + batch], position_ids=positions)[0]
+                num += float((out - targets[i : i + batch]).pow(2).sum())
+                den += float(targets[i : i + batch].pow(2).sum())
+            return num / max(den, 1e-12)
+
+    before = error_on_all()
+    if steps <= 0:
+        return before, before
+    groups = [{"params": params, "lr": lr}]
+    if freq_params:
+        groups.append({"params": freq_params, "lr": freq_lr})
+    optimizer = torch.optim.Adam(groups, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen)
+    cursor = 0
+    for step in range(steps):
+        if cursor + batch > n:
+            order, cursor = torch.randperm(n, generator=gen), 0
+        idx = order[cursor : cursor + batch]
+        cursor += batch
+        scale = cosine_lr(1.0, step / steps)
+        for group, base in zip(optimizer.param_groups, (lr, freq_lr)):
+            group["lr"] = base * scale
+        out = attn(inputs[idx], position_ids=positions)[0]  # [b, T, D]
+        loss = relative_error(out, targets[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return before, error_on_all()

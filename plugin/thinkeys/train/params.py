@@ -1,0 +1,62 @@
+"""What recovery trains: the thin query/key projections, and optionally each layer's RoPE frequency table.
+
+Everything else (embeddings, values, output projections, MLPs, norms) stays frozen, so the
+fine-tuned checkpoint differs from its source only in q/k (and ``thin_rope_freqs`` with
+``train_freqs``), and it is served by the same plugin unchanged.
+
+The frequency table is a buffer of the reference attention (``thin_rope_freqs``, kept float32);
+to train it, :func:`trainable_tensors` swaps it for a ``Parameter`` under the same buffer name, so
+``state_dict()`` and :func:`thinkeys.reference.save_thin_model` see it exactly as before.
+:func:`freeze_freqs` puts plain tensors back before the model is cast or saved.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from thinkeys.checkpoint import ThinKeyError
+from thinkeys.reference import ThinAttention, ThinGPT2Attention
+
+FREQS = "thin_rope_freqs"
+
+
+def thin_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``name -> module`` of every thin attention of a model from :func:`thinkeys.reference.load_thin_model`."""
+    found = {n: m for n, m in model.named_modules() if isinstance(m, (ThinAttention, ThinGPT2Attention))}
+    if not found:
+        raise ThinKeyError("the model has no thin-key attention; load it with thinkeys.reference.load_thin_model")
+    return found
+
+
+def trainable_tensors(model: nn.Module, *, train_freqs: bool = False) -> dict[str, nn.Parameter]:
+    """Freeze the model except thin q/k (and, with ``train_freqs``, the RoPE tables); returns ``state-dict name -> parameter``."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    named: dict[str, nn.Parameter] = {}
+    for prefix, attn in thin_attention_modules(model).items():
+        for proj in ("q_proj", "k_proj"):
+            for kind in ("weight", "bias"):
+                p = getattr(getattr(attn, proj), kind)
+                if p is not None:
+                    p.requires_grad_(True)
+                    named[f"{prefix}.{proj}.{kind}"] = p
+        freqs = attn._buffers.get(FREQS)
+        if train_freqs and freqs is not None and freqs.numel():
+            if not isinstance(freqs, nn.Parameter):
+                freqs = nn.Parameter(freqs.detach().clone())
+                attn._buffers[FREQS] = freqs  # same name, so state_dict / save are unchanged
+            named[f"{prefix}.{FREQS}"] = freqs
+    return named
+
+
+def freeze_freqs(model: nn.Module) -> None:
+    """Turn trained frequency tables back into plain float32 buffers (before casting or saving)."""
+    for attn in thin_attention_modules(model).values():
+        freqs = attn._buffers.get(FREQS)
+        if isinstance(freqs, nn.Parameter):
+            attn._buffers[FREQS] = freqs.detach().clone()
+
+
+def layer_tensors(named: dict[str, nn.Parameter], layer_prefix: str) -> dict[str, nn.Parameter]:
+    """The trainable tensors of one attention module (``layer_prefix`` like ``model.layers.3.self_attn``)."""
+    return {n: p for n, p in named.items() if n.startswith(layer_prefix + ".")}

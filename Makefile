@@ -7,9 +7,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODELS ?= models
 DEFAULT_SRC := $(MODELS)/SmolLM2-135M-Instruct
+DATA ?= data
+CALIBRATION := $(DATA)/wiki/tune.txt
 # The default served checkpoint; see README "Default model" for why this rank and strategy.
 RANK ?= 32
-ROPE ?= pairs
+ROPE ?= mixed
 DEFAULT_THIN := $(MODELS)/SmolLM2-135M-Instruct-thin-r$(RANK)-$(ROPE)
 HOST ?= 127.0.0.1
 PORT ?= 8000
@@ -30,13 +32,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 fetch: setup
-	$(BIN)/thinkeys fetch --models-dir $(MODELS)
+	$(BIN)/thinkeys fetch --models-dir $(MODELS) --data-dir $(DATA)
 
-$(DEFAULT_SRC)/config.json: | setup
-	$(BIN)/thinkeys fetch --models-dir $(MODELS)
+$(DEFAULT_SRC)/config.json $(CALIBRATION) &: | setup
+	$(BIN)/thinkeys fetch --models-dir $(MODELS) --data-dir $(DATA)
 
-$(DEFAULT_THIN)/config.json: $(DEFAULT_SRC)/config.json
-	$(BIN)/thinkeys convert $(DEFAULT_SRC) $(DEFAULT_THIN) --rank $(RANK) --rope $(ROPE) --force
+# Calibrated on the tune split only; perplexity is measured on the held-out eval split.
+$(DEFAULT_THIN)/config.json: $(DEFAULT_SRC)/config.json $(CALIBRATION)
+	$(BIN)/thinkeys convert $(DEFAULT_SRC) $(DEFAULT_THIN) --rank $(RANK) --rope $(ROPE) \
+		--calibration $(CALIBRATION) --force
 
 convert: $(DEFAULT_THIN)/config.json
 

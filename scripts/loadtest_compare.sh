@@ -3,14 +3,17 @@
 # (the default served model, `make serve`) and r = 16 (d/4), all three served by `thinkeys serve`
 # on 127.0.0.1 with the SAME small KV budget, the same ramp of concurrent users against each.
 #
-#   scripts/loadtest_compare.sh            # ~15-25 min on 2 cores; writes bench-results/loadtest/compare.*
+#   scripts/loadtest_compare.sh   # writes bench-results/loadtest/compare.{json,md,png}; 43 min on a busy
+#                                 # 2-core machine (3 server starts + 3 ramps of 7 steps), less when idle
 #
-# The KV budget is chosen so the stock server saturates at a modest N: 72 MiB holds 25 blocks of
-# 128 tokens of SmolLM2 KV (30 layers x 3 KV heads x (64 + 64) x bf16 = 22.5 KiB per token); one
-# request (280 prompt + 96 generated tokens) takes 3 blocks from admission to the end, so stock
-# holds 8 users, r = 32 holds 11 and r = 16 holds 13 (`thinkeys plan models/SmolLM2-135M-Instruct
-# --rank 16 --context 384 --kv-memory 72MiB --block-size 128`; vLLM keeps one block back).
-# The ramp brackets those points.
+# The KV budget is chosen so the stock server saturates at a modest N. SmolLM2 keeps 30 layers x
+# 3 KV heads x (64 + 64) x bf16 = 22.5 KiB of KV per token; with blocks of 32 tokens, 18 MiB holds
+# 25 blocks (vLLM keeps one back). A request of 70 prompt + 20 generated tokens takes 3 blocks from
+# admission to its end, so stock holds 8 users at once, r = 32 (16.9 KiB per token) 33 blocks =
+# 11 users, r = 16 (14.1 KiB) 39 blocks = 13 users (`thinkeys plan models/SmolLM2-135M-Instruct
+# --rank 16 --context 96 --kv-memory 18MiB --block-size 32`). The ramp brackets those points.
+# Small requests and a small budget keep the run within minutes on 2 shared cores; the ratio of
+# users is set by bytes per token, not by request size.
 # Servers run eager (--enforce-eager, the same for all three): torch.compile's warm-up of three
 # servers at once took over 10 minutes on 2 shared cores, and the comparison is about capacity.
 set -euo pipefail
@@ -18,7 +21,7 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 MODELS=${MODELS:-models}
 SRC=$MODELS/SmolLM2-135M-Instruct
-KV=${KV:-72M}
+KV=${KV:-18M}
 USERS=${USERS:-4,8,9,11,12,13,14}
 OUT=${OUT:-bench-results/loadtest}
 
@@ -33,7 +36,7 @@ exec "$BIN/thinkeys" loadtest compare \
   --thin "$MODELS/SmolLM2-135M-Instruct-thin-r32-pairs" \
   --thin "$MODELS/SmolLM2-135M-Instruct-thin-r16-pairs" \
   --kv-cache-memory "$KV" \
-  --users "$USERS" --requests-per-user 2 --prompt-len 280 --output-len 96 \
-  --server-arg=--enforce-eager \
-  --time-limit 240 --out "$OUT" --name compare --log-dir "${LOG_DIR:-bench-results/tmp/loadtest-logs}" \
+  --users "$USERS" --requests-per-user 2 --prompt-len 70 --output-len 20 \
+  --server-arg=--enforce-eager --server-arg=--block-size=32 \
+  --time-limit 180 --out "$OUT" --name compare --log-dir "${LOG_DIR:-bench-results/tmp/loadtest-logs}" \
   "$@"

@@ -65,6 +65,9 @@ def _cases(name: str) -> dict[str, tuple[str, dict | bytes, int, tuple[str, ...]
         "prompt token id negative": ("/v1/completions", {**completion, "prompt": [-1, 5]}, 400, ("greater than or equal to 0",)),
         "messages a string": ("/v1/chat/completions", {**chat, "messages": "hi"}, 400, ("body.messages", "valid list")),
         "messages empty": ("/v1/chat/completions", {**chat, "messages": []}, 400, ("empty conversation",)),
+        # vLLM's message union admits openai_harmony's Message shape; the chat template then fails on it.
+        # A 400 (not a 5xx), but with a Python exception's text as the reason: see the report.
+        "harmony-shaped chat message": ("/v1/chat/completions", {**chat, "messages": [{"author": {"role": "user"}, "content": [{"type": "text", "text": "hi"}]}]}, 400, ()),
         "image to a text-only model": ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400, ("not a multimodal model",)),
         "temperature negative": ("/v1/completions", {**completion, "temperature": -1}, 400, ("temperature must be non-negative",)),
         "temperature a string": ("/v1/completions", {**completion, "temperature": "hot"}, 400, ("temperature", "valid number")),

@@ -4,7 +4,9 @@
 #
 #   THINKEYS_MODEL              model folder (read-only is fine)    default /models/SmolLM2-135M-Instruct
 #   THINKEYS_RANK               thin-key rank r; 0 / stock = serve the model unconverted     default 32
-#   THINKEYS_ROPE               how RoPE is carried into r dims (pairs | svd)                default pairs
+#   THINKEYS_ROPE               how RoPE is carried into r dims (mixed | pairs | svd)        default mixed
+#   THINKEYS_CALIBRATION        text the conversion is calibrated on (required by mixed; used by
+#                               pairs when present): the tune split      default /data/wiki/tune.txt
 #   THINKEYS_KV_CACHE_MEMORY    KV-cache budget, vLLM units (1G = 1 GiB, 512M = 512 MiB)     default 1G
 #   THINKEYS_MAX_MODEL_LEN      context limit in tokens                                      default 2048
 #   THINKEYS_HOST               address inside the container                                 default 0.0.0.0
@@ -23,7 +25,8 @@ set -euo pipefail
 
 MODEL=${THINKEYS_MODEL:-/models/SmolLM2-135M-Instruct}
 RANK=${THINKEYS_RANK:-32}
-ROPE=${THINKEYS_ROPE:-pairs}
+ROPE=${THINKEYS_ROPE:-mixed}
+CALIBRATION=${THINKEYS_CALIBRATION:-/data/wiki/tune.txt}
 KV_CACHE_MEMORY=${THINKEYS_KV_CACHE_MEMORY:-1G}
 MAX_MODEL_LEN=${THINKEYS_MAX_MODEL_LEN:-2048}
 HOST=${THINKEYS_HOST:-0.0.0.0}
@@ -45,10 +48,17 @@ elif [[ "$RANK" =~ ^(0|stock|none|)$ ]]; then
 else
   [[ "$RANK" =~ ^[0-9]+$ ]] || die "THINKEYS_RANK=$RANK is not a number: give the key rank r (e.g. 32), or 0 for the stock model"
   SERVE_MODEL="$CACHE_DIR/$(basename "$MODEL")-thin-r$RANK-$ROPE"
+  CALIBRATE=()
+  if [ -f "$CALIBRATION" ]; then
+    CALIBRATE=(--calibration "$CALIBRATION")
+  elif [ "$ROPE" = mixed ]; then
+    die "THINKEYS_ROPE=mixed is calibrated on text, and $CALIBRATION is not there: mount the data folder \
+(THINKEYS_DATA_DIR on the host, fetched with \`thinkeys fetch --data-dir data\`), set THINKEYS_CALIBRATION, or use THINKEYS_ROPE=pairs"
+  fi
   if [ ! -f "$SERVE_MODEL/config.json" ]; then
     mkdir -p "$CACHE_DIR" || die "cannot create THINKEYS_CACHE_DIR=$CACHE_DIR: mount a writable volume there"
     echo "thinkeys-entrypoint: converting $MODEL to rank $RANK ($ROPE) into $SERVE_MODEL" >&2
-    "$THINKEYS" convert "$MODEL" "$SERVE_MODEL" --rank "$RANK" --rope "$ROPE"
+    "$THINKEYS" convert "$MODEL" "$SERVE_MODEL" --rank "$RANK" --rope "$ROPE" ${CALIBRATE[@]+"${CALIBRATE[@]}"}
   fi
 fi
 

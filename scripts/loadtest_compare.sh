@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The README's load-test figure: stock SmolLM2-135M-Instruct vs its thin-key conversions at r = 32
-# (the default served model, `make serve`) and r = 16 (d/4), all three served by `thinkeys serve`
-# on 127.0.0.1 with the SAME small KV budget, the same ramp of concurrent users against each.
+# (the rank `make serve` serves) and r = 16 (d/4), all three served by `thinkeys serve` on
+# 127.0.0.1 with the SAME small KV budget, the same ramp of concurrent users against each.
+# The conversions use the data-free 'pairs' strategy: the KV cache holds r-wide keys whatever the
+# strategy ('mixed', the default of `make serve`, has the same geometry), and this run measures
+# capacity under load, not quality.
 #
 #   scripts/loadtest_compare.sh   # writes bench-results/loadtest/compare.{json,md,png}; 43 min on a busy
 #                                 # 2-core machine (3 server starts + 3 ramps of 7 steps), less when idle

@@ -102,6 +102,9 @@ def test_default_service_serves_the_default_model_on_cpu_on_loopback():
     assert (port["host_ip"], str(port["published"]), port["target"]) == ("127.0.0.1", "8000", 8000)
     mount = _models_mount(svc)
     assert mount["read_only"] is True and mount["source"] == str(ROOT / "models")  # where `thinkeys fetch` puts models
+    (data,) = [v for v in svc["volumes"] if v["target"] == "/data"]
+    assert data["read_only"] is True and data["source"] == str(ROOT / "data")  # and its text (calibration)
+    assert env["THINKEYS_CALIBRATION"] == "/data/wiki/tune.txt" and "CALIBRATION := $(DATA)/wiki/tune.txt" in make
     assert any("/health" in part for part in svc["healthcheck"]["test"])
 
 
@@ -167,7 +170,7 @@ def test_every_referenced_path_exists_and_is_sent_to_the_build():
                             assert (ROOT / src).exists(), f"{dockerfile.name}: COPY {src} does not exist"
                             assert src.rstrip("/") in allowed, f"{dockerfile.name}: COPY {src} is excluded by its .dockerignore"
             for volume in svc.get("volumes", []):
-                if volume["type"] == "bind" and volume["target"] != "/models":  # models: fetched, see the default test
+                if volume["type"] == "bind" and volume["target"] not in ("/models", "/data"):  # fetched, see the default test
                     assert Path(volume["source"]).exists(), f"{name}: bind source {volume['source']} missing"
     assert os.access(ENTRYPOINT, os.X_OK)
 
@@ -193,6 +196,7 @@ def _entrypoint_env(model: Path, cache: Path, **extra: str) -> dict[str, str]:
     settings = dict(
         PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
         THINKEYS_MODEL=str(model), THINKEYS_RANK="8", THINKEYS_ROPE="pairs", THINKEYS_CACHE_DIR=str(cache),
+        THINKEYS_CALIBRATION=str(cache.parent / "no-calibration.txt"),
         THINKEYS_KV_CACHE_MEMORY="64M", THINKEYS_MAX_MODEL_LEN="256", THINKEYS_SERVED_MODEL_NAME="tiny",
         THINKEYS_EXTRA_ARGS="--enforce-eager --dtype float32", THINKEYS_HOST="127.0.0.1",
     )  # fmt: skip
@@ -223,9 +227,28 @@ def test_entrypoint_converts_once_and_builds_the_serve_command(checkpoints, tmp_
     assert f"--model {converted} " in thin.stdout and "as it is" in thin.stderr
 
 
+def test_entrypoint_default_strategy_mixed_is_calibrated_on_the_given_text(checkpoints, tmp_path):
+    from tiny_models import _TRAINING_TEXT
+
+    text = tmp_path / "tune.txt"
+    text.write_text(_TRAINING_TEXT * 30)  # ~10k tokens: enough windows for the calibration
+    env = _entrypoint_env(checkpoints["llama"], tmp_path / "cache", THINKEYS_CALIBRATION=str(text))
+    env.pop("THINKEYS_ROPE")  # the default, as in the container
+    result = subprocess.run(["bash", str(ENTRYPOINT), "--print-command"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    converted = tmp_path / "cache" / "llama-thin-r8-mixed"
+    assert json.loads((converted / "config.json").read_text())["thin_keys"]["rope"] == "mixed"
+    assert f"--model {converted} " in result.stdout
+
+
 def test_entrypoint_refuses_bad_settings_with_one_line(tmp_path, checkpoints):
     missing = subprocess.run(["bash", str(ENTRYPOINT)], capture_output=True, text=True, env=_entrypoint_env(tmp_path / "none", tmp_path / "c"))
     assert missing.returncode == 2 and "config.json not found" in missing.stderr and "THINKEYS_MODELS_DIR" in missing.stderr
+    mixed = subprocess.run(
+        ["bash", str(ENTRYPOINT)], capture_output=True, text=True,
+        env=_entrypoint_env(checkpoints["llama"], tmp_path / "c", THINKEYS_ROPE="mixed"),
+    )  # fmt: skip
+    assert mixed.returncode == 2 and "THINKEYS_ROPE=mixed is calibrated on text" in mixed.stderr
     bad_rank = subprocess.run(["bash", str(ENTRYPOINT)], capture_output=True, text=True, env=_entrypoint_env(checkpoints["llama"], tmp_path / "c", THINKEYS_RANK="r8"))
     assert bad_rank.returncode == 2 and "THINKEYS_RANK=r8 is not a number" in bad_rank.stderr
     assert not (tmp_path / "c").exists(), "nothing is written before the settings are valid"

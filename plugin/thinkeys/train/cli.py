@@ -31,6 +31,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                     help="tune windows the teacher's activations are captured on (default %(default)s)")
     lw.add_argument("--layerwise-batch", type=int, default=d["layerwise_batch"].default, help="windows per step (default %(default)s)")
     lw.add_argument("--layerwise-lr", type=float, default=d["layerwise_lr"].default, help="(default %(default)s)")
+    lw.add_argument("--layerwise-queries", type=int, default=d["layerwise_queries"].default,
+                    help="query positions per window and step; every position stays a key (default %(default)s)")
 
     e2e = parser.add_argument_group("end-to-end stage (runs when --e2e-steps or --e2e-minutes is given)")
     e2e.add_argument("--e2e-steps", type=int, default=None, help="optimizer steps")
@@ -42,6 +44,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--train-freqs", action="store_true", help="also train each head's RoPE frequency table")
     parser.add_argument("--freq-lr", type=float, default=d["freq_lr"].default, help="learning rate of the frequency tables")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice). On a machine shared with other jobs, 1 "
+                        "is often several times faster than 2: threads that wait for each other idle")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="dtype of DST's weights (default: SRC_THIN's); training is always float32")
 
@@ -49,6 +54,14 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from thinkeys.train.finetune import finetune
 
+    if args.threads is not None:
+        if args.threads < 1:
+            from thinkeys.checkpoint import ThinKeyError
+
+            raise ThinKeyError(f"--threads {args.threads}: must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     report = finetune(
         args.src,
         args.dst,
@@ -63,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         layerwise_windows=args.layerwise_windows,
         layerwise_batch=args.layerwise_batch,
         layerwise_lr=args.layerwise_lr,
+        layerwise_queries=args.layerwise_queries,
         e2e_steps=args.e2e_steps,
         e2e_minutes=args.e2e_minutes,
         e2e_batch=args.e2e_batch,

@@ -55,6 +55,7 @@ class FinetuneSettings(BaseModel):
     layerwise_steps: int = Field(150, ge=0, description="Adam steps per layer (0 skips the stage)")
     layerwise_batch: int = Field(2, ge=1)
     layerwise_lr: float = Field(1e-3, gt=0)
+    layerwise_queries: int = Field(64, ge=1, description="query positions per window and step (all positions stay keys)")
     e2e_steps: int | None = Field(None, ge=0, description="end-to-end steps (None: limited by e2e_minutes only)")
     e2e_minutes: float | None = Field(None, ge=0, description="end-to-end wall-time budget")
     e2e_batch: int = Field(1, ge=1, description="windows per end-to-end step")
@@ -241,6 +242,7 @@ def finetune(
                     before, after = fit_layer(
                         attn, weights, acts.inputs[l], acts.outputs[l],
                         steps=settings.layerwise_steps, lr=settings.layerwise_lr, batch=settings.layerwise_batch,
+                        queries=settings.layerwise_queries,
                         seed=settings.seed + l, freq_params=freqs, freq_lr=settings.freq_lr,
                     )
                     state["layerwise_error"].append((before, after))

@@ -8,10 +8,11 @@ whole network: one teacher forward pass captures, for every layer ``l``::
     y_l      the original attention output, after o_proj               [N, T, D]
 
 and then each thin attention is trained (Adam, cosine decay) to minimise the relative error
-``||attn_thin(x_l) - y_l||^2 / ||y_l||^2`` on minibatches of those windows. A step costs one
-attention layer instead of the whole model and its LM head, so layer-wise fitting moves the thin
-model most of the way cheaply; end-to-end distillation (:mod:`thinkeys.train.logit`) then fixes
-what only shows up through the layers' interaction.
+``||attn_thin(x_l) - y_l||^2 / ||y_l||^2`` on minibatches of those windows, at a random subset of
+query positions per step (:func:`attention_rows`: every position is still a key). A step costs a
+fraction of one attention layer instead of the whole model and its LM head, so layer-wise fitting
+moves the thin model most of the way cheaply; end-to-end distillation (:mod:`thinkeys.train.logit`)
+then fixes what only shows up through the layers' interaction.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from thinkeys.checkpoint import ThinKeyError
+from thinkeys.reference import thin_attention
+from thinkeys.rope import apply_thin_rope
 
 
 @dataclass
@@ -87,6 +90,33 @@ def relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
 
 
+def attention_rows(attn: nn.Module, x: torch.Tensor, v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A thin attention's output (after o_proj) at query positions ``rows`` only, ``[B, Q, D]``.
+
+    ``x`` ``[B, T, D]`` is the attention input of whole windows (every position is a key), ``v``
+    ``[B, Hkv, T, d]`` its precomputed values (frozen), ``rows`` ``[Q]`` sorted query positions.
+    Same maths as :class:`thinkeys.reference.ThinAttention` restricted to some queries: a step costs
+    about ``Q / T`` of a full forward, so many more (and more varied) steps fit in the same time.
+    """
+    b, t, _ = x.shape
+    q = attn.q_proj(x[:, rows]).view(b, len(rows), attn.num_heads, attn.rank)  # [B, Q, H, r]
+    k = attn.k_proj(x).view(b, t, attn.num_kv_heads, attn.rank)  # [B, T, Hkv, r]
+    q = apply_thin_rope(q, rows[None], attn.thin_rope_freqs)
+    k = apply_thin_rope(k, torch.arange(t)[None], attn.thin_rope_freqs)
+    mask = (torch.arange(t)[None, :] <= rows[:, None])[None, None]  # [1, 1, Q, T]: causal
+    out = thin_attention(q.transpose(1, 2), k.transpose(1, 2), v, mask, attn.scale)  # [B, Q, H * d]
+    return attn.o_proj(out)
+
+
+@torch.no_grad()
+def _values(attn: nn.Module, inputs: torch.Tensor, batch: int) -> torch.Tensor:
+    n, t, _ = inputs.shape
+    return torch.cat([
+        attn.v_proj(inputs[i : i + batch]).view(-1, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        for i in range(0, n, batch)
+    ])  # [N, Hkv, T, d]
+
+
 def fit_layer(
     attn: nn.Module,
     params: list[nn.Parameter],
@@ -97,23 +127,29 @@ def fit_layer(
     lr: float,
     batch: int,
     seed: int,
+    queries: int = 64,
     freq_params: list[nn.Parameter] | None = None,
     freq_lr: float = 0.0,
 ) -> tuple[float, float]:
-    """Train one thin attention on cached teacher activations; returns (error before, error after) on all windows.
+    """Train one thin attention on cached teacher activations; returns (error before, error after).
 
-    ``inputs`` / ``targets`` ``[N, T, D]``; minibatches of ``batch`` windows cycle in a seeded order.
+    ``inputs`` / ``targets`` ``[N, T, D]``. Each step takes ``batch`` windows (cycling in a seeded
+    order) and ``queries`` random query positions of them (every position stays a key). The errors
+    before/after are measured on all windows at a fixed seeded set of ``4 * queries`` positions.
     """
     n, t, _ = inputs.shape
-    positions = torch.arange(t)[None]  # [1, T]
+    queries = min(queries, t)
+    gen = torch.Generator().manual_seed(seed)
+    values = _values(attn, inputs, batch)  # [N, Hkv, T, d]
+    probe = torch.randperm(t, generator=torch.Generator().manual_seed(seed + 1))[: min(4 * queries, t)].sort().values
 
     def error_on_all() -> float:
         with torch.no_grad():
             num = den = 0.0
             for i in range(0, n, batch):
-                out = attn(inputs[i : i + batch], position_ids=positions)[0]
-                num += float((out - targets[i : i + batch]).pow(2).sum())
-                den += float(targets[i : i + batch].pow(2).sum())
+                out = attention_rows(attn, inputs[i : i + batch], values[i : i + batch], probe)
+                num += float((out - targets[i : i + batch, probe]).pow(2).sum())
+                den += float(targets[i : i + batch, probe].pow(2).sum())
             return num / max(den, 1e-12)
 
     before = error_on_all()
@@ -123,7 +159,6 @@ def fit_layer(
     if freq_params:
         groups.append({"params": freq_params, "lr": freq_lr})
     optimizer = torch.optim.Adam(groups, betas=(0.9, 0.98))
-    gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=gen)
     cursor = 0
     for step in range(steps):
@@ -131,11 +166,12 @@ def fit_layer(
             order, cursor = torch.randperm(n, generator=gen), 0
         idx = order[cursor : cursor + batch]
         cursor += batch
+        rows = torch.randperm(t, generator=gen)[:queries].sort().values
         scale = cosine_lr(1.0, step / steps)
         for group, base in zip(optimizer.param_groups, (lr, freq_lr)):
             group["lr"] = base * scale
-        out = attn(inputs[idx], position_ids=positions)[0]  # [b, T, D]
-        loss = relative_error(out, targets[idx])
+        out = attention_rows(attn, inputs[idx], values[idx], rows)  # [b, Q, D]
+        loss = relative_error(out, targets[idx][:, rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

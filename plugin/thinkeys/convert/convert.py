@@ -222,7 +222,7 @@ def run_conversion(
     geo, thin = plan.geometry, plan.thin
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = collect_calibration(plan.src, calibration, tokens=calibration_tokens, progress=progress)
-    unrotated_dims = 0
+    usage = {"kept_pairs": 0, "shared_band_slots": 0, "unrotated_dims": 0}  # summed over heads (mixed / calibrated pairs)
 
     state = hf_io.load_state_dict(plan.src)
     out_dtype = plan.dtype or _source_dtype(state)
@@ -241,7 +241,10 @@ def run_conversion(
             u, sv, _ = torch.linalg.svd(layer.key_map.transpose(1, 2), full_matrices=False)  # u: [Hkv, d, r]
             key_basis = u * (sv > 1e-9 * sv.amax(-1, keepdim=True))[:, None, :]  # the key subspace kept
             energy[i] = retained_key_energy(qk.k_weight, key_basis)
-            unrotated_dims += sum(p.unrotated_rank for p in layer.plans)
+            for head in layer.plans:
+                usage["kept_pairs"] += len(head.rotary)
+                usage["shared_band_slots"] += head.slots_used - len(head.rotary)
+                usage["unrotated_dims"] += head.unrotated_rank
             thin_qk, freqs = layer.qk, layer.freqs
         else:
             basis = thin_basis(thin.rope, qk, thin.rank, plan.inv_freq)  # basis: [Hkv, d, r]
@@ -266,7 +269,7 @@ def run_conversion(
             "strategy": thin.rope.value,
             "calibration": calibration.describe(),
             **({"nope_context": nope_context} if thin.rope == RopeStrategy.MIXED else {}),
-            "unrotated_dims_per_head": unrotated_dims / (geo.num_layers * geo.num_kv_heads),
+            "per_head_mean": {k: v / (geo.num_layers * geo.num_kv_heads) for k, v in usage.items()},
         }
 
     with hf_io.atomic_directory(plan.dst, force=force) as tmp:

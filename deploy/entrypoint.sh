@@ -13,6 +13,8 @@
 #   THINKEYS_PORT               port inside the container                                    default 8000
 #   THINKEYS_SERVED_MODEL_NAME  name clients put in "model"                                  default smollm2-thin
 #   THINKEYS_API_KEY            if set, /v1 requests need "Authorization: Bearer <key>"      default unset
+#   THINKEYS_BIND_ADDRESS       host address the port is published on; anything but loopback
+#                               makes THINKEYS_API_KEY mandatory (refuses to start)         default 127.0.0.1
 #   THINKEYS_CACHE_DIR          writable folder for conversions                             default /var/cache/thinkeys
 #   THINKEYS_EXTRA_ARGS         more vLLM server flags, split on spaces                      default empty
 #
@@ -67,8 +69,15 @@ unset VLLM_CPU_KVCACHE_SPACE
 # The key goes through the environment (vLLM reads VLLM_API_KEY), not the command line `ps` shows.
 if [ -n "${THINKEYS_API_KEY:-}" ]; then export VLLM_API_KEY=$THINKEYS_API_KEY; fi
 
+# Published beyond loopback, the server must not start without an API key (thinkeys serve refuses).
+REQUIRE_KEY=()
+case "${THINKEYS_BIND_ADDRESS:-127.0.0.1}" in
+  127.0.0.1|::1|localhost) ;;
+  *) REQUIRE_KEY=(--require-api-key) ;;
+esac
+
 read -r -a EXTRA <<< "${THINKEYS_EXTRA_ARGS:-}"
-exec "$THINKEYS" serve "$SERVE_MODEL" \
+exec "$THINKEYS" serve "$SERVE_MODEL" ${REQUIRE_KEY[@]+"${REQUIRE_KEY[@]}"} \
   --host "$HOST" --port "$PORT" \
   --served-model-name "$SERVED_MODEL_NAME" \
   --kv-cache-memory-bytes "$KV_CACHE_MEMORY" \

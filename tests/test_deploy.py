@@ -254,6 +254,13 @@ def test_entrypoint_refuses_bad_settings_with_one_line(tmp_path, checkpoints):
     assert not (tmp_path / "c").exists(), "nothing is written before the settings are valid"
 
 
+def test_entrypoint_refuses_to_publish_beyond_loopback_without_an_api_key(checkpoints, tmp_path):
+    env = _entrypoint_env(checkpoints["llama-thin"], tmp_path / "c", THINKEYS_BIND_ADDRESS="0.0.0.0")
+    refused = subprocess.run(["bash", str(ENTRYPOINT)], capture_output=True, text=True, env=env, timeout=600)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "--require-api-key: no API key" in refused.stderr
+
+
 @pytest.mark.engine
 def test_entrypoint_serves_with_the_kv_budget_and_api_key_from_the_environment(checkpoints, tmp_path):
     from thinkeys.loadtest.server_metrics import parse_cache_info

@@ -47,6 +47,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice). On a machine shared with other jobs, 1 "
                         "is often several times faster than 2: threads that wait for each other idle")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: train on a GPU when there is one")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="dtype of DST's weights (default: SRC_THIN's); training is always float32")
 
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         work_dir=args.work_dir,
         resume=not args.restart,
         force=args.force,
+        device=args.device,
         window=args.window,
         seed=args.seed,
         layerwise_steps=args.layerwise_steps,

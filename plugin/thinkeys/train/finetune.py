@@ -172,12 +172,14 @@ def finetune(
     resume: bool = True,
     force: bool = False,
     progress: bool = True,
+    device: str | torch.device = "cpu",
     **options: Any,
 ) -> FinetuneReport:
     """Recover ``student`` (a thin-key checkpoint) toward ``teacher`` (its original) on ``text``; write DST.
 
     ``options`` are :class:`FinetuneSettings` fields (``layerwise_steps``, ``e2e_minutes``, ``loss``, ...).
     With ``resume`` (default) a run whose work folder holds state continues where it stopped.
+    ``device``: where to train (``"cuda"`` on a GPU machine; the teacher's activations stay there too).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -205,7 +207,10 @@ def finetune(
             f"{n_lw} plus at least {settings.e2e_batch} for end-to-end steps: give more text or fewer windows"
         )
 
-    model = load_thin_model(student, torch.float32)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ThinKeyError("--device cuda: no CUDA device is visible to torch here")
+    model = load_thin_model(student, torch.float32, device=device)
     out_dtype = DTYPES[settings.dtype] if settings.dtype else _checkpoint_dtype(student)
     named = trainable_tensors(model, train_freqs=settings.train_freqs)
     state: dict[str, Any] = {"layers_done": 0, "e2e_step": 0, "e2e_seconds": 0.0, "seconds": {}, "tokens": {},
@@ -219,7 +224,7 @@ def finetune(
     def save() -> None:
         work.save_state({**state, "trainable": _trainable_state(named)})
 
-    teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).to(device).eval()
     for p in teacher_model.parameters():
         p.requires_grad_(False)
     attn_modules = thin_attention_modules(model)
@@ -289,7 +294,7 @@ def finetune(
                 while progress_of(state["e2e_step"], state["e2e_seconds"]) < 1.0:
                     step = state["e2e_step"]
                     begin = (n_lw + step * settings.e2e_batch) % (len(windows) - settings.e2e_batch + 1)
-                    batch = windows[begin : begin + settings.e2e_batch]
+                    batch = windows[begin : begin + settings.e2e_batch].to(device)
                     scale = cosine_lr(1.0, progress_of(step, state["e2e_seconds"]))
                     for group in optimizer.param_groups:
                         group["lr"] = group["base"] * scale
@@ -326,7 +331,7 @@ def finetune(
         # --- write DST ---------------------------------------------------------------------------
         del teacher_model
         freeze_freqs(model)
-        model.eval().to(out_dtype)
+        model.eval().to(device="cpu", dtype=out_dtype)
         save_thin_model(model, dst, source=student, force=force)
 
     e2e_log = [r for r in work.read_log() if r.get("stage") == "e2e" and r.get("ce_teacher") is not None]

@@ -49,8 +49,9 @@ def capture_teacher(teacher: nn.Module, windows: torch.Tensor, *, progress: bool
     layers = _decoder_layers(teacher)
     n, t = windows.shape
     hidden = teacher.config.hidden_size
-    inputs = [torch.empty(n, t, hidden) for _ in layers]
-    outputs = [torch.empty(n, t, hidden) for _ in layers]
+    device = next(teacher.parameters()).device
+    inputs = [torch.empty(n, t, hidden, device=device) for _ in layers]
+    outputs = [torch.empty(n, t, hidden, device=device) for _ in layers]
     row = {"i": 0}
 
     def hooks_for(l: int) -> tuple[Callable, Callable]:
@@ -70,7 +71,7 @@ def capture_teacher(teacher: nn.Module, windows: torch.Tensor, *, progress: bool
     try:
         for i in tqdm(range(n), desc="teacher activations", unit="window", disable=not progress):
             row["i"] = i
-            teacher(input_ids=windows[i : i + 1], use_cache=False)
+            teacher(input_ids=windows[i : i + 1].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -102,8 +103,9 @@ def attention_rows(attn: nn.Module, x: torch.Tensor, v: torch.Tensor, rows: torc
     q = attn.q_proj(x[:, rows]).view(b, len(rows), attn.num_heads, attn.rank)  # [B, Q, H, r]
     k = attn.k_proj(x).view(b, t, attn.num_kv_heads, attn.rank)  # [B, T, Hkv, r]
     q = apply_thin_rope(q, rows[None], attn.thin_rope_freqs)
-    k = apply_thin_rope(k, torch.arange(t)[None], attn.thin_rope_freqs)
-    mask = (torch.arange(t)[None, :] <= rows[:, None])[None, None]  # [1, 1, Q, T]: causal
+    positions = torch.arange(t, device=x.device)
+    k = apply_thin_rope(k, positions[None], attn.thin_rope_freqs)
+    mask = (positions[None, :] <= rows[:, None])[None, None]  # [1, 1, Q, T]: causal
     out = thin_attention(q.transpose(1, 2), k.transpose(1, 2), v, mask, attn.scale)  # [B, Q, H * d]
     return attn.o_proj(out)
 
@@ -141,7 +143,8 @@ def fit_layer(
     queries = min(queries, t)
     gen = torch.Generator().manual_seed(seed)
     values = _values(attn, inputs, batch)  # [N, Hkv, T, d]
-    probe = torch.randperm(t, generator=torch.Generator().manual_seed(seed + 1))[: min(4 * queries, t)].sort().values
+    device = inputs.device
+    probe = torch.randperm(t, generator=torch.Generator().manual_seed(seed + 1))[: min(4 * queries, t)].sort().values.to(device)
 
     def error_on_all() -> float:
         with torch.no_grad():
@@ -164,9 +167,9 @@ def fit_layer(
     for step in range(steps):
         if cursor + batch > n:
             order, cursor = torch.randperm(n, generator=gen), 0
-        idx = order[cursor : cursor + batch]
+        idx = order[cursor : cursor + batch].to(device)
         cursor += batch
-        rows = torch.randperm(t, generator=gen)[:queries].sort().values
+        rows = torch.randperm(t, generator=gen)[:queries].sort().values.to(device)
         scale = cosine_lr(1.0, step / steps)
         for group, base in zip(optimizer.param_groups, (lr, freq_lr)):
             group["lr"] = base * scale

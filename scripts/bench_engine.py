@@ -8,7 +8,8 @@ here, so stock and thin are measured interleaved under the same machine load:
 1. per (batch, context) case both engines get ``batch`` requests with the same random
    ``context``-token prompts (greedy, ``ignore_eos``, no prefix caching);
 2. prefill: the engines take turns running ``--prefill-chunk`` engine steps until every request
-   has its first token. Prefill throughput = prompt tokens / time of those steps;
+   has its first token. Prefill throughput = prompt tokens / time of those steps; cases of only a
+   step or two are repeated with fresh requests (``--prefill-repeats``) and the median is reported;
 3. decode: ``--rounds`` rounds in which each engine runs ``--decode-steps`` steps (order flipped
    every round). Every such step decodes one token for each of the ``batch`` requests; decode
    throughput = batch / median step time (output tokens per second of the whole engine);
@@ -45,8 +46,12 @@ DEFAULT_THIN = Path("models/SmolLM2-135M-Instruct-thin-r16-pairs")
 # ---- worker process: one engine, driven over a pipe ---------------------------------------------
 
 
-def _engine_worker(model: str, kv_cache_gib: int, engine_kwargs: dict, conn) -> None:
+def _engine_worker(model: str, kv_cache_gib: int, threads: int, engine_kwargs: dict, conn) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process
+    # One OpenMP thread, as vLLM's auto binding gives a served engine on 2 cores. An in-process
+    # engine core skips that binding, and idle OpenMP threads spin-waiting for a core the other
+    # engine (or anything else) holds would dominate the timings.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -138,11 +143,11 @@ def _attention_backend(llm) -> str:
 class Engine:
     """Parent-side handle of one worker process."""
 
-    def __init__(self, label: str, model: Path, kv_cache_gib: int, engine_kwargs: dict) -> None:
+    def __init__(self, label: str, model: Path, kv_cache_gib: int, threads: int, engine_kwargs: dict) -> None:
         ctx = mp.get_context("spawn")
         self.label = label
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_engine_worker, args=(str(model), kv_cache_gib, engine_kwargs, child), daemon=True)
+        self.proc = ctx.Process(target=_engine_worker, args=(str(model), kv_cache_gib, threads, engine_kwargs, child), daemon=True)
         self.proc.start()
         self.info: dict = {}
 
@@ -188,6 +193,7 @@ class CaseResult:
     stock_decode_cpu_tok_s: float
     thin_decode_cpu_tok_s: float
     decode_steps_per_engine: int
+    prefill_repeats: int
 
     def ratio(self, what: str) -> float:
         return getattr(self, f"thin_{what}") / getattr(self, f"stock_{what}")
@@ -215,13 +221,9 @@ def random_prompts(batch: int, context: int, vocab: int, seed: int) -> list[list
     return [[rng.randrange(100, vocab - 100) for _ in range(context)] for _ in range(batch)]
 
 
-def run_case(engines: dict[str, Engine], batch: int, context: int, args, seed: int) -> CaseResult:
-    prompts = random_prompts(batch, context, args.vocab, seed)
-    max_tokens = args.max_model_len - context
-    for e in engines.values():
-        e.call("start", prompts, max_tokens, f"b{batch}c{context}s{seed}")
-    # prefill, interleaved in chunks of steps
-    prefill = {k: [] for k in engines}
+def prefill_interleaved(engines: dict[str, Engine], args) -> dict[str, list[tuple[float, float]]]:
+    """Step every engine through its prefill phase, ``--prefill-chunk`` steps per turn."""
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in engines}
     done = dict.fromkeys(engines, False)
     turn = 0
     while not all(done.values()):
@@ -229,10 +231,28 @@ def run_case(engines: dict[str, Engine], batch: int, context: int, args, seed: i
         for key in order:
             if not done[key]:
                 res = engines[key].call("prefill", args.prefill_chunk)
-                prefill[key] += res["times"]
+                times[key] += res["times"]
                 done[key] = res["done"]
         turn += 1
-    # decode, interleaved rounds
+    return times
+
+
+def run_case(engines: dict[str, Engine], batch: int, context: int, args, seed: int) -> CaseResult:
+    prompts = random_prompts(batch, context, args.vocab, seed)
+    max_tokens = args.max_model_len - context
+    tokens = batch * context
+    # prefill: small cases take one or two steps, so they are repeated (fresh requests each time)
+    repeats = max(1, min(args.prefill_repeats, args.prefill_repeat_tokens // tokens))
+    prefill_rates: dict[str, list[tuple[float, float]]] = {k: [] for k in engines}
+    for rep in range(repeats):
+        for e in engines.values():
+            e.call("start", prompts, max_tokens, f"b{batch}c{context}s{seed}r{rep}")
+        for key, times in prefill_interleaved(engines, args).items():
+            prefill_rates[key].append((tokens / sum(w for w, _ in times), tokens / sum(c for _, c in times)))
+        if rep < repeats - 1:
+            for e in engines.values():
+                e.call("stop")
+    # decode, interleaved rounds, on the requests of the last prefill
     decode = {k: [] for k in engines}
     for rnd in range(args.rounds):
         order = list(engines) if rnd % 2 == 0 else list(engines)[::-1]
@@ -241,14 +261,13 @@ def run_case(engines: dict[str, Engine], batch: int, context: int, args, seed: i
     for e in engines.values():
         e.call("stop")
 
-    tokens = batch * context
-    pre = {k: (tokens / sum(w for w, _ in v), tokens / sum(c for _, c in v)) for k, v in prefill.items()}
+    pre = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in prefill_rates.items()}
     dec = {k: (batch / statistics.median(w for w, _ in v), batch / statistics.median(c for _, c in v)) for k, v in decode.items()}
     return CaseResult(
         batch, context,
         pre["stock"][0], pre["thin"][0], pre["stock"][1], pre["thin"][1],
         dec["stock"][0], dec["thin"][0], dec["stock"][1], dec["thin"][1],
-        args.rounds * args.decode_steps,
+        args.rounds * args.decode_steps, repeats,
     )
 
 
@@ -303,13 +322,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="interleaved decode rounds per case")
     p.add_argument("--decode-steps", type=int, default=8, help="decode steps per engine per round")
     p.add_argument("--prefill-chunk", type=int, default=2, help="prefill steps per engine per turn")
+    p.add_argument("--prefill-repeats", type=int, default=3, help="prefill repeats of cases small enough (median reported)")
+    p.add_argument("--prefill-repeat-tokens", type=int, default=12288,
+                   help="a case is repeated only while repeats x batch x context stays within this many tokens")
     p.add_argument("--kv-cache-gib", type=int, default=None,
-                   help="VLLM_CPU_KVCACHE_SPACE of both engines (default: per engine, the smallest whole GiB that "
-                        "holds the largest batch x (context + decoded tokens); KV capacity does not change speed)")
+                   help="VLLM_CPU_KVCACHE_SPACE of both engines (default: the smallest whole GiB that holds the "
+                        "stock model's largest batch x (context + decoded tokens))")
     p.add_argument("--dtype", default="float32",
                    help="engine dtype (default float32: on CPUs without AVX512-BF16/AMX, vLLM's bf16 linear layers "
                         "fall back to a slow PyTorch path that hides everything else; 'auto' = the model's bf16)")
     p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=1, help="OpenMP threads per engine (default 1, as served on 2 cores)")
     p.add_argument("--vocab", type=int, default=49152, help="prompt token ids are drawn below this")
     p.add_argument("--enforce-eager", action="store_true", help="skip vLLM's torch.compile of the model (default: compiled, as served)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -323,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     batches = [int(x) for x in args.batches.split(",")]
     contexts = [int(x) for x in args.contexts.split(",")]
-    kv_cache_gib = {key: args.kv_cache_gib or kv_budget_gib(path, max(batches), max(contexts), args)
-                    for key, path in (("stock", args.stock), ("thin", args.thin))}
+    # one budget for both (what the stock model needs for the largest case); capacity does not change speed
+    kv_cache_gib = args.kv_cache_gib or kv_budget_gib(args.stock, max(batches), max(contexts), args)
     engine_kwargs = dict(
         dtype=args.dtype,
         max_model_len=args.max_model_len,
@@ -335,8 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     from tqdm import tqdm
 
-    engines = {"stock": Engine("stock", args.stock, kv_cache_gib["stock"], engine_kwargs),
-               "thin": Engine("thin", args.thin, kv_cache_gib["thin"], engine_kwargs)}
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_attention import machine_info
+
+    machine_at_start = machine_info()
+    engines = {"stock": Engine("stock", args.stock, kv_cache_gib, args.threads, engine_kwargs),
+               "thin": Engine("thin", args.thin, kv_cache_gib, args.threads, engine_kwargs)}
     results: list[CaseResult] = []
     try:
         for e in engines.values():
@@ -353,14 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(results, args)
     if args.json:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from bench_attention import machine_info
-
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "benchmark": "whole vLLM engine, thin-key checkpoint vs its stock source on CPU_ATTN",
             "command": "python scripts/bench_engine.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": machine_info(),
+            "machine": machine_at_start | {"load_average_at_end": os.getloadavg()},
             "engines": {k: e.info for k, e in engines.items()},
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("json", "plot")}
             | {"kv_cache_gib": kv_cache_gib},

@@ -1,4 +1,4 @@
-"""Paged attention over a KV cache whose keys are narrower than its values, in plain PyTorch.
+"""Paged attention over a KV cache whose keys are narrower than its values: metadata, cache writes, PyTorch path.
 
 The cache of one layer is vLLM's logical per-layer view ``[num_blocks, H_kv, block_size, r + d]``:
 for every token slot the first ``r`` channels hold its (thin, already rotated) key and the last

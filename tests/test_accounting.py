@@ -75,7 +75,37 @@ def test_dtypes(dtype, element_bytes):
     thin = footprint(layers=2, heads=8, kv_heads=4, d=64, r=16, dtype=dtype)
     assert thin.kv_dtype.element_bytes == element_bytes
     assert thin.bytes_per_token == 640 * element_bytes
-    assert compare(thin, kv_memory_bytes=GiB, context_tokens=64).stock_footprint.bytes_per_token == 1024 * element_bytes
+    # The stock model keeps the model's dtype (here named explicitly; the geometry names none).
+    model = resolve_kv_dtype("float32" if element_bytes == 4 else "bfloat16")
+    stock = compare(thin, kv_memory_bytes=GiB, context_tokens=64, stock_kv_dtype=model).stock_footprint
+    assert stock.bytes_per_token == 1024 * model.element_bytes
+
+
+def test_8bit_caches_against_the_stock_model_at_its_dtype():
+    # SmolLM2-135M (30 layers, 3 KV heads, d = 64, bf16) at r = d/4: (16 + 64) x 1 byte vs 2 x 64 x 2.
+    geometry = make_geometry(num_layers=30, num_query_heads=9, num_kv_heads=3, head_dim=64, key_dim=16, model_dtype="bfloat16")
+    fp8 = KVFootprint(geometry=geometry, kv_dtype=resolve_kv_dtype("fp8"), block_size=128)
+    c = compare(fp8, kv_memory_bytes=GiB, context_tokens=4096)
+    assert c.stock_footprint.kv_dtype.name == "bfloat16"
+    assert (fp8.bytes_per_token, c.stock_footprint.bytes_per_token) == (30 * 3 * 80, 30 * 3 * 256)
+    assert c.bytes_per_token_ratio == 3.2
+    # Per-token-head int8 keeps a float32 scale after the key and after the value: 8 bytes per token and head,
+    # as vLLM's per-token-head page (TritonAttentionBackend.customize_spec) and the thin-key backend's.
+    int8 = fp8.model_copy(update={"kv_dtype": resolve_kv_dtype("int8_per_token_head")})
+    assert int8.bytes_per_token_per_layer == 3 * (80 + 8)
+    # Shared K=V: one d-wide vector (and one scale) per token and head.
+    shared = KVFootprint(
+        geometry=geometry.model_copy(update={"key_dim": 64, "shared_kv": True}),
+        kv_dtype=resolve_kv_dtype("int8_per_token_head"),
+        block_size=128,
+    )
+    assert shared.bytes_per_token_per_layer == 3 * (64 + 4)
+    shared_fp8 = shared.model_copy(update={"kv_dtype": resolve_kv_dtype("fp8")})
+    assert compare(shared_fp8, kv_memory_bytes=GiB, context_tokens=4096).bytes_per_token_ratio == 4.0
+    # Without a model dtype there is no stock dtype to compare an 8-bit cache with.
+    unnamed = fp8.model_copy(update={"geometry": geometry.model_copy(update={"model_dtype": None})})
+    with pytest.raises(ThinKeyError, match="needs the model's dtype"):
+        compare(unnamed, kv_memory_bytes=GiB, context_tokens=4096)
 
 
 def test_auto_dtype_follows_the_model():

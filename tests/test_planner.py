@@ -66,10 +66,27 @@ def test_mistral_gqa(capsys):
 def test_kv_dtype_and_block_size(capsys):
     out = plan_json(capsys, "mistral-7b", "--rank", "64", "--context", "1000", "--kv-memory", "1GiB",
                     "--kv-dtype", "fp8", "--block-size", "128")
-    assert out["kv_cache_dtype"] == "fp8"
-    assert out["bytes_per_token"] == {"stock": 65_536, "thin": 49_152}
+    assert (out["kv_cache_dtype"], out["stock_kv_cache_dtype"]) == ("fp8", "bfloat16")
+    # The stock model keeps the model's bf16 cache: 32 x 8 x 256 x 2; thin fp8: 32 x 8 x (64 + 128) x 1.
+    assert out["bytes_per_token"] == {"stock": 131_072, "thin": 49_152}
     # 1000 tokens hold cdiv(1000, 128) = 8 blocks of 128 tokens.
     assert out["per_user_bytes"]["thin"] == 8 * 128 * 49_152
+
+
+def test_8bit_and_shared_kv_options(capsys):
+    # SmolLM2-135M, r = d/4, fp8: (16 + 64) x 1 vs 2 x 64 x 2 bytes per token and head: 3.2x.
+    args = ["smollm2-135m", "--context", "4096", "--kv-memory", "1GiB", "--block-size", "128"]
+    fp8 = plan_json(capsys, *args, "--rank", "d/4", "--kv-dtype", "fp8")
+    assert fp8["bytes_per_token"] == {"stock": 30 * 3 * 256, "thin": 30 * 3 * 80}
+    assert fp8["concurrency_gain"] == pytest.approx(3.2, rel=0.01)
+    int8 = plan_json(capsys, *args, "--rank", "d/4", "--kv-dtype", "int8_per_token_head")
+    assert int8["bytes_per_token"]["thin"] == 30 * 3 * (80 + 8)  # a float32 scale per key and per value
+    shared = plan_json(capsys, *args, "--shared-kv")
+    assert shared["shared_kv"] and shared["bytes_per_token"] == {"stock": 30 * 3 * 256, "thin": 30 * 3 * 128}
+    shared_fp8 = plan_json(capsys, *args, "--shared-kv", "--kv-dtype", "fp8")
+    assert shared_fp8["bytes_per_token"]["thin"] == 30 * 3 * 64
+    assert main(["plan", *args, "--shared-kv", "--rank", "16"]) == 2
+    assert "leave --rank out with --shared-kv" in capsys.readouterr().err
 
 
 def test_config_path_and_checkpoint_folder(tmp_path, capsys):

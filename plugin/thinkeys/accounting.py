@@ -43,16 +43,23 @@ from thinkeys.checkpoint import ThinKeyConfig, ThinKeyError, is_thin_key_config
 class KVCacheDtype(BaseModel):
     """How one cached element is stored.
 
-    ``scale_bytes_per_token_head`` is the room a quantized cache keeps per (token, KV head) for its
-    scales; 0 for plain float caches and per-tensor-scaled fp8 (vLLM keeps those scales outside
-    the pages).
+    ``scale_bytes_per_vector`` is the room a quantized cache keeps inline, per cached vector (the
+    key and the value of one token and KV head are two vectors; a shared K=V cache stores one),
+    for its scale: vLLM's per-token-head modes (``int8_per_token_head``, ``fp8_per_token_head``)
+    pack one float32 scale after each vector (``TritonAttentionBackend.customize_spec``; the
+    thin-key backend does the same). 0 for plain float caches and per-tensor-scaled fp8, whose
+    scales (``k_scale`` / ``v_scale``) live outside the pages.
     """
 
     model_config = ConfigDict(frozen=True)
 
     name: str = Field(description="vLLM's kv_cache_dtype name, e.g. 'bfloat16' or 'fp8_e4m3'")
     element_bytes: int = Field(ge=1)
-    scale_bytes_per_token_head: int = Field(default=0, ge=0)
+    scale_bytes_per_vector: int = Field(default=0, ge=0)
+
+    @property
+    def is_8bit(self) -> bool:
+        return self.element_bytes == 1
 
 
 #: vLLM kv_cache_dtype (and model dtype) names whose page size this module reproduces, with their
@@ -69,6 +76,8 @@ KV_CACHE_DTYPES: dict[str, KVCacheDtype] = {
         KVCacheDtype(name="fp8_e5m2", element_bytes=1),
         KVCacheDtype(name="fp8_inc", element_bytes=1),
         KVCacheDtype(name="int8", element_bytes=1),
+        KVCacheDtype(name="int8_per_token_head", element_bytes=1, scale_bytes_per_vector=4),
+        KVCacheDtype(name="fp8_per_token_head", element_bytes=1, scale_bytes_per_vector=4),
     )
 }
 _DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "half": "float16", "fp16": "float16", "bf16": "bfloat16"}
@@ -92,8 +101,7 @@ def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: Any = None) -> KVCacheDty
     if name not in KV_CACHE_DTYPES:
         raise ThinKeyError(
             f"KV cache dtype {name!r} is not one the accounting knows "
-            f"(known: auto, {', '.join(KV_CACHE_DTYPES)}); 4-bit and per-token-head-scaled caches "
-            "are not modelled yet"
+            f"(known: auto, {', '.join(KV_CACHE_DTYPES)}); 4-bit caches are not modelled"
         )
     return KV_CACHE_DTYPES[name]
 
@@ -137,6 +145,11 @@ class AttentionGeometry(BaseModel):
     def cached_dims_per_head(self) -> int:
         """Elements cached per token and KV head: key + value, or one shared vector."""
         return self.key_dim if self.shared_kv else self.key_dim + self.head_dim
+
+    @property
+    def cached_vectors_per_head(self) -> int:
+        """Vectors cached per token and KV head (each carries its own scale in per-token-head caches)."""
+        return 1 if self.shared_kv else 2
 
     @property
     def is_stock(self) -> bool:
@@ -229,6 +242,9 @@ def geometry_from_config(config: Any, *, rank: int | None = None, name: str | No
                 "conversion from the source model (plan from the source config.json instead)"
             )
         head_dim, key_dim = thin.head_dim, thin.rank
+        shared_kv = thin.shared_kv
+    else:
+        shared_kv = False
 
     dtype = get("dtype")
     uses_window = _lookup(text_config, "use_sliding_window")
@@ -239,6 +255,7 @@ def geometry_from_config(config: Any, *, rank: int | None = None, name: str | No
         num_kv_heads=int(get("num_kv_heads") or num_query_heads),
         head_dim=int(head_dim),
         key_dim=key_dim,
+        shared_kv=shared_kv,
         model_dtype=None if dtype is None else _dtype_name(dtype),
         max_position_embeddings=get("max_position_embeddings"),
         # Qwen2 configs carry a window they do not use unless use_sliding_window is set.
@@ -282,7 +299,9 @@ class KVFootprint(BaseModel):
     @property
     def bytes_per_token_per_layer(self) -> int:
         g, t = self.geometry, self.kv_dtype
-        return g.num_kv_heads * (g.cached_dims_per_head * t.element_bytes + t.scale_bytes_per_token_head)
+        return g.num_kv_heads * (
+            g.cached_dims_per_head * t.element_bytes + g.cached_vectors_per_head * t.scale_bytes_per_vector
+        )
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -396,14 +415,19 @@ def compare(
     kv_memory_bytes: int,
     context_tokens: int,
     thin_num_blocks: int | None = None,
+    stock_kv_dtype: KVCacheDtype | None = None,
 ) -> CapacityComparison:
     """Thin vs stock for one KV memory budget and request length.
 
     ``thin_num_blocks``, when given, is the block count the engine really allocated; the thin
     capacity then comes from it instead of from the formula. Stock is always what vLLM would
-    allocate for the stock model in ``kv_memory_bytes``.
+    allocate for the stock model in ``kv_memory_bytes``, with its cache at the model's own dtype
+    (``stock_kv_dtype``, default :func:`stock_kv_dtype`): an 8-bit thin cache is compared with the
+    stock model as it is served by default, not with a stock model quantized the same way.
     """
-    stock = thin.model_copy(update={"geometry": thin.geometry.stock()})
+    stock = thin.model_copy(
+        update={"geometry": thin.geometry.stock(), "kv_dtype": stock_kv_dtype or default_stock_kv_dtype(thin)}
+    )
     thin_capacity = (
         thin.capacity(kv_memory_bytes, context_tokens)
         if thin_num_blocks is None
@@ -417,6 +441,18 @@ def compare(
         thin=thin_capacity,
         stock=stock.capacity(kv_memory_bytes, context_tokens),
     )
+
+
+def default_stock_kv_dtype(thin: KVFootprint) -> KVCacheDtype:
+    """The stock model's KV dtype: the model's weights dtype ('auto'), else the thin cache's own float dtype."""
+    if thin.geometry.model_dtype is not None:
+        return resolve_kv_dtype("auto", thin.geometry.model_dtype)
+    if thin.kv_dtype.is_8bit:
+        raise ThinKeyError(
+            f"comparing an 8-bit ({thin.kv_dtype.name}) cache with the stock model needs the model's dtype, "
+            "and the geometry names none: set model_dtype (config.json 'dtype') or pass stock_kv_dtype"
+        )
+    return thin.kv_dtype
 
 
 # --- units ---------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from thinkeys.accounting import (
     format_bytes_both,
     format_gain,
     geometry_from_config,
+    make_geometry,
     parse_bytes,
     parse_tokens,
     resolve_kv_dtype,
@@ -121,7 +122,9 @@ class Plan(BaseModel):
     num_kv_heads: int
     head_dim: int
     rank: int
+    shared_kv: bool = False
     kv_cache_dtype: str
+    stock_kv_cache_dtype: str
     block_size: int
     context_tokens: int
     kv_memory_bytes: int
@@ -145,7 +148,9 @@ class Plan(BaseModel):
             num_kv_heads=g.num_kv_heads,
             head_dim=g.head_dim,
             rank=g.rank,
+            shared_kv=g.shared_kv,
             kv_cache_dtype=c.thin_footprint.kv_dtype.name,
+            stock_kv_cache_dtype=c.stock_footprint.kv_dtype.name,
             block_size=c.thin.block_size,
             context_tokens=c.context_tokens,
             kv_memory_bytes=c.kv_memory_bytes,
@@ -170,12 +175,26 @@ def make_plan(
     kv_dtype: str = "auto",
     block_size: int = DEFAULT_BLOCK_SIZE,
     presets_dir: Path = PRESETS_DIR,
+    shared_kv: bool = False,
 ) -> Plan:
-    """The plan for one model (preset name or config path), rank, KV memory and context."""
+    """The plan for one model (preset name or config path), rank, KV memory and context.
+
+    ``kv_dtype`` is the cache dtype of the planned (thin or shared) model, e.g. ``fp8`` or
+    ``int8_per_token_head``; the stock model it is compared with keeps the model's own dtype.
+    ``shared_kv`` plans a shared K=V checkpoint (one cached vector per token and KV head; key
+    width = head_dim, so ``rank`` must be left out or equal head_dim).
+    """
     name, config = load_config(source, presets_dir)
     notes: list[str] = []
     base: AttentionGeometry = geometry_from_config(config, name=name)
-    if is_thin_key_config(config):
+    if shared_kv or base.shared_kv:
+        if rank is not None and parse_rank(str(rank), base.head_dim) != base.head_dim:
+            raise ThinKeyError(
+                f"a shared K=V cache stores one vector of width head_dim ({base.head_dim}) as both key and value: "
+                "leave --rank out with --shared-kv"
+            )
+        geometry = make_geometry(**{**base.model_dump(), "key_dim": base.head_dim, "shared_kv": True})
+    elif is_thin_key_config(config):
         geometry = base if rank is None else geometry_from_config(config, rank=parse_rank(str(rank), base.head_dim), name=name)
     elif rank is None:
         raise ThinKeyError(f"{name} is a stock model: say which key rank to plan for, e.g. --rank {base.head_dim // 4}")
@@ -206,7 +225,12 @@ def make_plan(
             f"{geometry.max_position_embeddings:,}"
         )
     footprint = KVFootprint(geometry=geometry, kv_dtype=cache_dtype, block_size=block_size)
-    comparison = compare(footprint, kv_memory_bytes=parse_bytes(kv_memory), context_tokens=context_tokens)
+    comparison = compare(
+        footprint,
+        kv_memory_bytes=parse_bytes(kv_memory),
+        context_tokens=context_tokens,
+        stock_kv_dtype=resolve_kv_dtype("auto", model_dtype),
+    )
     if comparison.stock.max_users == 0:
         notes.append("not one stock request of this context fits in this KV memory")
     return Plan.from_comparison(name, comparison, notes)
@@ -217,15 +241,17 @@ def format_plan(plan: Plan) -> str:
     p = plan
     gqa = f"{p.num_query_heads} query / {p.num_kv_heads} KV heads"
     fraction = f" (r = d/{p.head_dim // p.rank})" if p.head_dim % p.rank == 0 and p.rank < p.head_dim else ""
+    layout = "one shared K=V vector per token and KV head" if p.shared_kv else f"thin keys of rank {p.rank}{fraction}"
+    label = "shared K=V" if p.shared_kv else f"thin (r={p.rank})"
     lines = [
-        f"{p.model}: {p.num_layers} layers, {gqa}, head_dim {p.head_dim}; thin keys of rank {p.rank}{fraction}",
-        f"KV cache {p.kv_cache_dtype}, block {p.block_size} tokens, KV memory "
+        f"{p.model}: {p.num_layers} layers, {gqa}, head_dim {p.head_dim}; {layout}",
+        f"KV cache {p.kv_cache_dtype} (stock: {p.stock_kv_cache_dtype}), block {p.block_size} tokens, KV memory "
         f"{format_bytes_both(p.kv_memory_bytes)}, context {p.context_tokens:,} tokens per user",
         "",
     ]
     saved_token = p.bytes_per_token.stock - p.bytes_per_token.thin
     rows = [
-        ("", "stock", f"thin (r={p.rank})", "saved / gain"),
+        ("", "stock", label, "saved / gain"),
         (
             "KV bytes per token",
             format_bytes(p.bytes_per_token.stock),
@@ -279,7 +305,16 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--kv-memory", required=True, help="memory for the KV cache, e.g. 80GiB, 24GB, 512MiB")
     parser.add_argument(
-        "--kv-dtype", default="auto", help="KV cache dtype: auto (the model's), bfloat16, float16, float32, fp8, ..."
+        "--kv-dtype",
+        default="auto",
+        help="KV cache dtype of the thin/shared model (vLLM's --kv-cache-dtype): auto (the model's), bfloat16, "
+        "float16, float32, fp8 (= fp8_e4m3), fp8_e5m2, int8_per_token_head, fp8_per_token_head; "
+        "the stock model is always counted at the model's dtype",
+    )
+    parser.add_argument(
+        "--shared-kv",
+        action="store_true",
+        help="plan a shared K=V checkpoint (one cached vector per token and KV head, as `thinkeys convert --shared-kv` makes)",
     )
     parser.add_argument(
         "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help=f"tokens per KV block (vLLM default {DEFAULT_BLOCK_SIZE}; CPU uses 128)"
@@ -297,6 +332,7 @@ def run(args: argparse.Namespace) -> int:
         context=args.context,
         kv_dtype=args.kv_dtype,
         block_size=args.block_size,
+        shared_kv=args.shared_kv,
     )
     print(plan.model_dump_json(indent=2) if args.json else format_plan(plan))
     return 0

@@ -14,14 +14,22 @@ call for the cache write and one for attention over the whole batch.
 Touch points with vLLM internals (pinned version; each covered by tests/test_vllm_contract.py):
 ``AttentionBackend`` / ``AttentionMetadataBuilder`` / ``AttentionImpl`` and their hooks,
 ``CommonAttentionMetadata`` fields, ``forward_includes_kv_cache_update`` + ``do_kv_cache_update``,
-``supported_kv_cache_layouts``, and ``register_backend`` (in ``thinkeys.register``).
+``supported_kv_cache_layouts``, ``customize_spec`` (page size of 8-bit caches with per-token-head
+scales, and of shared K=V caches), the layer's ``_k_scale_float`` / ``_v_scale_float``, and
+``register_backend`` (in ``thinkeys.register``).
+
+8-bit caches (``--kv-cache-dtype fp8 | fp8_e4m3 | fp8_e5m2 | int8_per_token_head |
+fp8_per_token_head``): keys and values are quantized on write and dequantized on read
+(``quant.py``); they take the PyTorch path, the compiled kernel reads plain float caches only.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
+from vllm.utils.torch_utils import get_dtype_size
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionImpl,
@@ -31,17 +39,20 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
     MultipleOf,
 )
-from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout, KVQuantMode
 
 from thinkeys import ATTENTION_BACKEND_NAME
 from thinkeys.attention import kernels
-from thinkeys.attention.paged import ThinPagedMetadata, build_metadata, paged_attention, write_kv
+from thinkeys.attention.paged import CacheFormat, ThinPagedMetadata, build_metadata, paged_attention, write_kv
+from thinkeys.attention.quant import EIGHT_BIT_DTYPES, PER_TOKEN_HEAD, SCALE_BYTES, KVCodec
 
 
 class ThinKeyAttentionBackend(AttentionBackend):
     forward_includes_kv_cache_update: bool = False
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16", *EIGHT_BIT_DTYPES]
+    #: Vectors cached per (token, KV head): a key and a value.
+    vectors_per_slot: ClassVar[int] = 2
 
     @staticmethod
     def get_name() -> str:
@@ -70,6 +81,18 @@ class ThinKeyAttentionBackend(AttentionBackend):
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
 
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """Per-token-head 8-bit modes keep one float32 scale per cached vector inside the slot.
+
+        The slot is ``(r + d)`` 8-bit elements plus two 4-byte scales, as vLLM's Triton backend
+        packs it; ``thinkeys.accounting`` counts the same bytes.
+        """
+        if spec.state_content_bytes is not None or spec.kv_quant_mode not in _PER_TOKEN_HEAD_MODES:
+            return spec
+        data = (spec.head_size + spec.head_size_v) * get_dtype_size(spec.dtype)
+        return replace(spec, state_content_bytes=data + cls.vectors_per_slot * SCALE_BYTES)
+
 
 class ThinKeyMetadataBuilder(AttentionMetadataBuilder[ThinPagedMetadata]):
     # Ask vLLM to put single-token decodes at the front of every batch, so the PyTorch path runs
@@ -80,7 +103,17 @@ class ThinKeyMetadataBuilder(AttentionMetadataBuilder[ThinPagedMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
         # Built (or loaded from the cache) here, during engine start-up, not on the first request.
-        self.use_kernel = torch.device(device).type == "cpu" and kernels.available()
+        # 8-bit and shared K=V caches are read by the PyTorch path only.
+        self.use_kernel = (
+            self.plain_cache(kv_cache_spec, vllm_config)
+            and torch.device(device).type == "cpu"
+            and kernels.available()
+        )
+
+    @staticmethod
+    def plain_cache(kv_cache_spec: AttentionSpec, vllm_config) -> bool:
+        """Float ``key | value`` slots: what the compiled kernel reads."""
+        return vllm_config.cache_config.cache_dtype not in EIGHT_BIT_DTYPES
 
     def build(
         self,
@@ -125,7 +158,11 @@ class ThinKeyAttentionImpl(AttentionImpl[ThinPagedMetadata]):
                 ("sliding_window", sliding_window is not None),
                 ("logits_soft_cap", bool(logits_soft_cap)),
                 ("kv sharing", kv_sharing_target_layer_name is not None),
-                (f"kv_cache_dtype={kv_cache_dtype}", kv_cache_dtype not in ThinKeyAttentionBackend.supported_kv_cache_dtypes),
+                (
+                    f"kv_cache_dtype={kv_cache_dtype} (the thin-key cache stores "
+                    f"{', '.join(ThinKeyAttentionBackend.supported_kv_cache_dtypes)}: pick one of those for --kv-cache-dtype)",
+                    kv_cache_dtype not in ThinKeyAttentionBackend.supported_kv_cache_dtypes,
+                ),
                 (f"attn_type={attn_type}", attn_type != AttentionType.DECODER),
                 (", ".join(unsupported), bool(unsupported)),
             )
@@ -141,6 +178,24 @@ class ThinKeyAttentionImpl(AttentionImpl[ThinPagedMetadata]):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
         self.sliding_window = None
+        self._codec: KVCodec | None = None
+
+    def _slot_codec(self, kv_cache: torch.Tensor) -> KVCodec:
+        """The layer's codec; the value width is read off the cache view (slot = r + d [+ scales])."""
+        if self._codec is None:
+            scales = 2 * SCALE_BYTES if self.kv_cache_dtype in PER_TOKEN_HEAD else 0
+            self._codec = KVCodec(self.kv_cache_dtype, self.head_size, kv_cache.shape[-1] - self.head_size - scales)
+        return self._codec
+
+    def cache_format(self, layer: AttentionLayer, kv_cache: torch.Tensor) -> CacheFormat | None:
+        """How this layer's slots are encoded; None for plain float slots (the fast paths)."""
+        if self.kv_cache_dtype not in EIGHT_BIT_DTYPES:
+            return None
+        return CacheFormat(
+            self._slot_codec(kv_cache),
+            k_scale=float(getattr(layer, "_k_scale_float", 1.0)),
+            v_scale=float(getattr(layer, "_v_scale_float", 1.0)),
+        )
 
     def do_kv_cache_update(
         self,
@@ -152,7 +207,7 @@ class ThinKeyAttentionImpl(AttentionImpl[ThinPagedMetadata]):
     ) -> None:
         if kv_cache.numel() == 0:
             return
-        write_kv(kv_cache, key, value, slot_mapping)
+        write_kv(kv_cache, key, value, slot_mapping, self.cache_format(layer, kv_cache))
 
     def forward(
         self,
@@ -171,5 +226,8 @@ class ThinKeyAttentionImpl(AttentionImpl[ThinPagedMetadata]):
         if attn_metadata is None:  # profiling / warm-up run
             return output.zero_()
         n = attn_metadata.num_actual_tokens
-        paged_attention(query[:n], kv_cache, attn_metadata, self.scale, output[:n])
+        paged_attention(query[:n], kv_cache, attn_metadata, self.scale, output[:n], self.cache_format(layer, kv_cache))
         return output
+
+
+_PER_TOKEN_HEAD_MODES = (KVQuantMode.INT8_PER_TOKEN_HEAD, KVQuantMode.FP8_PER_TOKEN_HEAD)

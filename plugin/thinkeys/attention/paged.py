@@ -19,6 +19,10 @@ Two implementations share the metadata and the cache format:
   one batched SDPA call over a padded gather, prefills one SDPA call per request.
 
 Both are checked against the dense float64 reference in ``reference.py``.
+
+8-bit caches and shared K=V caches (one vector per token and KV head, rotated when read as a key)
+go through a :class:`~thinkeys.attention.quant.KVCodec` and always take the PyTorch path; the
+compiled kernel reads plain float ``[r + d]`` slots only.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from thinkeys.attention import kernels
+from thinkeys.attention.quant import KVCodec
+from thinkeys.rope import apply_thin_rope
 
 
 @dataclass
@@ -135,13 +141,36 @@ def build_metadata(
     return meta
 
 
+@dataclass(frozen=True)
+class CacheFormat:
+    """How a layer's slots are encoded: the codec, per-tensor fp8 scales, and (shared K=V) the key RoPE table."""
+
+    codec: KVCodec
+    k_scale: float = 1.0
+    v_scale: float = 1.0
+    key_rope_freqs: torch.Tensor | None = None  # [H_kv, rope_dims / 2]: rotate shared vectors read as keys
+
+    @property
+    def plain(self) -> bool:
+        """Plain float ``key | value`` slots, which the compiled kernel reads."""
+        return not self.codec.quantized and self.codec.value_width > 0
+
+
 def write_kv(
-    kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
+    kv_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor | None,
+    slot_mapping: torch.Tensor,
+    fmt: CacheFormat | None = None,
 ) -> None:
     """Store each token's thin key ``[T, H_kv, r]`` and value ``[T, H_kv, d]`` at its slot (in place).
 
-    Padding tokens have slot -1 and are skipped. Uses the compiled kernel when it is loaded.
+    Padding tokens have slot -1 and are skipped. Uses the compiled kernel when it is loaded and the
+    slots are plain; ``fmt`` encodes 8-bit and shared K=V slots (``value`` None for shared).
     """
+    if fmt is not None and not fmt.plain:
+        write_kv_torch(kv_cache, key, value, slot_mapping, fmt)
+        return
     if (
         kernels.available()
         and kv_cache.device.type == "cpu"
@@ -154,17 +183,26 @@ def write_kv(
 
 
 def write_kv_torch(
-    kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
+    kv_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor | None,
+    slot_mapping: torch.Tensor,
+    fmt: CacheFormat | None = None,
 ) -> None:
     """:func:`write_kv` in plain PyTorch (advanced-index assignment through the logical view)."""
     num_tokens = slot_mapping.shape[0]
-    key, value = key[:num_tokens], value[:num_tokens]
+    key = key[:num_tokens]
+    value = None if value is None else value[:num_tokens]
     valid = slot_mapping >= 0
     if not bool(valid.all()):
-        slot_mapping, key, value = slot_mapping[valid], key[valid], value[valid]
+        slot_mapping, key = slot_mapping[valid], key[valid]
+        value = None if value is None else value[valid]
     block_size = kv_cache.shape[2]
     blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
-    entry = torch.cat((key, value), dim=-1).to(kv_cache.dtype)  # [T, H_kv, r + d]
+    if fmt is None:
+        entry = torch.cat((key, value), dim=-1).to(kv_cache.dtype)  # [T, H_kv, r + d]
+    else:
+        entry = fmt.codec.encode(key, value, kv_cache.dtype, fmt.k_scale, fmt.v_scale)  # [T, H_kv, slot]
     kv_cache[blocks, :, offsets] = entry
 
 
@@ -184,18 +222,36 @@ def paged_attention(
     meta: ThinPagedMetadata,
     scale: float,
     output: torch.Tensor,
+    fmt: CacheFormat | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[T, H, r]`` over the cache; writes ``output`` ``[T, H, d]``.
 
-    The compiled kernel when it is loaded and the dtypes match, else :func:`paged_attention_torch`.
+    The compiled kernel when it is loaded, the dtypes match and the slots are plain, else
+    :func:`paged_attention_torch`.
     """
-    if use_kernel(query, kv_cache, meta) and output.dtype == kv_cache.dtype:
+    if (fmt is None or fmt.plain) and use_kernel(query, kv_cache, meta) and output.dtype == kv_cache.dtype:
         return kernels.paged_attention(
             query, kv_cache, meta.block_table, meta.query_start_loc, meta.seq_lens, scale, output
         )
     if not meta.torch_path:
         raise RuntimeError("metadata was built without the PyTorch path's indices (torch_path=False)")
-    return paged_attention_torch(query, kv_cache, meta, scale, output)
+    return paged_attention_torch(query, kv_cache, meta, scale, output, fmt)
+
+
+def _read_slots(
+    slots: torch.Tensor, r: int, dtype: torch.dtype, fmt: CacheFormat | None, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys ``[..., H_kv, r]`` and values ``[..., H_kv, d]`` of gathered slots ``[..., H_kv, slot]``.
+
+    ``positions`` (``slots.shape[:-2]``) are the token positions, used to rotate shared K=V vectors.
+    """
+    if fmt is None:
+        kv = slots.to(dtype)
+        return kv[..., :r], kv[..., r:]
+    k, v = fmt.codec.decode(slots, dtype, fmt.k_scale, fmt.v_scale)
+    if fmt.key_rope_freqs is not None:
+        k = apply_thin_rope(k, positions, fmt.key_rope_freqs)
+    return k, v
 
 
 def paged_attention_torch(
@@ -204,6 +260,7 @@ def paged_attention_torch(
     meta: ThinPagedMetadata,
     scale: float,
     output: torch.Tensor,
+    fmt: CacheFormat | None = None,
 ) -> torch.Tensor:
     """:func:`paged_attention` in plain PyTorch: a padded gather + SDPA for the decodes, SDPA per prefill."""
     r = query.shape[-1]
@@ -212,12 +269,13 @@ def paged_attention_torch(
 
     n_dec = meta.num_decodes
     if n_dec:
-        kv = kv_cache[meta.decode_blocks, :, meta.decode_offsets]  # [n_dec, max_len, H_kv, r + d]
-        kv = kv.to(query.dtype).transpose(1, 2)  # [n_dec, H_kv, max_len, r + d]
+        slots = kv_cache[meta.decode_blocks, :, meta.decode_offsets]  # [n_dec, max_len, H_kv, slot]
+        positions = torch.arange(slots.shape[1], device=slots.device).expand(n_dec, -1)
+        k, v = _read_slots(slots, r, query.dtype, fmt, positions)
         out = F.scaled_dot_product_attention(
             query[:n_dec].unsqueeze(2),  # [n_dec, H, 1, r]
-            kv[..., :r],
-            kv[..., r:],
+            k.transpose(1, 2),  # [n_dec, H_kv, max_len, r]
+            v.transpose(1, 2),
             attn_mask=meta.decode_mask,
             scale=scale,
             enable_gqa=gqa,
@@ -225,12 +283,14 @@ def paged_attention_torch(
         output[:n_dec] = out.squeeze(2)
 
     for req in meta.prefills:
-        kv = kv_cache[req.kv_blocks, :, req.kv_offsets].to(query.dtype).transpose(0, 1)  # [H_kv, L, r + d]
+        slots = kv_cache[req.kv_blocks, :, req.kv_offsets]  # [L, H_kv, slot]
+        positions = torch.arange(slots.shape[0], device=slots.device)
+        k, v = _read_slots(slots, r, query.dtype, fmt, positions)
         q = query[req.query_start : req.query_end].transpose(0, 1)  # [H, q_len, r]
         out = F.scaled_dot_product_attention(
             q,
-            kv[..., :r],
-            kv[..., r:],
+            k.transpose(0, 1),  # [H_kv, L, r]
+            v.transpose(0, 1),
             attn_mask=req.mask,
             is_causal=req.mask is None,
             scale=scale,

@@ -88,7 +88,9 @@ class SavingsReport(BaseModel):
     head_dim: int = Field(description="value dims per head (d), the stock key width")
     num_layers: int
     num_kv_heads: int
-    kv_cache_dtype: str
+    shared_kv: bool = Field(default=False, description="one cached vector per token and KV head serves as key and value")
+    kv_cache_dtype: str = Field(description="the served cache's dtype (vLLM's --kv-cache-dtype, 'auto' resolved)")
+    stock_kv_cache_dtype: str = Field(description="the stock model's cache dtype in the comparison: the model's dtype")
     block_size: int
     bytes_per_token: ThinStock
     bytes_per_block: ThinStock
@@ -171,6 +173,9 @@ class ServerSavings:
             kv_memory_bytes=memory,
             context_tokens=int(model_config.max_model_len),
             thin_num_blocks=num_blocks,
+            # The stock model as vLLM serves it by default: its cache at the model's dtype, even
+            # when this server stores an 8-bit cache.
+            stock_kv_dtype=resolve_kv_dtype("auto", model_config.dtype),
         )
         savings = cls(
             model=model,
@@ -233,7 +238,9 @@ class ServerSavings:
             head_dim=thin.geometry.head_dim,
             num_layers=thin.geometry.num_layers,
             num_kv_heads=thin.geometry.num_kv_heads,
+            shared_kv=thin.geometry.shared_kv,
             kv_cache_dtype=thin.kv_dtype.name,
+            stock_kv_cache_dtype=stock.kv_dtype.name,
             block_size=thin.block_size,
             bytes_per_token=ThinStock(thin=thin.bytes_per_token, stock=stock.bytes_per_token),
             bytes_per_block=ThinStock(thin=thin.bytes_per_block, stock=stock.bytes_per_block),
@@ -253,8 +260,10 @@ class ServerSavings:
     def startup_line(self) -> str:
         """One line for the server log, next to vLLM's "KV cache size: N tokens" line."""
         c = self.comparison
+        g = c.thin_footprint.geometry
+        layout = f"Shared K=V (d={g.head_dim})" if g.shared_kv else f"Thin keys (r={g.rank} of d={g.head_dim})"
         return (
-            f"Thin keys (r={c.thin_footprint.geometry.rank} of d={c.thin_footprint.geometry.head_dim}): "
+            f"{layout}, KV cache {c.thin_footprint.kv_dtype.name} vs stock {c.stock_footprint.kv_dtype.name}: "
             f"KV bytes/token {c.thin_footprint.bytes_per_token:,} thin vs {c.stock_footprint.bytes_per_token:,} stock; "
             f"KV cache {format_bytes(c.kv_memory_bytes)} holds {self.capacity_tokens_thin:,} tokens thin vs "
             f"{c.stock.capacity_tokens:,} stock; max concurrency for {c.context_tokens:,} tokens per request "

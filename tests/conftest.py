@@ -43,14 +43,34 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def engine_runs(checkpoints):
-    """``engine_runs(name)``: the (cached) run of every test prompt on checkpoint ``name``."""
+def shared_kv_checkpoints(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """``{family}-vk``: the tiny source with v_proj := k_proj (a stock model vLLM serves as is), and
+    ``{family}-shared``: its shared K=V checkpoint, for llama (RoPE) and gpt2 (no RoPE)."""
+    from thinkeys.convert.shared_kv import convert_shared_kv, tie_value_to_key
+
+    root = tmp_path_factory.mktemp("shared-kv")
+    out: dict[str, Path] = {}
+    for family in ("llama", "gpt2"):
+        out[f"{family}-vk"] = tie_value_to_key(checkpoints[family], root / f"{family}-vk")
+        out[f"{family}-shared"] = convert_shared_kv(out[f"{family}-vk"], root / f"{family}-shared").dst
+    return out
+
+
+@pytest.fixture(scope="session")
+def engine_runs(checkpoints, request):
+    """``engine_runs(name, **engine_kwargs)``: the (cached) run of every test prompt on checkpoint ``name``.
+
+    ``name`` is a key of ``checkpoints`` or, when it is not one, of ``shared_kv_checkpoints`` (built
+    on first use); ``engine_kwargs`` go to ``vllm.LLM`` (e.g. ``kv_cache_dtype="fp8"``).
+    """
     cache = {}
 
-    def get(name: str):
-        if name not in cache:
-            cache[name] = run_engine(checkpoints[name], ALL_PROMPTS)
-        return cache[name]
+    def get(name: str, **engine_kwargs):
+        key = (name, tuple(sorted(engine_kwargs.items())))
+        if key not in cache:
+            path = checkpoints[name] if name in checkpoints else request.getfixturevalue("shared_kv_checkpoints")[name]
+            cache[key] = run_engine(path, ALL_PROMPTS, **engine_kwargs)
+        return cache[key]
 
     return get
 

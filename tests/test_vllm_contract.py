@@ -118,3 +118,78 @@ def test_cache_config_reports_capacity():  # server endpoint reads vLLM's own ca
     from vllm.v1.core import kv_cache_utils
 
     assert "kv_cache_size_tokens" in inspect.getsource(kv_cache_utils)
+
+
+def test_kv_quant_modes_and_storage_dtypes():  # attention/quant.py, backend.py, accounting.py
+    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
+    from vllm.v1.kv_cache_interface import KVQuantMode, get_kv_quant_mode
+
+    for name in ("fp8", "fp8_e4m3", "fp8_e5m2"):
+        assert get_kv_quant_mode(name) == KVQuantMode.FP8_PER_TENSOR
+        assert STR_DTYPE_TO_TORCH_DTYPE[name] == torch.uint8
+    assert get_kv_quant_mode("int8_per_token_head") == KVQuantMode.INT8_PER_TOKEN_HEAD
+    assert get_kv_quant_mode("fp8_per_token_head") == KVQuantMode.FP8_PER_TOKEN_HEAD
+    assert STR_DTYPE_TO_TORCH_DTYPE["int8_per_token_head"] == torch.int8
+    assert STR_DTYPE_TO_TORCH_DTYPE["fp8_per_token_head"] == torch.uint8
+
+
+def test_per_token_head_page_matches_vllm_and_the_accounting():  # backend.customize_spec vs accounting
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVQuantMode
+
+    from thinkeys.accounting import KVFootprint, make_geometry, resolve_kv_dtype
+    from thinkeys.attention.backend import ThinKeyAttentionBackend
+
+    spec = FullAttentionSpec(
+        block_size=128, num_kv_heads=3, head_size=16, head_size_v=64, dtype=torch.int8,
+        kv_quant_mode=KVQuantMode.INT8_PER_TOKEN_HEAD,
+    )
+    ours = ThinKeyAttentionBackend.customize_spec(spec)
+    assert ours.page_size_bytes == TritonAttentionBackend.customize_spec(spec).page_size_bytes == 128 * 3 * (80 + 8)
+    geometry = make_geometry(num_layers=1, num_query_heads=9, num_kv_heads=3, head_dim=64, key_dim=16)
+    assert KVFootprint(geometry=geometry, kv_dtype=resolve_kv_dtype("int8_per_token_head"), block_size=128).page_size_bytes == ours.page_size_bytes
+    plain = FullAttentionSpec(block_size=128, num_kv_heads=3, head_size=16, head_size_v=64, dtype=torch.uint8,
+                              kv_quant_mode=KVQuantMode.FP8_PER_TENSOR)
+    assert ThinKeyAttentionBackend.customize_spec(plain).page_size_bytes == 128 * 3 * 80  # per-tensor scales live outside
+
+
+def test_shared_kv_spec_holds_one_vector():  # attention/shared.py: customize_spec + state_content_bytes
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVQuantMode, compute_layer_kv_cache_shape_bytes
+
+    from thinkeys.attention.shared import ThinKeySharedKVBackend
+
+    spec = ThinKeySharedKVBackend.customize_spec(
+        FullAttentionSpec(block_size=16, num_kv_heads=3, head_size=64, head_size_v=64, dtype=torch.bfloat16)
+    )
+    assert spec.page_size_bytes == 16 * 3 * 64 * 2
+    assert compute_layer_kv_cache_shape_bytes(spec, 10) == (10, 3, 16, 128)  # [B, H, N, C bytes] -> view [.., 64] bf16
+    int8 = ThinKeySharedKVBackend.customize_spec(
+        FullAttentionSpec(block_size=16, num_kv_heads=3, head_size=64, head_size_v=64, dtype=torch.int8,
+                          kv_quant_mode=KVQuantMode.INT8_PER_TOKEN_HEAD)
+    )
+    assert int8.page_size_bytes == 16 * 3 * (64 + 4)
+
+
+def test_model_runner_applies_customize_spec_to_full_attention():  # why customize_spec sizes our pages
+    from vllm.v1.worker import utils
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    assert "customize_attention_spec" in inspect.getsource(CPUModelRunner.get_kv_cache_spec)
+    assert "backend.customize_spec(spec)" in inspect.getsource(utils.customize_attention_spec)
+
+
+def test_attention_layer_has_default_kv_scales():  # backend reads _k_scale_float / _v_scale_float
+    from vllm.model_executor.layers.attention import attention
+
+    src = inspect.getsource(attention.set_default_quant_scales)
+    assert "_k_scale_float" in src and "_v_scale_float" in src
+
+
+def test_shared_kv_backend_is_registered():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    import thinkeys
+
+    thinkeys.register()
+    backend = AttentionBackendEnum[thinkeys.SHARED_KV_BACKEND_NAME].get_class()
+    assert backend.get_name() == thinkeys.SHARED_KV_BACKEND_NAME

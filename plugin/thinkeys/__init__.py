@@ -10,6 +10,9 @@ __version__ = "0.1.0"
 #: Name of our attention backend in vLLM's ``AttentionBackendEnum``.
 ATTENTION_BACKEND_NAME = "THINKEYS"
 ATTENTION_BACKEND_PATH = "thinkeys.attention.backend.ThinKeyAttentionBackend"
+#: The backend of shared key-value (Q-K=V) checkpoints: one cached vector per token and KV head.
+SHARED_KV_BACKEND_NAME = "THINKEYS_SHARED_KV"
+SHARED_KV_BACKEND_PATH = "thinkeys.attention.shared.ThinKeySharedKVBackend"
 
 
 def register() -> None:
@@ -22,5 +25,6 @@ def register() -> None:
     for arch, target in VLLM_ARCHITECTURES.items():
         if arch not in supported:
             ModelRegistry.register_model(arch, target)
-    if ATTENTION_BACKEND_NAME not in AttentionBackendEnum.__members__:
-        register_backend(ATTENTION_BACKEND_NAME, ATTENTION_BACKEND_PATH)
+    for name, path in ((ATTENTION_BACKEND_NAME, ATTENTION_BACKEND_PATH), (SHARED_KV_BACKEND_NAME, SHARED_KV_BACKEND_PATH)):
+        if name not in AttentionBackendEnum.__members__:
+            register_backend(name, path)

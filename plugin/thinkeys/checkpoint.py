@@ -22,6 +22,14 @@ table stored per layer and KV head as ``<layer>.self_attn.thin_rope_freqs`` of s
 group. The remaining ``rank - rope_dims`` dims are not rotated. The softmax scale stays
 ``1 / sqrt(head_dim)`` of the source model.
 
+Shared key-value (Q-K=V) checkpoints (``shared_kv: true``) are models whose key and value
+projections are one projection: ``rank == head_dim``, the checkpoint keeps the family's tensor
+names with ``v_proj`` (GPT-2: the v part of ``c_attn``) equal to ``k_proj`` so it stays loadable
+by the family's own code, and the serving cache stores ONE vector per token and KV head, the
+un-rotated ``k = W_K x``: it is the value as it is and the key once rotated at its position
+(``thin_rope_freqs`` holds the source's own frequencies, ``rope: pairs``, ``rope_dims = head_dim``;
+GPT-2: ``rope: none``). ``thinkeys convert SRC DST --shared-kv`` writes them.
+
 This module is imported by every other part (converter, trainer, evaluator, vLLM models,
 accounting); it depends on nothing but pydantic.
 """
@@ -105,6 +113,9 @@ class ThinKeyConfig(BaseModel):
     rope: RopeStrategy = Field(description="how RoPE is carried into the r-dim space")
     rope_dims: int = Field(ge=0, description="the first rope_dims of the r dims are rotated")
     source_architecture: str = Field(description="architecture of the converted checkpoint")
+    shared_kv: bool = Field(
+        default=False, description="keys and values are one projection; one cached vector per token and KV head"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "ThinKeyConfig":
@@ -120,6 +131,13 @@ class ThinKeyConfig(BaseModel):
                 raise ValueError(f"rope_dims {self.rope_dims} must be even (RoPE rotates pairs of dims)")
             if not 2 <= self.rope_dims <= self.rank:
                 raise ValueError(f"rope_dims {self.rope_dims} must be in [2, rank={self.rank}]")
+        if self.shared_kv and self.rank != self.head_dim:
+            raise ValueError(
+                f"shared_kv stores one vector as key and value, so rank must equal head_dim "
+                f"({self.head_dim}), not {self.rank}"
+            )
+        if self.shared_kv and self.rope != RopeStrategy.NONE and (self.rope != RopeStrategy.PAIRS or self.rope_dims != self.rank):
+            raise ValueError("shared_kv with RoPE needs rope 'pairs' over all dims (rope_dims = rank): the source's own rotation")
         if self.source_architecture not in SUPPORTED_SOURCES:
             raise ValueError(
                 f"source_architecture {self.source_architecture!r} is not one of {sorted(SUPPORTED_SOURCES)}"
@@ -137,7 +155,10 @@ class ThinKeyConfig(BaseModel):
     # --- (de)serialisation -------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        out = self.model_dump(mode="json")
+        if not self.shared_kv:  # written only when set, so ordinary thin checkpoints keep their config
+            del out["shared_kv"]
+        return out
 
     @classmethod
     def from_hf_config(cls, config: Any, *, where: str = "config.json") -> "ThinKeyConfig":

@@ -13,6 +13,9 @@ read and trusted::
     q', k' <- apply_thin_rope(., positions, thin_rope_freqs)   (first rope_dims of r; none for GPT-2)
     out = softmax(q' k'^T / sqrt(d) + causal mask) v             (GQA: each KV head serves H / Hkv queries)
 
+Shared K=V checkpoints (``thin_keys.shared_kv``): the value is the un-rotated key projection,
+``v = W_K' x + b_K'`` (the checkpoint's ``v_proj``, equal to ``k_proj``, is loaded and not used).
+
 Gradients flow to the thin q/k weights (:func:`thin_qk_parameters`), which is what recovery
 fine-tuning trains. :func:`save_thin_model` writes the model back as a thin checkpoint.
 """
@@ -90,6 +93,7 @@ class ThinAttention(_KeepsFreqsInFloat32):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.rank, self.head_dim = thin.rank, thin.head_dim
+        self.shared_kv = thin.shared_kv
         self.scale = 1.0 / math.sqrt(thin.head_dim)  # the source model's scale: q'.k' approximates q.k
         hidden, r, d = config.hidden_size, thin.rank, thin.head_dim
         # Bias layout is the source module's (Qwen2: q/k/v biases; Llama: attention_bias).
@@ -111,7 +115,10 @@ class ThinAttention(_KeepsFreqsInFloat32):
         b, t, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.rank)  # [B, T, H, r]
         k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, self.rank)  # [B, T, Hkv, r]
-        v = self.v_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, d]
+        if self.shared_kv:  # one projection: the value is the un-rotated key
+            v = k
+        else:
+            v = self.v_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, d]
         if position_ids is None:
             past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
             position_ids = torch.arange(past, past + t, device=hidden_states.device)[None]  # [1, T]
@@ -137,6 +144,7 @@ class ThinGPT2Attention(_KeepsFreqsInFloat32):
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.rank, self.head_dim = thin.rank, thin.head_dim
+        self.shared_kv = thin.shared_kv
         self.scale = 1.0 / math.sqrt(thin.head_dim)
         hidden, heads, r, d = config.hidden_size, self.num_heads, thin.rank, thin.head_dim
         self.q_proj = nn.Linear(hidden, heads * r)
@@ -154,7 +162,10 @@ class ThinGPT2Attention(_KeepsFreqsInFloat32):
         b, t, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.rank).transpose(1, 2)  # [B, H, T, r]
         k = self.k_proj(hidden_states).view(b, t, self.num_heads, self.rank).transpose(1, 2)  # [B, H, T, r]
-        v = self.v_proj(hidden_states).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, d]
+        if self.shared_kv:  # one projection: the value is the key
+            v = k
+        else:
+            v = self.v_proj(hidden_states).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, d]
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         out = thin_attention(q, k, v, attention_mask, self.scale)  # [B, T, H * d]

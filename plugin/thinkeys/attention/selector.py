@@ -17,8 +17,17 @@ from vllm.v1.attention.backend import AttentionBackend
 logger = init_logger(__name__)
 
 
-def select_attention_backend(rank: int, head_dim: int) -> type[AttentionBackend]:
-    """The backend class for one thin-key ``Attention`` layer; see the module docstring for the rule."""
+def select_attention_backend(rank: int, head_dim: int, *, shared_kv: bool = False) -> type[AttentionBackend]:
+    """The backend class for one thin-key ``Attention`` layer; see the module docstring for the rule.
+
+    Shared K=V layers always get ``THINKEYS_SHARED_KV`` (its PyTorch path on any device): no vLLM
+    backend reads one vector per token as both key and value.
+    """
+    if shared_kv:
+        from thinkeys.attention.shared import ThinKeySharedKVBackend
+
+        logger.info_once("thin keys: using %s (shared K=V, d=%d)", ThinKeySharedKVBackend.get_name(), head_dim)
+        return ThinKeySharedKVBackend
     if current_platform.is_cuda():
         from vllm.v1.attention.backends.registry import AttentionBackendEnum
 

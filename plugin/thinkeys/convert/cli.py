@@ -1,4 +1,8 @@
-"""``thinkeys convert SRC DST --rank R [--rope svd|pairs|mixed] [--calibration TEXT] [--dtype ...] [--force]``."""
+"""``thinkeys convert SRC DST --rank R [--rope svd|pairs|mixed] [--calibration TEXT] [--dtype ...] [--force]``.
+
+``thinkeys convert SRC DST --shared-kv [--dtype ...] [--force]``: a shared key-value checkpoint of a model
+whose value projection equals its key projection (see ``thinkeys.convert.shared_kv``).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,13 @@ from thinkeys.convert.mixed import DEFAULT_NOPE_CONTEXT
 def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="Hugging Face checkpoint folder (Llama, Mistral, Qwen2 or GPT-2)")
     parser.add_argument("dst", metavar="DST", help="folder to write the thin-key checkpoint to (must not exist)")
-    parser.add_argument("--rank", "-r", type=int, required=True, help="key width r per head (1..head_dim; even with RoPE)")
+    parser.add_argument("--rank", "-r", type=int, default=None, help="key width r per head (1..head_dim; even with RoPE)")
+    parser.add_argument(
+        "--shared-kv",
+        action="store_true",
+        help="SRC's value projection equals its key projection (Q-K=V): write a shared key-value checkpoint that "
+        "caches one vector per token and KV head (2x the stock capacity); no --rank, refused when v_proj != k_proj",
+    )
     parser.add_argument(
         "--rope",
         choices=["pairs", "svd", "mixed", "none"],
@@ -48,7 +58,18 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from thinkeys.checkpoint import ThinKeyError
     from thinkeys.convert.convert import run_conversion
+
+    if args.shared_kv:
+        from thinkeys.convert.shared_kv import convert_shared_kv, shared_summary
+
+        if args.rank is not None or args.rope or args.calibration:
+            raise ThinKeyError("--shared-kv keeps the full key width and the source's RoPE: leave out --rank, --rope and --calibration")
+        print(shared_summary(convert_shared_kv(args.src, args.dst, args.dtype, args.force)))
+        return 0
+    if args.rank is None:
+        raise ThinKeyError("say how wide the thin keys are: --rank R (e.g. --rank 16 for head_dim 64), or pass --shared-kv")
 
     report = run_conversion(
         args.src, args.dst, args.rank, args.rope, args.dtype, args.force, progress=True,

@@ -5,6 +5,12 @@ model); the first ``rope_dims`` of q/k are rotated with the per-KV-head frequenc
 the checkpoint; vLLM's ``Attention`` layer gets ``head_size=r, head_size_v=d``, so its KV-cache spec
 (and so the engine's block count) is sized for thin keys plus full values.
 
+Shared K=V checkpoints (``thin.shared_kv``): the layer hands vLLM's ``Attention`` the un-rotated
+key projection as both key and value and uses the ``THINKEYS_SHARED_KV`` backend, whose pages hold
+one d-wide vector per token and KV head and which rotates that vector at its position when it reads
+it as a key (see ``thinkeys.attention.shared``). The checkpoint's ``v_proj`` (equal to ``k_proj``)
+is still loaded with the fused projection, and its output is not used.
+
 Built only from vLLM's own parallel layers, so tensor parallelism shards heads (GQA included)
 exactly as vLLM's Llama does: ``QKVParallelLinear`` splits q/k/v heads across ranks (replicating
 KV heads when there are fewer than ranks) and the frequency table is split the same way.
@@ -84,6 +90,7 @@ class ThinKeyAttention(nn.Module):
             ),
         )
 
+        self.shared_kv = thin.shared_kv
         self.rope_dims = thin.rope_dims if thin.rope != RopeStrategy.NONE else 0
         if self.rope_dims:
             # [H_kv local, rope_dims / 2] radians per position; loaded from the checkpoint.
@@ -101,9 +108,13 @@ class ThinKeyAttention(nn.Module):
             cache_config=cache_config,
             quant_config=quant_config,
             prefix=f"{prefix}.attn",
-            attn_backend=select_attention_backend(self.rank, self.head_dim),
+            attn_backend=select_attention_backend(self.rank, self.head_dim, shared_kv=self.shared_kv),
             head_size_v=self.head_dim,
         )
+        if self.shared_kv:
+            # The backend rotates cached vectors read as keys with this table (the same Parameter
+            # object, so the checkpoint's values reach it when weights are loaded in place).
+            self.attn.impl.key_rope_freqs = getattr(self, ROPE_FREQS_NAME) if self.rope_dims else None
 
     @staticmethod
     def _local_kv_head_start(total_num_kv_heads: int, tp_size: int) -> int:
@@ -124,6 +135,13 @@ class ThinKeyAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = getattr(self, self.qkv_name)(hidden_states)
         q, k, v = qkv.split([self.q_size, self.k_size, self.v_size], dim=-1)
+        if self.shared_kv:
+            # One vector per token and KV head: cached un-rotated, rotated by the backend when read as a key.
+            if self.rope_dims:
+                freqs = getattr(self, ROPE_FREQS_NAME)
+                q = apply_thin_rope(q.view(-1, self.num_heads, self.rank), positions, freqs).flatten(1)
+            output, _ = getattr(self, self.out_name)(self.attn(q, k, k))
+            return output
         if self.rope_dims:
             freqs = getattr(self, ROPE_FREQS_NAME)
             q = apply_thin_rope(q.view(-1, self.num_heads, self.rank), positions, freqs).flatten(1)

@@ -200,7 +200,7 @@ async def run_step(target: Target, workload: Workload, users: int, samples: list
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
         states = [_UserState() for _ in range(users)]
         pbar = tqdm(total=users * per_user, desc=f"{target.label}: {users} users", unit="req", disable=not progress, leave=False)
-        async with MetricsSampler(session, target.metrics_urls, interval=workload.metrics_interval_s, headers=target.headers()) as sampler:
+        async with MetricsSampler(target.metrics_urls, interval=workload.metrics_interval_s, headers=target.headers()) as sampler:
             start = time.perf_counter()
             deadline = start + workload.time_limit_s
             tasks = [asyncio.create_task(_user(s, func, reqs, session, deadline, pbar)) for s, reqs in zip(states, inputs)]

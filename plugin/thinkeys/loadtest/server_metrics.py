@@ -18,10 +18,12 @@ Behind a load balancer, give every replica's ``/metrics`` URL: samples are summe
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
 import aiohttp
+import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, computed_field
 
@@ -93,6 +95,10 @@ async def fetch_text(session: aiohttp.ClientSession, url: str, headers: dict[str
 async def scrape(session: aiohttp.ClientSession, urls: list[str], headers: dict[str, str] | None = None) -> dict[str, float]:
     """One sample summed over ``urls`` (kv usage averaged)."""
     texts = await asyncio.gather(*(fetch_text(session, url, headers) for url in urls))
+    return _sum_scrapes(texts)
+
+
+def _sum_scrapes(texts: list[str]) -> dict[str, float]:
     parsed = [parse_metrics(text) for text in texts]
     total = {key: sum(p[key] for p in parsed) for key in (RUNNING, WAITING, PREEMPTIONS)}
     total[KV_USAGE] = sum(p[KV_USAGE] for p in parsed) / len(parsed)
@@ -100,26 +106,37 @@ async def scrape(session: aiohttp.ClientSession, urls: list[str], headers: dict[
 
 
 class MetricsSampler:
-    """Samples ``urls`` every ``interval`` seconds in the background while a load step runs.
+    """Samples ``urls`` every ``interval`` seconds in a background thread while a load step runs.
 
-    Use as ``async with MetricsSampler(...) as sampler: ...``; ``sampler.samples`` then holds the
-    series and ``sampler.summary()`` the step's numbers. A scrape that fails is counted in
+    Use as ``async with MetricsSampler(urls, ...) as sampler: ...``; ``sampler.samples`` then holds
+    the series and ``sampler.summary()`` the step's numbers. A scrape that fails is counted in
     ``errors`` and skipped: a slow ``/metrics`` must not stop the load.
+
+    The sampler has its own thread and a blocking HTTP client rather than a task on the load's event
+    loop: that loop is saturated by the users' token streams (hundreds of SSE events a second on a
+    fast model), and a sampling task queued behind them was seen to miss whole seconds, and with them
+    a queue that lasted less than that.
     """
 
-    def __init__(self, session: aiohttp.ClientSession, urls: list[str], *, interval: float = 0.25, headers: dict[str, str] | None = None) -> None:
-        self.session, self.urls, self.interval, self.headers = session, urls, interval, headers
+    def __init__(self, urls: list[str], *, interval: float = 0.25, headers: dict[str, str] | None = None) -> None:
+        self.urls, self.interval, self.headers = urls, interval, headers or {}
         self.samples: list[MetricsSample] = []
         self.errors = 0
-        self._task: asyncio.Task | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self._t0 = 0.0
 
-    async def sample_once(self) -> None:
+    def sample_once(self, client: httpx.Client) -> None:
         try:
-            values = await scrape(self.session, self.urls, self.headers)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            texts = []
+            for url in self.urls:
+                response = client.get(url, headers=self.headers)
+                response.raise_for_status()
+                texts.append(response.text)
+        except (httpx.HTTPError, ValueError):
             self.errors += 1
             return
+        values = _sum_scrapes(texts)
         self.samples.append(
             MetricsSample(
                 t=time.perf_counter() - self._t0,
@@ -130,25 +147,24 @@ class MetricsSampler:
             )
         )
 
-    async def _loop(self) -> None:
-        while True:
-            await self.sample_once()
-            await asyncio.sleep(self.interval)
+    def _loop(self, client: httpx.Client) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample_once(client)
 
     async def __aenter__(self) -> "MetricsSampler":
+        self._client = httpx.Client(timeout=10, trust_env=False)
         self._t0 = time.perf_counter()
-        await self.sample_once()  # the baseline for the preemption counter
-        self._task = asyncio.create_task(self._loop())
+        await asyncio.to_thread(self.sample_once, self._client)  # the baseline for the preemption counter
+        self._thread = threading.Thread(target=self._loop, args=(self._client,), name="metrics-sampler", daemon=True)
+        self._thread.start()
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
-        await self.sample_once()  # the final counter value, after the last request finished
+        assert self._thread is not None
+        self._stop.set()
+        await asyncio.to_thread(self._thread.join)
+        await asyncio.to_thread(self.sample_once, self._client)  # the final counter value, after the last request finished
+        self._client.close()
 
     def summary(self) -> QueueSummary:
         s = self.samples

@@ -197,8 +197,39 @@ def readme(result: dict) -> str:
         "  this on tiny models to 1e-3 in logprobs).",
         "",
         "Raw figures: `results.json`.",
+        *server_section(),
     ]
     return "\n".join(lines) + "\n"
+
+
+def server_section(folder: Path = Path("bench-results/kv-options/server")) -> list[str]:
+    """The same thin model served over HTTP with each cache (scripts/kv_options_server.sh), when measured."""
+    runs = []
+    for dtype in ("auto", "int8_per_token_head", "fp8"):
+        ppl, savings = folder / f"ppl-{dtype}.json", folder / f"savings-{dtype}.json"
+        if ppl.exists() and savings.exists():
+            runs.append((json.loads(ppl.read_text()), json.loads(savings.read_text())))
+    if not runs:
+        return []
+    lines = [
+        "",
+        "## Through the server",
+        "",
+        "`scripts/kv_options_server.sh models/SmolLM2-135M-Instruct-thin-r32-mixed-ft` serves the r=32 mixed-ft",
+        "checkpoint with `thinkeys serve ... --kv-cache-dtype DT` (1 GiB of KV cache, max_model_len 4096) and runs",
+        "`thinkeys eval ppl --server` on the same 2,048 tokens (windows of 512); capacity and dtypes are the",
+        "server's own `/v1/thinkeys/savings` answer (stock = the stock model at the model's dtype):",
+        "",
+        "| --kv-cache-dtype | bytes/token thin / stock | KV blocks thin / stock | capacity (tokens) | gain vs stock | ppl (server) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for ppl, s in runs:
+        lines.append(
+            f"| {s['kv_cache_dtype']} (stock {s['stock_kv_cache_dtype']}) | {s['bytes_per_token']['thin']:,} / "
+            f"{s['bytes_per_token']['stock']:,} | {s['num_blocks']['thin']:,} / {s['num_blocks']['stock']:,} | "
+            f"{s['capacity_tokens']['thin']:,} | {s['concurrency_gain']:.2f}x | {ppl['ppl']:.3f} |"
+        )
+    return lines
 
 
 def main() -> None:

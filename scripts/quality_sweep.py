@@ -237,7 +237,7 @@ def cmd_served(args: argparse.Namespace) -> None:
     from thinkeys.evaluate.server_backend import perplexity_server
     from thinkeys.evaluate.torch_backend import perplexity_torch
 
-    ckpt = recovered_dir(args.strategy, args.rank)
+    ckpt = Path(args.checkpoint).resolve() if args.checkpoint else recovered_dir(args.strategy, args.rank)
     name = ckpt.name
     torch_result = perplexity_torch(ckpt, EVAL, window=WINDOW, max_tokens=args.eval_tokens, dtype="float32")
     start = time.monotonic()
@@ -245,7 +245,7 @@ def cmd_served(args: argparse.Namespace) -> None:
         startup = time.monotonic() - start
         server_result = perplexity_server(url, name, EVAL, window=WINDOW, max_tokens=args.eval_tokens, workers=2)
     record = {
-        "checkpoint": str(ckpt.relative_to(ROOT)),
+        "checkpoint": str(ckpt.relative_to(ROOT.resolve())) if ckpt.is_relative_to(ROOT.resolve()) else str(ckpt),
         "eval_tokens": args.eval_tokens,
         "ppl_pytorch_fp32": torch_result.ppl,
         "ppl_served": server_result.ppl,
@@ -283,6 +283,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         before = WORK / "before" / f"{args.strategy}-r{rank}"
         if before.is_dir():
             models[f"{args.strategy}-r{rank} (before recovery)"] = lambda c=before: load_thin_model(c)
+    for extra in args.checkpoint or []:
+        models[Path(extra).name] = lambda c=Path(extra): load_thin_model(c)
     out: dict[str, dict[str, str]] = {}
     for label, build in models.items():
         model = build()
@@ -365,10 +367,10 @@ def _plot(recovery: dict, base: float) -> None:
         k = max(1, len(pts) // 20)  # moving average over ~5% of the run
         xs = [p[0] for p in pts][k - 1:]
         ys = [sum(p[1] for p in pts[i - k + 1 : i + 1]) / k for i in range(k - 1, len(pts))]
-        ax.plot(xs, ys, label=f"{strategy} r={rank} (end-to-end)")
+        (line,) = ax.plot(xs, ys, label=f"{strategy} r={rank} (end-to-end)")
         lw_ratio = rec["ppl_after_layerwise"]["ppl"] / base
-        ax.scatter([offset], [lw_ratio], marker="o")
-        ax.scatter([rec["recovery_wall_seconds"] / 60], [rec["ppl_after"]["ppl"] / base], marker="*", s=80)
+        ax.scatter([offset], [lw_ratio], marker="o", color=line.get_color())
+        ax.scatter([rec["recovery_wall_seconds"] / 60], [rec["ppl_after"]["ppl"] / base], marker="*", s=80, color=line.get_color())
     ax.axhline(1.02, ls="--", lw=0.8, color="gray")
     ax.axhline(1.05, ls=":", lw=0.8, color="gray")
     ax.set_xlabel("recovery wall time (min, 2 shared CPU cores)")
@@ -404,12 +406,14 @@ def main() -> None:
     r.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
     s = sub.add_parser("served")
     s.add_argument("--strategy", default="mixed")
-    s.add_argument("--rank", type=int, required=True)
+    s.add_argument("--rank", type=int, default=None)
+    s.add_argument("--checkpoint", default=None, help="any thin-key checkpoint (default: the recovered one of --strategy/--rank)")
     s.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
     ch = sub.add_parser("chat")
     ch.add_argument("--strategy", default="mixed")
     ch.add_argument("--ranks", type=int, nargs="+", default=[32, 16])
     ch.add_argument("--max-new-tokens", type=int, default=40)
+    ch.add_argument("--checkpoint", action="append", help="also this thin-key checkpoint (repeatable), e.g. the make serve default")
     sub.add_parser("table")
     args = p.parse_args()
     import torch

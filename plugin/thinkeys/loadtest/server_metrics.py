@@ -113,9 +113,9 @@ class MetricsSampler:
     ``errors`` and skipped: a slow ``/metrics`` must not stop the load.
 
     The sampler has its own thread and a blocking HTTP client rather than a task on the load's event
-    loop: that loop is saturated by the users' token streams (hundreds of SSE events a second on a
-    fast model), and a sampling task queued behind them was seen to miss whole seconds, and with them
-    a queue that lasted less than that.
+    loop: that loop carries every user's token stream (hundreds of SSE events a second on a fast
+    model) and stalls whenever the process does (see ``ramp._frozen_heap``); a sampling task queued
+    behind it was seen to miss whole seconds, and with them a queue that lasted less than that.
     """
 
     def __init__(self, urls: list[str], *, interval: float = 0.25, headers: dict[str, str] | None = None) -> None:

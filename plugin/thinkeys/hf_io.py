@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -100,6 +101,34 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], folder: str | Path, *, 
 
     contiguous = {name: t.detach().contiguous() for name, t in state_dict.items()}
     save_torch_state_dict(contiguous, Path(folder), max_shard_size=max_shard_size, safe_serialization=True)
+
+
+def set_config_dtype(config: dict, dtype: torch.dtype) -> None:
+    """Record ``dtype`` as a config's weight dtype (``dtype``, and ``torch_dtype`` where the config has it)."""
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    if "torch_dtype" in config:
+        config["torch_dtype"] = config["dtype"]
+
+
+def write_checkpoint(dst: str | Path, state_dict: dict[str, torch.Tensor], config: dict, tokenizer_src: str | Path, *, force: bool = False) -> list[str]:
+    """Write a complete Hugging Face folder atomically: weights, ``config.json``, tokenizer and sidecars.
+
+    Returns the names of the files in it.
+    """
+    with atomic_directory(dst, force=force) as tmp:
+        save_state_dict(state_dict, tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_tokenizer_and_sidecars(tokenizer_src, tmp)
+        return sorted(p.name for p in tmp.iterdir())
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def has_tokenizer(folder: str | Path) -> bool:

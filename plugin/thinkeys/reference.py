@@ -296,13 +296,8 @@ def save_thin_model(model: nn.Module, dst: str | Path, *, source: str | Path, fo
     config = json.loads((source / "config.json").read_text())
     state = model.state_dict()
     dtype = next(model.parameters()).dtype
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    if "torch_dtype" in config:
-        config["torch_dtype"] = config["dtype"]
-    with hf_io.atomic_directory(dst, force=force) as tmp:
-        hf_io.save_state_dict({file_name: state[model_name] for file_name, model_name in names.items()}, tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        hf_io.copy_tokenizer_and_sidecars(source, tmp)
+    hf_io.set_config_dtype(config, dtype)
+    hf_io.write_checkpoint(dst, {file_name: state[model_name] for file_name, model_name in names.items()}, config, source, force=force)
     return Path(dst)
 
 

@@ -26,7 +26,6 @@ the same way.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from thinkeys import hf_io
 from thinkeys.checkpoint import SUPPORTED_SOURCES, SourceFamily, ThinKeyError
 from thinkeys.convert.families import QueryKey
 
@@ -45,14 +45,6 @@ DEFAULT_WINDOW = 512
 #: Fewer tokens than this give second moments too noisy to rank anything.
 MIN_CALIBRATION_TOKENS = 64
 _FORMAT = "thinkeys-calibration-v1"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_token_ids(tokenizer: Any, text_path: str | Path) -> list[int]:
@@ -211,7 +203,7 @@ def collect_calibration(
         moment=outer / n,
         tokens=n,
         window=window,
-        text_sha256=_sha256(Path(text_path)),
+        text_sha256=hf_io.sha256_file(Path(text_path)),
         source=str(src),
     )
 

@@ -260,9 +260,7 @@ def run_conversion(
     config = dict(plan.raw_config)
     config["architectures"] = [thin.thin_architecture]
     config["head_dim"] = geo.head_dim
-    config["dtype"] = str(out_dtype).removeprefix("torch.")
-    if "torch_dtype" in config:
-        config["torch_dtype"] = config["dtype"]
+    hf_io.set_config_dtype(config, out_dtype)
     config[CONFIG_KEY] = thin.to_dict()
     if calibration is not None:
         config[PROVENANCE_KEY] = {
@@ -272,11 +270,7 @@ def run_conversion(
             "per_head_mean": {k: v / (geo.num_layers * geo.num_kv_heads) for k, v in usage.items()},
         }
 
-    with hf_io.atomic_directory(plan.dst, force=force) as tmp:
-        hf_io.save_state_dict(state, tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        hf_io.copy_tokenizer_and_sidecars(plan.src, tmp)
-        files = sorted(p.name for p in tmp.iterdir())
+    files = hf_io.write_checkpoint(plan.dst, state, config, plan.src, force=force)
 
     return ConversionReport(
         src=plan.src,

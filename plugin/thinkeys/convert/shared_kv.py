@@ -15,7 +15,6 @@ and for capacity measurements.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -91,15 +90,9 @@ def convert_shared_kv(
     config = dict(plan.raw_config)
     config["architectures"] = [thin.thin_architecture]
     config["head_dim"] = geo.head_dim
-    config["dtype"] = str(out_dtype).removeprefix("torch.")
-    if "torch_dtype" in config:
-        config["torch_dtype"] = config["dtype"]
+    hf_io.set_config_dtype(config, out_dtype)
     config[CONFIG_KEY] = thin.to_dict()
-    with hf_io.atomic_directory(plan.dst, force=force) as tmp:
-        hf_io.save_state_dict(state, tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        hf_io.copy_tokenizer_and_sidecars(plan.src, tmp)
-        files = sorted(p.name for p in tmp.iterdir())
+    files = hf_io.write_checkpoint(plan.dst, state, config, plan.src, force=force)
     return ConversionReport(
         src=plan.src,
         dst=plan.dst,
@@ -146,8 +139,5 @@ def tie_value_to_key(src: str | Path, dst: str | Path, force: bool = False) -> P
             state[f"{p}.v_proj.bias"] = state[f"{p}.k_proj.bias"].clone()
         else:
             state.pop(f"{p}.v_proj.bias", None)
-    with hf_io.atomic_directory(plan.dst, force=force) as tmp:
-        hf_io.save_state_dict(state, tmp)
-        (tmp / "config.json").write_text(json.dumps(plan.raw_config, indent=2) + "\n")
-        hf_io.copy_tokenizer_and_sidecars(plan.src, tmp)
+    hf_io.write_checkpoint(plan.dst, state, plan.raw_config, plan.src, force=force)
     return plan.dst

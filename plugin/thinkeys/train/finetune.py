@@ -19,7 +19,6 @@ a DST behind (:mod:`thinkeys.train.workdir`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -30,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from thinkeys import hf_io
 from thinkeys.checkpoint import CONFIG_KEY, ThinKeyConfig, ThinKeyError
 from thinkeys.convert.calibration import read_token_ids, token_windows
 from thinkeys.train.layerwise import capture_teacher, cosine_lr, fit_layer
@@ -94,14 +94,6 @@ class FinetuneReport(BaseModel):
 def default_work_dir(dst: str | Path) -> Path:
     dst = Path(dst).absolute()
     return dst.parent / f".{dst.name}.finetune"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _refuse_eval_split(text: Path, sha: str) -> None:
@@ -187,7 +179,7 @@ def finetune(
 
     student, teacher, text, dst = Path(student), Path(teacher), Path(text), Path(dst)
     thin = _check_inputs(student, teacher, dst, text, force)
-    sha = _sha256(text)
+    sha = hf_io.sha256_file(text)
     _refuse_eval_split(text, sha)
     settings = FinetuneSettings(
         student=str(student.absolute()), teacher=str(teacher.absolute()), text=str(text.absolute()), text_sha256=sha, **options

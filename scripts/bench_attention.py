@@ -94,6 +94,14 @@ def machine_info() -> dict:
     }
 
 
+def write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` to ``path`` through a temporary file, so a crash leaves the old results whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+
+
 class StockCase:
     """vLLM's CPU_ATTN: d-wide keys and values in [blocks, H_kv, block_size, 2d] (keys, then values)."""
 
@@ -279,7 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(results, args)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "benchmark": "attention op, thin-key kernel vs vLLM CPU_ATTN",
             "command": "python scripts/bench_attention.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -287,9 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("json", "plot")},
             "results": [asdict(r) | {"speedup": r.speedup, "speedup_cpu": r.speedup_cpu} for r in results],
         }
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        tmp.replace(args.json)
+        write_json(args.json, payload)
         print(f"wrote {args.json}")
     return 0
 

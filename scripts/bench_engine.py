@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_attention import machine_info
+    from bench_attention import machine_info, write_json
 
     machine_at_start = machine_info()
     engines = {"stock": Engine("stock", args.stock, kv_cache_gib, args.threads, engine_kwargs),
@@ -380,7 +380,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(results, args)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "benchmark": "whole vLLM engine, thin-key checkpoint vs its stock source on CPU_ATTN",
             "command": "python scripts/bench_engine.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -392,9 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "prefill_ratio": r.ratio("prefill_tok_s"), "prefill_ratio_cpu": r.ratio("prefill_cpu_tok_s")}
                         for r in results],
         }
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        tmp.replace(args.json)
+        write_json(args.json, payload)
         print(f"wrote {args.json}")
     return 0
 

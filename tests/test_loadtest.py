@@ -42,7 +42,7 @@ def servers(checkpoints, tmp_path_factory):
     """``{"stock": url, "thin": url}``: tiny Llama stock and thin r = 8, same KV budget, for the module."""
     log_dir = tmp_path_factory.mktemp("loadtest-servers")
     models = [("stock", str(checkpoints["llama"])), ("thin", str(checkpoints["llama-thin"]))]
-    with start_servers(models, kv_cache_memory=KV_BUDGET, max_model_len=256, extra_args=SERVER_ARGS, log_dir=log_dir) as started:
+    with start_servers(models, kv_cache_memory=KV_BUDGET, max_model_len=512, extra_args=SERVER_ARGS, log_dir=log_dir) as started:
         yield {s.label: s.base_url for s in started}
 
 
@@ -163,9 +163,9 @@ def test_run_reports_latencies_throughput_and_server_queue(servers, tmp_path):
 
 @pytest.mark.engine
 def test_time_limit_cuts_a_step_short_and_counts_what_did_not_finish(servers, checkpoints):
-    # each request generates 220 tokens (over 1 s at the tiny model's ~200 tok/s per request on
+    # each request generates 480 tokens (over 2 s at the tiny model's ~200 tok/s per request on
     # these machines), so both users' first requests are still streaming when the 0.4 s limit hits
-    workload = Workload(users=[2], requests_per_user=50, prompt_len=16, output_len=220, time_limit_s=0.4)
+    workload = Workload(users=[2], requests_per_user=50, prompt_len=16, output_len=480, time_limit_s=0.4)
 
     async def go():
         async with aiohttp.ClientSession() as session:

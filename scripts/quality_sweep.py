@@ -203,12 +203,14 @@ def served(model_dir: Path, name: str, log_path: Path, kv_gib: int = 2):
     """A real `thinkeys serve` subprocess with an explicit KV budget; its process group is killed afterwards."""
     import httpx
 
+    from thinkeys.loadtest.servers import own_process_group
+
     port = _free_port()
     cmd = [sys.executable, "-m", "thinkeys.cli", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", name, "--max-model-len", "2048"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, **own_process_group())
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 1800

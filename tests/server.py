@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from thinkeys.loadtest.servers import own_process_group
+
 STARTUP_TIMEOUT_S = 600  # ~1 min on an idle 2-core machine; far more under load
 
 
@@ -45,7 +47,7 @@ def start_server(model_dir: Path, log_path: Path, *, served_model_name: str, kv_
     full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), **(env or {})}
     full_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # a real server, as users run it
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, **own_process_group())
     base_url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -30,6 +30,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from thinkeys.loadtest.servers import own_process_group
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
@@ -269,7 +271,7 @@ def test_entrypoint_serves_with_the_kv_budget_and_api_key_from_the_environment(c
     port = free_port()
     env = _entrypoint_env(checkpoints["llama"], tmp_path / "cache", THINKEYS_PORT=str(port), THINKEYS_API_KEY="sekret")
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(["bash", str(ENTRYPOINT)], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(["bash", str(ENTRYPOINT)], stdout=log, stderr=subprocess.STDOUT, env=env, **own_process_group())
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600

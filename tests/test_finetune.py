@@ -22,6 +22,7 @@ from tiny_models import _TRAINING_TEXT, make_tiny_gpt2, make_tiny_llama
 
 from thinkeys.checkpoint import ThinKeyError
 from thinkeys.convert.convert import convert_checkpoint
+from thinkeys.loadtest.servers import own_process_group
 from thinkeys.reference import load_thin_model
 from thinkeys.train import finetune as finetune_module
 from thinkeys.train.finetune import default_work_dir, finetune
@@ -141,7 +142,7 @@ def test_sigterm_stops_cleanly_without_dst(setup, tmp_path):
         "--teacher", str(setup["teacher"]), "--text", str(setup["text"]),
         "--window", "32", "--layerwise-steps", "0", "--e2e-steps", "100000",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **own_process_group())
     try:
         deadline = time.monotonic() + 240
         while not ((work / "log.jsonl").is_file() and (work / "log.jsonl").read_text().count("\n") >= 2):

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 
 import aiohttp
 import pytest
@@ -28,7 +31,7 @@ from thinkeys.cli import main
 from thinkeys.loadtest.ramp import Workload, run_step, build_prompts, wait_until_idle
 from thinkeys.loadtest.report import LoadTestReport
 from thinkeys.loadtest.server_metrics import parse_metrics, PREEMPTIONS, RUNNING, WAITING, KV_USAGE
-from thinkeys.loadtest.servers import start_servers
+from thinkeys.loadtest.servers import own_process_group, start_servers
 from thinkeys.loadtest.target import discover, normalize_base_url
 
 KV_BUDGET = "768K"
@@ -64,6 +67,18 @@ def test_metrics_parser_reads_vllm_families_from_real_exposition_text():
     parsed = parse_metrics(generate_latest(registry).decode())
     # summed over engines; the counter's _created sample is not counted; usage is averaged
     assert parsed == {RUNNING: 7, WAITING: 1, PREEMPTIONS: 7, KV_USAGE: 0.375}
+
+
+def test_servers_lead_their_own_process_group_in_the_clients_session():
+    # killpg must reach vLLM's engine processes, yet a new session (= a new scheduler autogroup)
+    # let a busy server starve its own client for seconds on 2 cores: see own_process_group.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], **own_process_group())
+    try:
+        assert os.getpgid(child.pid) == child.pid != os.getpgid(0)
+        assert os.getsid(child.pid) == os.getsid(0)
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_urls_are_normalized_and_non_urls_refused():

@@ -2,7 +2,7 @@
 
 Each server is a real ``thinkeys serve`` subprocess (the same command users and the container run)
 bound to 127.0.0.1 on a free port, in its own process group so that stopping it also stops vLLM's
-engine-core and worker processes. All servers of a comparison get the same KV-cache budget
+engine-core and worker processes (see :func:`own_process_group`). All servers of a comparison get the same KV-cache budget
 (``--kv-cache-memory-bytes``) and the same vLLM flags; only the checkpoint differs.
 
 On the CPU build ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB) would override ``--kv-cache-memory-bytes``
@@ -28,6 +28,21 @@ import httpx
 from thinkeys.checkpoint import ThinKeyError
 
 HOST = "127.0.0.1"
+
+
+def own_process_group() -> dict:
+    """``Popen`` arguments that make the child lead a new process group in *this* session.
+
+    ``os.killpg`` on the child then stops it and the engine-core and worker processes vLLM starts.
+    Not ``start_new_session=True``: a new session is also a new scheduler autogroup on Linux, and on
+    2-core machines (kernel 6.18, EEVDF) a served vLLM's autogroup, whose engine core spins on
+    ``sched_yield`` while its worker computes, kept the client's processes off the CPU for 1-3 s at
+    a time (measured with /proc/PID/schedstat run delays): load-test clocks, metric samplers and
+    client timeouts all stalled. In the client's own session the scheduler shares fairly.
+    """
+    if sys.version_info >= (3, 11):
+        return {"process_group": 0}
+    return {"preexec_fn": os.setpgrp}  # pragma: no cover - Python 3.10
 
 
 @dataclass
@@ -108,7 +123,7 @@ def start_servers(
             log = open(log_path, "w")
             logs.append(log)
             cmd = server_command(model, port=port, served_model_name=label, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len, extra_args=extra_args)
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, **own_process_group())
             servers.append(LocalServer(label, model, f"http://{HOST}:{port}", log_path, proc))
         deadline = time.monotonic() + startup_timeout_s
         waiting = list(servers)

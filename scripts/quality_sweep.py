@@ -26,9 +26,6 @@ import csv
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -192,47 +189,17 @@ def cmd_recover(args: argparse.Namespace) -> None:
     print(json.dumps({k: record[k] for k in ("ppl_after_layerwise", "ppl_after", "recovery_wall_seconds")}), flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def served(model_dir: Path, name: str, log_path: Path, kv_gib: int = 2):
-    """A real `thinkeys serve` subprocess with an explicit KV budget; its process group is killed afterwards."""
-    import httpx
+    """A real `thinkeys serve` subprocess with an explicit KV budget; yields its URL, stops it afterwards."""
+    from thinkeys.loadtest.servers import HOST, Launch, free_port, run_servers, serve_env
 
-    from thinkeys.loadtest.servers import own_process_group
-
-    port = _free_port()
-    cmd = [sys.executable, "-m", "thinkeys.cli", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+    port = free_port()
+    cmd = [sys.executable, "-m", "thinkeys.cli", "serve", str(model_dir), "--host", HOST, "--port", str(port),
            "--served-model-name", name, "--max-model-len", "2048"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, **own_process_group())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 1800
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}; see {log_path}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server not healthy in time; see {log_path}")
-            time.sleep(2)
-        yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
+    launch = Launch(name, str(model_dir), cmd, serve_env(VLLM_CPU_KVCACHE_SPACE=str(kv_gib)), port, log_path)
+    with run_servers([launch], startup_timeout_s=1800) as (server,):
+        yield server.base_url
 
 
 def cmd_served(args: argparse.Namespace) -> None:

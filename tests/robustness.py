@@ -6,22 +6,17 @@
   the report (scripts/robustness_report.py) shows exactly what the tests asserted on.
 * :func:`metrics` / :func:`wait_until`: read a live server's Prometheus samples (vLLM's ``vllm:*``
   and ours ``thinkeys:*``) and wait for a condition on them.
-* :func:`start_servers`: several :func:`server.start_server` at once (their ~1-2 min start-ups overlap).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-
-from server import ServedModel, start_server
 
 RECORD_ENV = "THINKEYS_ROBUSTNESS_RECORD"
 
@@ -91,26 +86,3 @@ def idle(client: httpx.Client) -> bool:
         and get("vllm:kv_cache_usage_perc") == 0
         and users == []
     )
-
-
-@contextlib.contextmanager
-def start_servers(specs: list[dict[str, Any]]) -> Iterator[list[ServedModel]]:
-    """Enter ``start_server(**spec)`` for every spec in parallel threads; stop all on exit."""
-    managers = [start_server(**spec) for spec in specs]
-    entered: list[contextlib.AbstractContextManager] = []
-    try:
-        with ThreadPoolExecutor(len(managers)) as pool:
-            futures = [pool.submit(m.__enter__) for m in managers]
-            served, errors = [], []
-            for manager, future in zip(managers, futures):
-                try:
-                    served.append(future.result())
-                    entered.append(manager)
-                except BaseException as exc:  # start_server stops its own process when it fails
-                    errors.append(exc)
-        if errors:
-            raise errors[0]
-        yield served
-    finally:
-        for manager in reversed(entered):
-            manager.__exit__(None, None, None)

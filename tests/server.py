@@ -1,20 +1,18 @@
-"""Start ``thinkeys serve`` as a real subprocess on a free loopback port, and stop it afterwards."""
+"""Start ``thinkeys serve`` as a real subprocess on a free loopback port, and stop it afterwards.
+
+A thin wrapper over :func:`thinkeys.loadtest.servers.run_servers` (the launcher the load test uses)
+with the tests' defaults: float32, max_model_len 512, eager mode, a KV budget in whole GiB.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-import httpx
-
-from thinkeys.loadtest.servers import own_process_group
+from thinkeys.loadtest.servers import HOST, Launch, LocalServer, free_port, run_servers, serve_env
 
 STARTUP_TIMEOUT_S = 600  # ~1 min on an idle 2-core machine; far more under load
 
@@ -25,48 +23,35 @@ class ServedModel:
     model_dir: Path
     served_model_name: str
     log_path: Path
-    process: subprocess.Popen
+    server: LocalServer
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def start_server(model_dir: Path, log_path: Path, *, served_model_name: str, kv_cache_gib: float = 1, extra_args: list[str] | None = None, env: dict | None = None):
+def server_launch(
+    model_dir: Path, log_path: Path, *, served_model_name: str, kv_cache_gib: float = 1,
+    extra_args: list[str] | None = None, env: dict | None = None,
+) -> Launch:  # fmt: skip
+    """The ``thinkeys serve`` launch of ``model_dir`` with the tests' defaults."""
     port = free_port()
     cmd = [
         sys.executable, "-m", "thinkeys.cli", "serve", str(model_dir),
-        "--host", "127.0.0.1", "--port", str(port),
+        "--host", HOST, "--port", str(port),
         "--served-model-name", served_model_name,
         "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
         *(extra_args or []),
-    ]
-    full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), **(env or {})}
-    full_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # a real server, as users run it
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, **own_process_group())
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
-        yield ServedModel(base_url, Path(model_dir), served_model_name, log_path, proc)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
+    ]  # fmt: skip
+    full_env = serve_env(VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib), **(env or {}))
+    return Launch(served_model_name, str(model_dir), cmd, full_env, port, log_path)
+
+
+@contextlib.contextmanager
+def start_servers(specs: list[dict]) -> Iterator[list[ServedModel]]:
+    """Serve every ``server_launch(**spec)`` at once (start-ups overlap); stop all on exit."""
+    with run_servers([server_launch(**spec) for spec in specs], startup_timeout_s=STARTUP_TIMEOUT_S) as servers:
+        yield [ServedModel(s.base_url, Path(s.model), s.label, s.log_path, s) for s in servers]
+
+
+@contextlib.contextmanager
+def start_server(model_dir: Path, log_path: Path, **options) -> Iterator[ServedModel]:
+    """Serve one model (``options`` as for :func:`server_launch`); stop it on exit."""
+    with start_servers([dict(model_dir=model_dir, log_path=log_path, **options)]) as (served,):
+        yield served

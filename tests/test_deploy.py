@@ -21,16 +21,12 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-
-from thinkeys.loadtest.servers import own_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -266,22 +262,14 @@ def test_entrypoint_refuses_to_publish_beyond_loopback_without_an_api_key(checkp
 @pytest.mark.engine
 def test_entrypoint_serves_with_the_kv_budget_and_api_key_from_the_environment(checkpoints, tmp_path):
     from thinkeys.loadtest.server_metrics import parse_cache_info
-    from thinkeys.loadtest.servers import free_port
+    from thinkeys.loadtest.servers import Launch, free_port, run_servers
 
     port = free_port()
     env = _entrypoint_env(checkpoints["llama"], tmp_path / "cache", THINKEYS_PORT=str(port), THINKEYS_API_KEY="sekret")
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(["bash", str(ENTRYPOINT)], stdout=log, stderr=subprocess.STDOUT, env=env, **own_process_group())
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert proc.poll() is None, f"server exited:\n{(tmp_path / 'server.log').read_text()[-3000:]}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:  # the compose healthcheck's URL
-                    break
-            assert time.monotonic() < deadline, "not healthy in time"
-            time.sleep(1)
+    # run_servers waits on /health: the compose healthcheck's URL
+    launch = Launch("entrypoint", str(checkpoints["llama"]), ["bash", str(ENTRYPOINT)], env, port, tmp_path / "server.log")
+    with run_servers([launch], startup_timeout_s=600) as (server,):
+        base = server.base_url
         body = {"model": "tiny", "prompt": "Good morning", "max_tokens": 4}
         assert httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code == 401
         ok = httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": "Bearer sekret"}, timeout=60)
@@ -290,12 +278,3 @@ def test_entrypoint_serves_with_the_kv_budget_and_api_key_from_the_environment(c
         # (VLLM_CPU_KVCACHE_SPACE=1 was in the environment and must not have won)
         info = parse_cache_info(httpx.get(f"{base}/metrics", timeout=10).text)
         assert int(info["num_gpu_blocks"]) == (64 * 2**20) // (128 * 2 * 2 * (8 + 32) * 4)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()

@@ -31,7 +31,7 @@ from thinkeys.cli import main
 from thinkeys.loadtest.ramp import Workload, run_step, build_prompts, wait_until_idle
 from thinkeys.loadtest.report import LoadTestReport
 from thinkeys.loadtest.server_metrics import parse_metrics, PREEMPTIONS, RUNNING, WAITING, KV_USAGE
-from thinkeys.loadtest.servers import own_process_group, start_servers
+from thinkeys.loadtest.servers import Launch, free_port, own_process_group, run_servers, start_servers
 from thinkeys.loadtest.target import discover, normalize_base_url
 
 KV_BUDGET = "768K"
@@ -79,6 +79,22 @@ def test_servers_lead_their_own_process_group_in_the_clients_session():
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_server_that_dies_or_never_gets_healthy_is_named_and_stopped(tmp_path):
+    def launch(label: str, code: str) -> Launch:
+        return Launch(label, "m", [sys.executable, "-c", code], dict(os.environ), free_port(), tmp_path / f"{label}.log")
+
+    with pytest.raises(ThinKeyError, match=r"(?s)server 'dies' \(m\) exited with code 3 before it was healthy.*out of memory"):
+        with run_servers([launch("dies", "import sys; print('out of memory'); sys.exit(3)")]):
+            pass
+    pid_file = tmp_path / "pid"
+    sleeper = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    with pytest.raises(ThinKeyError, match=r"server\(s\) \['mute'\] not healthy after 2 s"):
+        with run_servers([launch("mute", sleeper)], startup_timeout_s=2):
+            pass
+    with pytest.raises(ProcessLookupError):  # stopped on the way out
+        os.kill(int(pid_file.read_text()), 0)
 
 
 def test_urls_are_normalized_and_non_urls_refused():

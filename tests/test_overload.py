@@ -21,7 +21,8 @@ import time
 import httpx
 import pytest
 
-from robustness import cache_info, finished, idle, metric, metrics, record, start_servers, wait_until
+from robustness import cache_info, finished, idle, metric, metrics, record, wait_until
+from server import start_servers
 
 pytestmark = pytest.mark.engine
 

@@ -1,9 +1,11 @@
-"""Start local ``thinkeys serve`` servers for ``thinkeys loadtest compare``, and always stop them.
+"""Start local servers, wait until they are healthy, and always stop them.
 
-Each server is a real ``thinkeys serve`` subprocess (the same command users and the container run)
-bound to 127.0.0.1 on a free port, in its own process group so that stopping it also stops vLLM's
-engine-core and worker processes (see :func:`own_process_group`). All servers of a comparison get the same KV-cache budget
-(``--kv-cache-memory-bytes``) and the same vLLM flags; only the checkpoint differs.
+:func:`start_servers` is what ``thinkeys loadtest compare`` uses: one real ``thinkeys serve``
+subprocess per checkpoint (the same command users and the container run), bound to 127.0.0.1 on
+a free port, all with the same KV-cache budget (``--kv-cache-memory-bytes``) and vLLM flags; only
+the checkpoint differs. :func:`run_servers` is the general launcher under it (also used by the
+tests and scripts for any server command): each process leads its own process group, so stopping
+it also stops vLLM's engine-core and worker processes (see :func:`own_process_group`).
 
 On the CPU build ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB) would override ``--kv-cache-memory-bytes``
 (vLLM's CPU platform applies it after argument parsing), so it is removed from the servers'
@@ -100,31 +102,36 @@ def _tail(path: Path, chars: int = 3000) -> str:
         return ""
 
 
+@dataclass
+class Launch:
+    """One server process to start: its command, environment, port and log file."""
+
+    label: str
+    model: str
+    command: list[str]
+    env: dict[str, str]
+    port: int
+    log_path: Path
+
+
 @contextlib.contextmanager
-def start_servers(
-    models: list[tuple[str, str]],
-    *,
-    kv_cache_memory: str,
-    max_model_len: int,
-    extra_args: list[str],
-    log_dir: Path,
-    startup_timeout_s: float = 900,
-) -> Iterator[list[LocalServer]]:
-    """Start one server per ``(label, model)`` at once, wait until all answer ``/health``, stop all on exit."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # a real server, as users run it
+def run_servers(launches: list[Launch], *, startup_timeout_s: float = 900) -> Iterator[list[LocalServer]]:
+    """Start every launch at once (their start-ups overlap), wait until all answer ``/health``, stop all on exit.
+
+    A server that exits or stays unhealthy past ``startup_timeout_s`` raises :class:`ThinKeyError`
+    naming it and quoting the end of its log; every process group started is stopped either way.
+    """
     servers: list[LocalServer] = []
     logs = []
     try:
-        for label, model in models:
-            port = free_port()
-            log_path = log_dir / f"server-{label}.log"
-            log = open(log_path, "w")
+        for launch in launches:
+            launch.log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(launch.log_path, "w")
             logs.append(log)
-            cmd = server_command(model, port=port, served_model_name=label, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len, extra_args=extra_args)
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, **own_process_group())
-            servers.append(LocalServer(label, model, f"http://{HOST}:{port}", log_path, proc))
+            proc = subprocess.Popen(
+                launch.command, stdout=log, stderr=subprocess.STDOUT, env=launch.env, **own_process_group()
+            )
+            servers.append(LocalServer(launch.label, launch.model, f"http://{HOST}:{launch.port}", launch.log_path, proc))
         deadline = time.monotonic() + startup_timeout_s
         waiting = list(servers)
         while waiting:
@@ -142,9 +149,39 @@ def start_servers(
                     f"server(s) {[s.label for s in waiting]} not healthy after {startup_timeout_s:.0f} s; "
                     f"see {waiting[0].log_path}:\n{_tail(waiting[0].log_path)}"
                 )
-            time.sleep(1)
+            if waiting:
+                time.sleep(1)
         yield servers
     finally:
         stop_all([server.process for server in servers])
         for log in logs:
             log.close()
+
+
+def serve_env(**overrides: str) -> dict[str, str]:
+    """This process's environment for a real server: multiprocess engine (as users run it) plus ``overrides``."""
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    return {**env, **overrides}
+
+
+@contextlib.contextmanager
+def start_servers(
+    models: list[tuple[str, str]],
+    *,
+    kv_cache_memory: str,
+    max_model_len: int,
+    extra_args: list[str],
+    log_dir: Path,
+    startup_timeout_s: float = 900,
+) -> Iterator[list[LocalServer]]:
+    """Start one ``thinkeys serve`` per ``(label, model)`` with the same KV budget and flags; stop all on exit."""
+    env = serve_env()
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # would override --kv-cache-memory-bytes (module docstring)
+    launches = []
+    for label, model in models:
+        port = free_port()
+        cmd = server_command(model, port=port, served_model_name=label, kv_cache_memory=kv_cache_memory,
+                             max_model_len=max_model_len, extra_args=extra_args)  # fmt: skip
+        launches.append(Launch(label, model, cmd, env, port, log_dir / f"server-{label}.log"))
+    with run_servers(launches, startup_timeout_s=startup_timeout_s) as servers:
+        yield servers

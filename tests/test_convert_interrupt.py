@@ -33,10 +33,15 @@ PHASES = {"reading": "load_state_dict", "writing": "save_state_dict", "complete"
 
 DRIVER = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     from pathlib import Path
     from thinkeys import hf_io
     from thinkeys.cli import main
+
+    # As in a terminal, whatever this test process inherited: a runner started with nohup or in the
+    # background of a non-interactive shell ignores SIGINT, and Python then never raises KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     marker, function, argv = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
     real = getattr(hf_io, function)

@@ -26,7 +26,6 @@ import csv
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -192,11 +191,10 @@ def cmd_recover(args: argparse.Namespace) -> None:
 @contextlib.contextmanager
 def served(model_dir: Path, name: str, log_path: Path, kv_gib: int = 2):
     """A real `thinkeys serve` subprocess with an explicit KV budget; yields its URL, stops it afterwards."""
-    from thinkeys.loadtest.servers import HOST, Launch, free_port, run_servers, serve_env
+    from thinkeys.loadtest.servers import Launch, free_port, run_servers, serve_env, server_command
 
     port = free_port()
-    cmd = [sys.executable, "-m", "thinkeys.cli", "serve", str(model_dir), "--host", HOST, "--port", str(port),
-           "--served-model-name", name, "--max-model-len", "2048"]
+    cmd = server_command(str(model_dir), port=port, served_model_name=name, max_model_len=2048)
     launch = Launch(name, str(model_dir), cmd, serve_env(VLLM_CPU_KVCACHE_SPACE=str(kv_gib)), port, log_path)
     with run_servers([launch], startup_timeout_s=1800) as (server,):
         yield server.base_url

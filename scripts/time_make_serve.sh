@@ -16,8 +16,12 @@ make setup >"$work/setup.log" 2>&1
 t1=$(now)
 make convert >"$work/convert.log" 2>&1
 t2=$(now)
-setsid make serve PORT="$port" >"$work/serve.log" 2>&1 &
+# its own process group (kill -- -PID stops vLLM's engine processes too) in this session: a server in a
+# session of its own can starve this script of CPU (see own_process_group in plugin/thinkeys/loadtest/servers.py)
+set -m
+make serve PORT="$port" >"$work/serve.log" 2>&1 &
 server_pid=$!
+set +m
 until curl -sf "http://127.0.0.1:$port/health" >/dev/null; do
   kill -0 $server_pid 2>/dev/null || { tail -40 "$work/serve.log"; exit 1; }
   sleep 1

@@ -7,12 +7,11 @@ with the tests' defaults: float32, max_model_len 512, eager mode, a KV budget in
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from thinkeys.loadtest.servers import HOST, Launch, LocalServer, free_port, run_servers, serve_env
+from thinkeys.loadtest.servers import Launch, free_port, run_servers, serve_env, server_command
 
 STARTUP_TIMEOUT_S = 600  # ~1 min on an idle 2-core machine; far more under load
 
@@ -23,7 +22,6 @@ class ServedModel:
     model_dir: Path
     served_model_name: str
     log_path: Path
-    server: LocalServer
 
 
 def server_launch(
@@ -32,13 +30,8 @@ def server_launch(
 ) -> Launch:  # fmt: skip
     """The ``thinkeys serve`` launch of ``model_dir`` with the tests' defaults."""
     port = free_port()
-    cmd = [
-        sys.executable, "-m", "thinkeys.cli", "serve", str(model_dir),
-        "--host", HOST, "--port", str(port),
-        "--served-model-name", served_model_name,
-        "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
-        *(extra_args or []),
-    ]  # fmt: skip
+    cmd = server_command(str(model_dir), port=port, served_model_name=served_model_name, max_model_len=512,
+                         extra_args=["--dtype", "float32", "--enforce-eager", *(extra_args or [])])  # fmt: skip
     full_env = serve_env(VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib), **(env or {}))
     return Launch(served_model_name, str(model_dir), cmd, full_env, port, log_path)
 
@@ -47,7 +40,7 @@ def server_launch(
 def start_servers(specs: list[dict]) -> Iterator[list[ServedModel]]:
     """Serve every ``server_launch(**spec)`` at once (start-ups overlap); stop all on exit."""
     with run_servers([server_launch(**spec) for spec in specs], startup_timeout_s=STARTUP_TIMEOUT_S) as servers:
-        yield [ServedModel(s.base_url, Path(s.model), s.label, s.log_path, s) for s in servers]
+        yield [ServedModel(s.base_url, Path(s.model), s.label, s.log_path) for s in servers]
 
 
 @contextlib.contextmanager

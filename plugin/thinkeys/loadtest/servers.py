@@ -62,15 +62,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(model: str, *, port: int, served_model_name: str, kv_cache_memory: str, max_model_len: int, extra_args: list[str]) -> list[str]:
+def server_command(
+    model: str, *, port: int, served_model_name: str, max_model_len: int,
+    kv_cache_memory: str | None = None, extra_args: list[str] = (),
+) -> list[str]:  # fmt: skip
+    """``thinkeys serve MODEL`` on ``HOST:port``; without ``kv_cache_memory`` the environment's budget holds."""
+    kv_budget = ["--kv-cache-memory-bytes", str(kv_cache_memory)] if kv_cache_memory is not None else []
     return [
-        sys.executable, "-m", "thinkeys.cli", "serve", model,
+        sys.executable, "-m", "thinkeys.cli", "serve", str(model),
         "--host", HOST, "--port", str(port),
         "--served-model-name", served_model_name,
-        "--kv-cache-memory-bytes", str(kv_cache_memory),
+        *kv_budget,
         "--max-model-len", str(max_model_len),
         *extra_args,
-    ]
+    ]  # fmt: skip
 
 
 def stop_all(procs: list[subprocess.Popen], grace_s: float = 30) -> None:

@@ -113,10 +113,8 @@ def convert_strategy(strategy: str, rank: int, dst: Path) -> dict[str, Any]:
 
 
 def cmd_before(args: argparse.Namespace) -> None:
-    import torch
-
     from thinkeys.convert.calibration import Calibration
-    from thinkeys.convert.rebuild import rebuild_maps, rebuild_model
+    from thinkeys.convert.rebuild import rebuild_model
 
     rows = load_json("before.json", {"rows": []})
     done = {(r["strategy"], r["rank"]) for r in rows["rows"]}

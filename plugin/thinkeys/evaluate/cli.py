@@ -4,7 +4,10 @@
 ``thinkeys eval ppl --server URL --served-model NAME --text FILE``
                                                   the same windows through a running vLLM server
 
-Both print the same result (a table, or ``--json``); see :mod:`thinkeys.evaluate.perplexity`.
+``thinkeys eval chat --model PATH [--references data/chat/eval.jsonl]``
+                                                  chat fidelity (see :mod:`thinkeys.evaluate.chat`)
+
+The ppl commands print the same result (a table, or ``--json``); see :mod:`thinkeys.evaluate.perplexity`.
 """
 
 from __future__ import annotations
@@ -37,8 +40,22 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     ppl.add_argument("--concurrency", type=int, default=4, help="windows in flight at once (--server only, default 4)")
     ppl.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
 
+    chat = sub.add_parser(
+        "chat",
+        help="chat fidelity against the original's greedy answers (teacher-forced PPL, top-1, loops)",
+        description="Score a model on the original model's greedy answers to held-out prompts (data/chat/eval.jsonl "
+        "from `thinkeys chat-data`): answer perplexity, top-1 agreement, and whether its own greedy answers loop.",
+    )
+    chat.add_argument("--model", type=Path, required=True, help="checkpoint folder (thin-key or stock), run in PyTorch fp32")
+    chat.add_argument("--references", type=Path, default=Path("data/chat/eval.jsonl"), help="(default %(default)s)")
+    chat.add_argument("--max-new-tokens", type=int, default=128, help="greedy answer cap for the loop check (default %(default)s)")
+    chat.add_argument("--no-generate", action="store_true", help="skip the greedy answers (teacher-forced scores only)")
+    chat.add_argument("--json", type=Path, help="also write the full result (every answer) to this JSON file")
+
 
 def run(args: argparse.Namespace) -> int:
+    if args.eval_command == "chat":
+        return run_chat(args)
     if args.eval_command != "ppl":  # argparse enforces the choice; kept for new subcommands
         raise ThinKeyError(f"unknown eval command {args.eval_command!r}")
     if (args.model is None) == (args.server is None):
@@ -66,4 +83,17 @@ def run(args: argparse.Namespace) -> int:
             workers=args.concurrency,
         )
     print(result.model_dump_json(indent=2) if args.json else result.table())
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from thinkeys.evaluate.chat import chat_fidelity
+
+    result = chat_fidelity(args.model, args.references, generate=not args.no_generate, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(result.model_dump_json(indent=2) + "\n")
+    loops = "-" if result.loops is None else f"{result.loops}/{result.prompts}"
+    print(f"model {result.model}: answer PPL {result.answer_ppl:.4f} over {result.answer_tokens} reference tokens, "
+          f"top-1 agreement {result.top1:.1%}, looping greedy answers {loops} ({result.seconds:.0f} s)")
     return 0

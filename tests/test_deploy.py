@@ -278,3 +278,28 @@ def test_entrypoint_serves_with_the_kv_budget_and_api_key_from_the_environment(c
         # (VLLM_CPU_KVCACHE_SPACE=1 was in the environment and must not have won)
         info = parse_cache_info(httpx.get(f"{base}/metrics", timeout=10).text)
         assert int(info["num_gpu_blocks"]) == (64 * 2**20) // (128 * 2 * 2 * (8 + 32) * 4)
+
+
+def test_entrypoint_serves_recovered_weights_from_a_delta_and_falls_back_to_converting(checkpoints, tmp_path):
+    from thinkeys.recovered import make_delta
+
+    delta = tmp_path / "tiny-recovered.safetensors"
+    make_delta(checkpoints["llama-thin"], checkpoints["llama"], delta, license="test", regenerate="pytest")
+    env = _entrypoint_env(checkpoints["llama"], tmp_path / "cache", THINKEYS_RECOVERED=str(delta))
+    applied = subprocess.run(["bash", str(ENTRYPOINT), "--print-command"], capture_output=True, text=True, env=env, timeout=300)
+    assert applied.returncode == 0, applied.stderr
+    rebuilt = tmp_path / "cache" / "llama-tiny-recovered"
+    assert f"--model {rebuilt} " in applied.stdout and "applying recovered weights" in applied.stderr
+    assert json.loads((rebuilt / "config.json").read_text())["thin_keys"] == json.loads((checkpoints["llama-thin"] / "config.json").read_text())["thin_keys"]
+
+    # auto at r = 32 mixed: the shipped default's base is SmolLM2, not this model -> converted instead
+    from tiny_models import _TRAINING_TEXT
+
+    text = tmp_path / "tune.txt"
+    text.write_text(_TRAINING_TEXT * 30)
+    auto = {**env, "THINKEYS_RECOVERED": "auto", "THINKEYS_RANK": "32", "THINKEYS_ROPE": "mixed", "THINKEYS_CALIBRATION": str(text)}
+    fallback = subprocess.run(["bash", str(ENTRYPOINT), "--print-command"], capture_output=True, text=True, env=auto, timeout=600)
+    assert fallback.returncode == 0, fallback.stderr
+    assert "do not apply" in fallback.stderr and f"--model {tmp_path / 'cache' / 'llama-thin-r32-mixed'} " in fallback.stdout
+    bad = subprocess.run(["bash", str(ENTRYPOINT)], capture_output=True, text=True, env={**env, "THINKEYS_RECOVERED": str(tmp_path / "nope.safetensors")})
+    assert bad.returncode == 2 and "no such delta file" in bad.stderr

@@ -1,0 +1,151 @@
+"""The frontier: users per GiB of KV against quality on held-out text and chat, stock vs thin, with and without 8-bit.
+
+    python scripts/quality_frontier.py eval --checkpoint original=models/SmolLM2-135M-Instruct \
+        --checkpoint r32=models/SmolLM2-135M-Instruct-thin-r32-mixed-recovered ...
+    python scripts/quality_frontier.py table --served bench-results/quality/frontier/served.json
+
+``eval`` scores each checkpoint in PyTorch fp32 (``thinkeys eval ppl`` / ``thinkeys eval chat``) on the
+first 2,048 tokens (windows of 512) of three held-out texts no conversion or recovery step read:
+Wikipedia eval articles (``data/wiki/eval.txt``), the King James Bible from Acts and quotations from
+``fortunes`` (``data/heldout/``, ``thinkeys fetch --heldout``), and chat fidelity on the original's
+greedy answers to 36 held-out prompts (``data/chat/eval.jsonl``). One JSON per checkpoint in
+``bench-results/quality/frontier/evals/`` (skipped when present: the run resumes).
+
+``table`` joins them with the KV accounting (``thinkeys.planner.make_plan``, the figures vLLM's engine
+allocates: tests/test_accounting.py and tests/test_engine.py hold the two equal) at 1 GiB of KV and
+2,048-token users, and with served 8-bit perplexities when given, into ``frontier.md``, ``frontier.json``
+and ``frontier.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+OUT = Path("bench-results/quality/frontier")
+TEXTS = {"wiki": "data/wiki/eval.txt", "kjv": "data/heldout/kjv.txt", "fortunes": "data/heldout/fortunes.txt"}
+MAX_TOKENS, WINDOW = 2048, 512
+
+
+def machine() -> str:
+    from thinkeys.loadtest.report import Machine
+
+    m = Machine.here()
+    return f"{m.cpu}, {m.cores} cores, {m.memory_gib:.0f} GiB, no GPU; vLLM {m.vllm}"
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from thinkeys.evaluate.chat import chat_fidelity
+    from thinkeys.evaluate.torch_backend import perplexity_torch
+
+    (OUT / "evals").mkdir(parents=True, exist_ok=True)
+    for spec in args.checkpoint:
+        label, path = spec.split("=", 1)
+        dest = OUT / "evals" / f"{label}.json"
+        if dest.is_file() and not args.force:
+            print(f"{label}: {dest} exists, skipped")
+            continue
+        started = time.perf_counter()
+        result = {"label": label, "checkpoint": path, "ppl": {}}
+        for name, text in TEXTS.items():
+            r = perplexity_torch(path, text, window=WINDOW, max_tokens=MAX_TOKENS)
+            result["ppl"][name] = r.ppl
+            print(f"{label}: {name} PPL {r.ppl:.3f}")
+        chat = chat_fidelity(path, args.references, max_new_tokens=args.max_new_tokens)
+        result["chat"] = {"answer_ppl": chat.answer_ppl, "top1": chat.top1, "loops": chat.loops, "prompts": chat.prompts,
+                          "answer_tokens": chat.answer_tokens,
+                          "greedy": {a.prompt: a.greedy for a in chat.answers[:4]}}
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        result["machine"] = machine()
+        dest.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{label}: chat answer PPL {chat.answer_ppl:.3f}, top-1 {chat.top1:.1%}, loops {chat.loops}/{chat.prompts}")
+
+
+# (row label, eval label, rank or None for stock, KV cache dtype); 8-bit rows reuse the weights' eval
+ROWS = [
+    ("stock", "original", None, "auto"),
+    ("stock + fp8 (vLLM's own)", "original", None, "fp8"),
+    ("stock + int8/token-head (ours, r = d)", "original", 64, "int8_per_token_head"),
+    ("thin r = 32 (default)", "r32", 32, "auto"),
+    ("thin r = 32 + int8/token-head", "r32", 32, "int8_per_token_head"),
+    ("thin r = 32 + fp8", "r32", 32, "fp8"),
+    ("thin r = 16", "r16", 16, "auto"),
+    ("thin r = 16 + int8/token-head", "r16", 16, "int8_per_token_head"),
+    ("thin r = 16 + fp8", "r16", 16, "fp8"),
+]
+
+
+def cmd_table(args: argparse.Namespace) -> None:
+    from thinkeys.planner import make_plan
+
+    evals = {p.stem: json.loads(p.read_text()) for p in sorted((OUT / "evals").glob("*.json"))}
+    served = json.loads(Path(args.served).read_text()) if args.served else {}
+    base = evals["original"]
+    stock_tokens = make_plan("smollm2-135m", rank=64, kv_memory="1GiB", context=2048).capacity_tokens.stock
+    rows = []
+    for label, ev, rank, kv in ROWS:
+        if ev not in evals:
+            continue
+        e = evals[ev]
+        plan = make_plan("smollm2-135m", rank=rank or 64, kv_memory="1GiB", context=2048, kv_dtype=kv)
+        tokens = plan.capacity_tokens.thin if (rank or kv != "auto") else plan.capacity_tokens.stock
+        row = {"config": label, "checkpoint": e["checkpoint"], "kv_cache_dtype": kv, "kv_tokens_1gib": tokens,
+               "users_2k": tokens // 2048, "users_x": tokens / stock_tokens,
+               "ppl": e["ppl"], "ppl_cost": {k: e["ppl"][k] / base["ppl"][k] - 1 for k in e["ppl"]},
+               "chat_ratio": e["chat"]["answer_ppl"] / base["chat"]["answer_ppl"], "chat_top1": e["chat"]["top1"],
+               "chat_loops": e["chat"]["loops"], "served_wiki_ppl": served.get(label)}
+        rows.append(row)
+    (OUT / "frontier.json").write_text(json.dumps({"machine": machine(), "kv_memory": "1 GiB", "context": 2048,
+                                                   "rows": rows}, indent=2) + "\n")
+    lines = ["| configuration | KV tokens / GiB | users x | Wikipedia | KJV | fortunes | chat answer PPL x | chat top-1 | loops | served Wikipedia PPL |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cost = " | ".join(f"{r['ppl'][k]:.2f} ({r['ppl_cost'][k]:+.1%})" for k in TEXTS)
+        served_ppl = f"{r['served_wiki_ppl']:.3f}" if r["served_wiki_ppl"] else "-"
+        lines.append(f"| {r['config']} | {r['kv_tokens_1gib']:,} | {r['users_x']:.2f}x | {cost} | {r['chat_ratio']:.3f}x | "
+                     f"{r['chat_top1']:.1%} | {r['chat_loops']}/36 | {served_ppl} |")
+    (OUT / "frontier.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(rows)
+
+
+def plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, (key, title) in zip(axes, [("wiki", "held-out Wikipedia PPL cost"), ("chat", "chat answer PPL ratio - 1")]):
+        for r in rows:
+            y = 100 * (r["ppl_cost"]["wiki"] if key == "wiki" else r["chat_ratio"] - 1)
+            marker = "s" if "int8" in r["kv_cache_dtype"] else ("^" if "fp8" in r["kv_cache_dtype"] else "o")
+            ax.scatter(r["users_x"], y, marker=marker, s=60)
+            ax.annotate(r["config"], (r["users_x"], y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel("users in the same KV memory (x stock bf16)")
+        ax.set_ylabel(f"{title} (%)")
+        ax.grid(alpha=0.3)
+        ax.set_title(title)
+    fig.suptitle("SmolLM2-135M-Instruct: users per GiB vs quality (o bf16 cache, s int8/token-head, ^ fp8)")
+    fig.tight_layout()
+    fig.savefig(OUT / "frontier.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("eval")
+    e.add_argument("--checkpoint", action="append", required=True, help="LABEL=PATH (labels: original, r32, r16, ...)")
+    e.add_argument("--references", default="data/chat/eval.jsonl")
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--force", action="store_true")
+    t = sub.add_parser("table")
+    t.add_argument("--served", help="JSON {row label: served Wikipedia PPL} from scripts/kv_options_server.sh runs")
+    args = parser.parse_args()
+    {"eval": cmd_eval, "table": cmd_table}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -22,6 +22,13 @@ since they do not count time the process waited for a core. Ratios are thin / st
     python scripts/bench_engine.py                                   # default models and table
     python scripts/bench_engine.py --batches 1,8 --contexts 512      # a subset
     python scripts/bench_engine.py --json bench-results/speed/engine.json
+    python scripts/bench_engine.py --kv-cache-dtypes auto,int8_per_token_head:fp8,fp8 --cases 1x512,8x2048
+
+Axes besides (batch, context): ``--dtypes`` (the model dtype of both engines) and
+``--kv-cache-dtypes`` (``THIN[:STOCK]``: the thin engine's cache dtype and the stock engine's,
+default the same; e.g. ``int8_per_token_head:fp8`` pits our int8 cache against vLLM's own fp8
+cache, since CPU_ATTN has no int8 one). Each (dtype, cache dtype) pair gets a fresh pair of engines;
+stock and thin are interleaved within it, the pairs run one after the other.
 
 The default thin checkpoint comes from ``thinkeys fetch`` and
 ``thinkeys convert models/SmolLM2-135M-Instruct models/SmolLM2-135M-Instruct-thin-r16-pairs --rank 16``.
@@ -184,6 +191,9 @@ class Engine:
 class CaseResult:
     batch: int
     context: int
+    dtype: str
+    thin_kv_cache_dtype: str
+    stock_kv_cache_dtype: str
     stock_prefill_tok_s: float
     thin_prefill_tok_s: float
     stock_prefill_cpu_tok_s: float
@@ -207,7 +217,7 @@ def kv_budget_gib(model: Path, batch: int, context: int, args) -> int:
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     key_width = cfg.get("thin_keys", {}).get("rank", head_dim)
     kv_heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    dtype_bytes = 4 if args.dtype in ("float32", "float") else 2
+    dtype_bytes = 4 if "float32" in args.dtype or args.dtype == "float" else 2
     per_token = cfg["num_hidden_layers"] * kv_heads * (key_width + head_dim) * dtype_bytes
     block = 128
     tokens_per_request = -(-(context + args.rounds * args.decode_steps + 16) // block) * block
@@ -237,7 +247,7 @@ def prefill_interleaved(engines: dict[str, Engine], args) -> dict[str, list[tupl
     return times
 
 
-def run_case(engines: dict[str, Engine], batch: int, context: int, args, seed: int) -> CaseResult:
+def run_case(engines: dict[str, Engine], batch: int, context: int, args, seed: int, variant=("", "", "")) -> CaseResult:
     prompts = random_prompts(batch, context, args.vocab, seed)
     max_tokens = args.max_model_len - context
     tokens = batch * context
@@ -264,25 +274,26 @@ def run_case(engines: dict[str, Engine], batch: int, context: int, args, seed: i
     pre = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in prefill_rates.items()}
     dec = {k: (batch / statistics.median(w for w, _ in v), batch / statistics.median(c for _, c in v)) for k, v in decode.items()}
     return CaseResult(
-        batch, context,
+        batch, context, *variant,
         pre["stock"][0], pre["thin"][0], pre["stock"][1], pre["thin"][1],
         dec["stock"][0], dec["thin"][0], dec["stock"][1], dec["thin"][1],
         args.rounds * args.decode_steps, repeats,
     )
 
 
-def print_table(results: list[CaseResult], engines: dict[str, Engine]) -> None:
+def print_table(results: list[CaseResult], engine_infos: list[dict]) -> None:
     print()
-    for key, e in engines.items():
-        i = e.info
-        print(f"{key}: {i['model']} ({i['attention_backend']}, {i['dtype']}, block {i['block_size']}, "
-              f"{i['kv_cache_tokens']} KV tokens, max {i['max_num_batched_tokens']} tokens/step)")
-    head = (f"{'batch':>5}{'ctx':>6} | {'decode tok/s: stock':>19}{'thin':>8}{'ratio':>7}{'(cpu)':>8} | "
+    for info in engine_infos:
+        for key, i in info.items():
+            print(f"{key}: {i['model']} ({i['attention_backend']}, {i['dtype']}, cache {i.get('kv_cache_dtype')}, "
+                  f"block {i['block_size']}, {i['kv_cache_tokens']} KV tokens, max {i['max_num_batched_tokens']} tokens/step)")
+    head = (f"{'dtype':>9}{'cache thin:stock':>30}{'batch':>6}{'ctx':>6} | {'decode tok/s: stock':>19}{'thin':>8}{'ratio':>7}{'(cpu)':>8} | "
             f"{'prefill tok/s: stock':>20}{'thin':>8}{'ratio':>7}{'(cpu)':>8}")
     print(head)
     print("-" * len(head))
     for r in results:
-        print(f"{r.batch:>5}{r.context:>6} | {r.stock_decode_tok_s:>19.1f}{r.thin_decode_tok_s:>8.1f}"
+        cache = f"{r.thin_kv_cache_dtype}:{r.stock_kv_cache_dtype}"
+        print(f"{r.dtype:>9}{cache:>30}{r.batch:>6}{r.context:>6} | {r.stock_decode_tok_s:>19.1f}{r.thin_decode_tok_s:>8.1f}"
               f"{r.ratio('decode_tok_s'):>6.2f}x{r.ratio('decode_cpu_tok_s'):>7.2f}x | "
               f"{r.stock_prefill_tok_s:>20.1f}{r.thin_prefill_tok_s:>8.1f}{r.ratio('prefill_tok_s'):>6.2f}x"
               f"{r.ratio('prefill_cpu_tok_s'):>7.2f}x")
@@ -295,18 +306,22 @@ def plot(results: list[CaseResult], args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"b={r.batch}\nctx={r.context}" for r in results]
+    def label(r: CaseResult) -> str:
+        cache = r.thin_kv_cache_dtype if r.thin_kv_cache_dtype == r.stock_kv_cache_dtype else f"{r.thin_kv_cache_dtype}\nvs {r.stock_kv_cache_dtype}"
+        return f"{r.dtype}\n{cache}\nb={r.batch} ctx={r.context}"
+
+    labels = [label(r) for r in results]
     x = range(len(results))
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(results)), 4), sharey=True)
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.1 * len(results)), 8), sharey=True)
     for ax, what, goal in ((axes[0], "decode", 1.0), (axes[1], "prefill", 0.9)):
         ax.bar([i - 0.2 for i in x], [r.ratio(f"{what}_cpu_tok_s") for r in results], 0.4, label="CPU time")
         ax.bar([i + 0.2 for i in x], [r.ratio(f"{what}_tok_s") for r in results], 0.4, label="wall time", alpha=0.6)
         ax.axhline(goal, color="black", linewidth=0.8, linestyle="--", label=f"goal {goal}x")
-        ax.set_xticks(list(x), labels, fontsize=8)
+        ax.set_xticks(list(x), labels, fontsize=6)
         ax.set_title(f"{what} tok/s, thin / stock", fontsize=9)
     axes[0].set_ylabel("throughput ratio (> 1: thin faster)")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Whole vLLM engine on CPU: {args.thin.name} vs {args.stock.name} ({args.dtype})", fontsize=9)
+    fig.suptitle(f"Whole vLLM engine on CPU: {args.thin.name} vs {args.stock.name}", fontsize=9)
     fig.tight_layout()
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.plot, dpi=120)
@@ -319,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thin", type=Path, default=DEFAULT_THIN, help="its thin-key conversion")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--contexts", default="512,2048")
+    p.add_argument("--cases", default=None, help="BATCHxCONTEXT list (e.g. 1x512,8x2048) instead of --batches x --contexts")
+    p.add_argument("--kv-cache-dtypes", default="auto",
+                   help="comma list of THIN[:STOCK] cache dtypes, one engine pair each (e.g. auto,int8_per_token_head:fp8,fp8)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved decode rounds per case")
     p.add_argument("--decode-steps", type=int, default=8, help="decode steps per engine per round")
     p.add_argument("--prefill-chunk", type=int, default=2, help="prefill steps per engine per turn")
@@ -328,9 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-gib", type=int, default=None,
                    help="VLLM_CPU_KVCACHE_SPACE of both engines (default: the smallest whole GiB that holds the "
                         "stock model's largest batch x (context + decoded tokens))")
-    p.add_argument("--dtype", default="float32",
+    p.add_argument("--dtypes", "--dtype", dest="dtype", default="float32",
                    help="engine dtype (default float32: on CPUs without AVX512-BF16/AMX, vLLM's bf16 linear layers "
-                        "fall back to a slow PyTorch path that hides everything else; 'auto' = the model's bf16)")
+                        "fall back to a slow PyTorch path that hides everything else; 'auto' = the model's bf16); "
+                        "a comma list runs one engine pair per dtype")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--threads", type=int, default=1, help="OpenMP threads per engine (default 1, as served on 2 cores)")
     p.add_argument("--vocab", type=int, default=49152, help="prompt token ids are drawn below this")
@@ -344,39 +363,51 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path} is not a model folder: run `thinkeys fetch` and `thinkeys convert "
                   f"{DEFAULT_STOCK} {DEFAULT_THIN} --rank 16` (or pass --stock/--thin)", file=sys.stderr)
             return 2
-    batches = [int(x) for x in args.batches.split(",")]
-    contexts = [int(x) for x in args.contexts.split(",")]
-    # one budget for both (what the stock model needs for the largest case); capacity does not change speed
+    if args.cases:
+        cases = [tuple(int(v) for v in c.lower().split("x")) for c in args.cases.split(",")]
+    else:
+        cases = [(int(b), int(c)) for c in args.contexts.split(",") for b in args.batches.split(",")]
+    batches = [b for b, _ in cases]
+    contexts = [c for _, c in cases]
+    # one budget for every engine (what the stock model needs for the largest case); capacity does not change speed
     kv_cache_gib = args.kv_cache_gib or kv_budget_gib(args.stock, max(batches), max(contexts), args)
-    engine_kwargs = dict(
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        enable_prefix_caching=False,
-        max_num_seqs=max(batches),
-        seed=0,
-        enforce_eager=args.enforce_eager,
-    )
+    variants = []
+    for dtype in args.dtype.split(","):
+        for pair in args.kv_cache_dtypes.split(","):
+            thin_kv, _, stock_kv = pair.partition(":")
+            variants.append((dtype, thin_kv, stock_kv or thin_kv))
     from tqdm import tqdm
 
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_attention import machine_info, write_json
 
     machine_at_start = machine_info()
-    engines = {"stock": Engine("stock", args.stock, kv_cache_gib, args.threads, engine_kwargs),
-               "thin": Engine("thin", args.thin, kv_cache_gib, args.threads, engine_kwargs)}
     results: list[CaseResult] = []
-    try:
-        for e in engines.values():
-            e.wait_ready()
-        # warm-up: one small case, not reported
-        run_case(engines, 2, 64, argparse.Namespace(**{**vars(args), "rounds": 1, "decode_steps": 4}), seed=-1)
-        cases = [(b, c) for c in contexts for b in batches]
-        for i, (b, c) in enumerate(tqdm(cases, desc="engine cases", file=sys.stderr)):
-            results.append(run_case(engines, b, c, args, seed=i))
-    finally:
-        for e in engines.values():
-            e.close()
-    print_table(results, engines)
+    engine_infos: list[dict] = []
+    for dtype, thin_kv, stock_kv in variants:
+        engine_kwargs = dict(
+            dtype=dtype,
+            max_model_len=args.max_model_len,
+            enable_prefix_caching=False,
+            max_num_seqs=max(batches),
+            seed=0,
+            enforce_eager=args.enforce_eager,
+        )
+        engines = {"stock": Engine("stock", args.stock, kv_cache_gib, args.threads, {**engine_kwargs, "kv_cache_dtype": stock_kv}),
+                   "thin": Engine("thin", args.thin, kv_cache_gib, args.threads, {**engine_kwargs, "kv_cache_dtype": thin_kv})}
+        try:
+            for e in engines.values():
+                e.wait_ready()
+                e.info["kv_cache_dtype"] = e.label == "thin" and thin_kv or stock_kv
+            engine_infos.append({k: e.info for k, e in engines.items()})
+            # warm-up: one small case, not reported
+            run_case(engines, 2, 64, argparse.Namespace(**{**vars(args), "rounds": 1, "decode_steps": 4}), seed=-1)
+            for i, (b, c) in enumerate(tqdm(cases, desc=f"{dtype} {thin_kv}:{stock_kv}", file=sys.stderr)):
+                results.append(run_case(engines, b, c, args, seed=i, variant=(dtype, thin_kv, stock_kv)))
+        finally:
+            for e in engines.values():
+                e.close()
+    print_table(results, engine_infos)
     if args.plot:
         plot(results, args)
     if args.json:
@@ -384,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "whole vLLM engine, thin-key checkpoint vs its stock source on CPU_ATTN",
             "command": "python scripts/bench_engine.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": machine_at_start | {"load_average_at_end": os.getloadavg()},
-            "engines": {k: e.info for k, e in engines.items()},
+            "engines": engine_infos,
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("json", "plot")}
             | {"kv_cache_gib": kv_cache_gib},
             "results": [asdict(r) | {"decode_ratio": r.ratio("decode_tok_s"), "decode_ratio_cpu": r.ratio("decode_cpu_tok_s"),

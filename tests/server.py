@@ -26,12 +26,13 @@ class ServedModel:
 
 def server_launch(
     model_dir: Path, log_path: Path, *, served_model_name: str, kv_cache_gib: float = 1,
-    extra_args: list[str] | None = None, env: dict | None = None,
+    extra_args: list[str] | None = None, env: dict | None = None, dtype: str | None = "float32",
 ) -> Launch:  # fmt: skip
-    """The ``thinkeys serve`` launch of ``model_dir`` with the tests' defaults."""
+    """The ``thinkeys serve`` launch of ``model_dir`` with the tests' defaults (``dtype`` None: the host's choice)."""
     port = free_port()
+    dtype_args = ["--dtype", dtype] if dtype else []
     cmd = server_command(str(model_dir), port=port, served_model_name=served_model_name, max_model_len=512,
-                         extra_args=["--dtype", "float32", "--enforce-eager", *(extra_args or [])])  # fmt: skip
+                         extra_args=[*dtype_args, "--enforce-eager", *(extra_args or [])])  # fmt: skip
     full_env = serve_env(VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib), **(env or {}))
     return Launch(served_model_name, str(model_dir), cmd, full_env, port, log_path)
 

@@ -76,6 +76,35 @@ def test_per_token_head_int8_is_closer_than_per_tensor_fp8(engine_runs):
     assert int8 < fp8
 
 
+@pytest.mark.parametrize("kind", ["int8_per_token_head", "fp8"])
+def test_8bit_cache_on_the_kernel_matches_the_pytorch_path(engine_runs, checkpoints, monkeypatch, kind):
+    """The served 8-bit thin model runs on the compiled kernel, and gives the PyTorch path's tokens and logprobs.
+
+    Counts the kernel's attention calls in each engine (in-process engine cores, see engines.py):
+    the kernel engine makes them all, the one started with THINKEYS_ATTENTION_KERNEL=torch none.
+    """
+    from engines import run_engine
+
+    from thinkeys.attention import kernels
+
+    calls = {"n": 0}
+    real = kernels.paged_attention
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "paged_attention", counted)
+    on_kernel = run_engine(checkpoints["llama-thin"], ALL_PROMPTS, kv_cache_dtype=kind)
+    assert calls["n"] > 0, "the 8-bit engine did not run the compiled kernel"
+    calls["n"] = 0
+    monkeypatch.setenv("THINKEYS_ATTENTION_KERNEL", "torch")
+    on_torch = run_engine(checkpoints["llama-thin"], ALL_PROMPTS, kv_cache_dtype=kind)
+    assert calls["n"] == 0, "THINKEYS_ATTENTION_KERNEL=torch still ran the kernel"
+    assert_same(on_kernel, on_torch)
+    assert on_kernel.num_blocks == on_torch.num_blocks == predicted_blocks(checkpoints["llama-thin"], kind)
+
+
 # --- shared K=V checkpoints ---------------------------------------------------------------------
 
 

@@ -1,9 +1,12 @@
 """8-bit KV caches and shared K=V slots in the thin-key backend's paged attention (no engine).
 
-The paged path with an 8-bit cache must equal the float64 reference run on keys and values that were
-quantized and dequantized the same way (written out here independently of ``quant.py``), for every
-8-bit kind the backend takes, decodes mixed with chunked prefills, both cache layouts and GQA. The
-same for shared K=V slots (one vector, rotated when read as a key), plain and 8-bit.
+Both paths with an 8-bit cache (the compiled kernel, which quantizes on write and decodes the slots
+in place, and the PyTorch fallback) must equal the float64 reference run on keys and values that
+were quantized and dequantized the same way (written out here independently of ``quant.py``), for
+every 8-bit kind the backend takes, decodes mixed with chunked prefills, both cache layouts, GQA,
+the kernel's intrinsics and portable loops, and float32 / bfloat16 / float16 activations. The
+kernel's quantizing write stores the same bytes as ``quant.py``. The same reference holds shared
+K=V slots (one vector, rotated when read as a key), plain and 8-bit.
 """
 
 from __future__ import annotations
@@ -12,7 +15,16 @@ import pytest
 import torch
 
 from thinkeys.attention.backend import ThinKeyAttentionBackend, ThinKeyAttentionImpl
-from thinkeys.attention.paged import CacheFormat, build_metadata, paged_attention, write_kv
+from thinkeys.attention import kernels
+from thinkeys.attention.paged import (
+    CacheFormat,
+    build_metadata,
+    paged_attention,
+    paged_attention_torch,
+    use_kernel,
+    write_kv,
+    write_kv_torch,
+)
 from thinkeys.attention.quant import EIGHT_BIT_DTYPES, KVCodec
 from thinkeys.attention.reference import causal_attention
 from thinkeys.rope import apply_thin_rope
@@ -23,15 +35,15 @@ STORAGE = {"int8_per_token_head": torch.int8}  # vLLM's STR_DTYPE_TO_TORCH_DTYPE
 
 def fake_quant(x: torch.Tensor, kind: str, scale: float = 1.0) -> torch.Tensor:
     """What an 8-bit slot gives back for ``x`` [..., width], in float64: the reference's inputs."""
-    x = x.double()
+    x = x.float()  # the write computes in float32: scales, divisions and rounding
     if kind == "int8_per_token_head":
-        s = (x.abs().amax(-1, keepdim=True) / 127).float().double()  # scales are stored as float32
-        return (x / s).round().clamp(-127, 127) * s
+        s = x.abs().amax(-1, keepdim=True) / 127  # scales are stored as float32
+        return (x / s).round().clamp(-127, 127).double() * s.double()
     if kind == "fp8_per_token_head":
-        s = (x.abs().amax(-1, keepdim=True) / 448).float().double()
-        return (x / s).float().to(torch.float8_e4m3fn).double() * s
+        s = x.abs().amax(-1, keepdim=True) / 448
+        return (x / s).to(torch.float8_e4m3fn).double() * s.double()
     f8 = torch.float8_e5m2 if kind == "fp8_e5m2" else torch.float8_e4m3fn
-    return (x.float() / scale).to(f8).double() * scale
+    return (x / scale).to(f8).double() * scale
 
 
 STEPS = {
@@ -41,9 +53,10 @@ STEPS = {
 
 
 def scenario(kind, q_lens, seq_lens, *, shared=False, layout="LBHNC", heads=6, kv_heads=2, r=16, d=32,
-             block_size=16, k_scale=1.0, v_scale=1.0, seed=0):
+             block_size=16, k_scale=1.0, v_scale=1.0, seed=0, dtype=torch.float32, writer=write_kv):
     """Write every request's keys/values in two steps (earlier context, then this step) and build the metadata.
 
+    Keys, values and queries are rounded to ``dtype`` (the activations' dtype) before anything else.
     Returns (query, cache, meta, fmt, expected [T, H, d] float64).
     """
     g = torch.Generator().manual_seed(seed)
@@ -65,13 +78,13 @@ def scenario(kind, q_lens, seq_lens, *, shared=False, layout="LBHNC", heads=6, k
     for i, (q_len, s) in enumerate(zip(q_lens, seq_lens)):
         table[i, : blocks_needed[i]] = perm[used : used + blocks_needed[i]].to(torch.int32)
         used += blocks_needed[i]
-        k = torch.randn(s, kv_heads, r, generator=g) * 3
-        v = k if shared else torch.randn(s, kv_heads, d, generator=g)
-        q = torch.randn(q_len, heads, r, generator=g)
+        k = (torch.randn(s, kv_heads, r, generator=g) * 3).to(dtype)
+        v = k if shared else torch.randn(s, kv_heads, d, generator=g).to(dtype)
+        q = torch.randn(q_len, heads, r, generator=g).to(dtype)
         pos = torch.arange(s)
         slots = table[i, pos // block_size].long() * block_size + pos % block_size
         ctx = s - q_len
-        write_kv(cache, k[:ctx], None if shared else v[:ctx], slots[:ctx], fmt)
+        writer(cache, k[:ctx], None if shared else v[:ctx], slots[:ctx], fmt)
         new.append((k[ctx:], v[ctx:], slots[ctx:]))
         kq = fake_quant(k, kind, k_scale) if kind in EIGHT_BIT_DTYPES else k.double()
         vq = kq if shared else (fake_quant(v, kind, v_scale) if kind in EIGHT_BIT_DTYPES else v.double())
@@ -80,8 +93,8 @@ def scenario(kind, q_lens, seq_lens, *, shared=False, layout="LBHNC", heads=6, k
         queries.append(q)
         expected.append(causal_attention(q.double(), kq, vq, scale=d**-0.5, context=ctx))
     k_new, v_new, slots_new = (torch.cat(t) for t in zip(*new))
-    pad = lambda t: torch.cat([t, torch.full((1, *t.shape[1:]), 9.0)])  # noqa: E731 - one padding token (slot -1)
-    write_kv(cache, pad(k_new), None if shared else pad(v_new), torch.cat([slots_new, torch.tensor([-1])]), fmt)
+    pad = lambda t: torch.cat([t, torch.full((1, *t.shape[1:]), 9.0, dtype=t.dtype)])  # noqa: E731 - one padding token (slot -1)
+    writer(cache, pad(k_new), None if shared else pad(v_new), torch.cat([slots_new, torch.tensor([-1])]), fmt)
     qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
     meta = build_metadata(
         query_start_loc=qsl, seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_table=table,
@@ -90,14 +103,100 @@ def scenario(kind, q_lens, seq_lens, *, shared=False, layout="LBHNC", heads=6, k
     return torch.cat(queries), cache, meta, fmt, torch.cat(expected)
 
 
+@pytest.fixture(scope="module")
+def compiled_kernel():
+    assert kernels.kernel_choice() != "torch", "THINKEYS_ATTENTION_KERNEL=torch disables the kernel these tests check"
+    assert kernels.available(), "the CPU attention kernel did not build (see the warning logged above)"
+
+
+def torch_writer(cache, key, value, slots, fmt):
+    """The PyTorch path's write (what runs when the kernel is not available)."""
+    write_kv_torch(cache, key, value, slots, fmt)
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
 @pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])
 @pytest.mark.parametrize("step", list(STEPS))
 @pytest.mark.parametrize("kind", EIGHT_BIT_DTYPES)
-def test_8bit_cache_matches_reference_of_the_same_quantization(kind, step, layout):
-    query, cache, meta, fmt, expected = scenario(kind, *STEPS[step], layout=layout, k_scale=0.5, v_scale=0.25)
+def test_8bit_cache_matches_reference_of_the_same_quantization(compiled_kernel, kind, step, layout, path):
+    writer = write_kv if path == "kernel" else torch_writer
+    query, cache, meta, fmt, expected = scenario(kind, *STEPS[step], layout=layout, k_scale=0.5, v_scale=0.25, writer=writer)
     out = torch.full((query.shape[0], query.shape[1], 32), float("nan"))
-    paged_attention(query, cache, meta, 32**-0.5, out, fmt)
+    if path == "kernel":
+        assert use_kernel(query, cache, meta, fmt), "paged_attention would not run the compiled kernel here"
+        paged_attention(query, cache, meta, 32**-0.5, out, fmt)
+    else:
+        paged_attention_torch(query, cache, meta, 32**-0.5, out, fmt)
     torch.testing.assert_close(out.double(), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "r,d,heads,kv_heads,block_size",
+    [
+        (16, 64, 9, 3, 128),  # SmolLM2-135M at r = 16 (GQA 3), vLLM's CPU block size: the intrinsics path
+        (32, 64, 9, 3, 32),  # r = 32, the default checkpoint's rank
+        (12, 20, 6, 2, 7),  # portable tails: r, d and the block size not multiples of 8
+        (5, 3, 3, 1, 5),  # MQA, tiny odd widths
+    ],
+)
+@pytest.mark.parametrize("kind", EIGHT_BIT_DTYPES)
+def test_8bit_kernel_shapes(compiled_kernel, kind, r, d, heads, kv_heads, block_size):
+    query, cache, meta, fmt, expected = scenario(
+        kind, [1, 3, 1, 19], [40, 3, 9, 60], r=r, d=d, heads=heads, kv_heads=kv_heads, block_size=block_size,
+        k_scale=2.0, v_scale=0.5, seed=r,
+    )
+    out = torch.full((query.shape[0], heads, d), float("nan"))
+    assert use_kernel(query, cache, meta, fmt)
+    paged_attention(query, cache, meta, d**-0.5, out, fmt)
+    torch.testing.assert_close(out.double(), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("kind", ["int8_per_token_head", "fp8", "fp8_per_token_head"])
+def test_8bit_kernel_half_precision_activations(compiled_kernel, kind, dtype, atol):
+    """bf16/fp16 queries over an 8-bit cache: the kernel decodes to fp32, only the output is rounded."""
+    query, cache, meta, fmt, expected = scenario(kind, *STEPS["mixed"], dtype=dtype, layout="LBNHC")
+    out = torch.full((query.shape[0], query.shape[1], 32), float("nan"), dtype=dtype)
+    assert use_kernel(query, cache, meta, fmt)
+    paged_attention(query, cache, meta, 32**-0.5, out, fmt)
+    torch.testing.assert_close(out.double(), expected, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", EIGHT_BIT_DTYPES)
+def test_kernel_write_stores_the_bytes_of_quant_py(compiled_kernel, kind, dtype, layout):
+    """The kernel's quantizing write and ``KVCodec.encode`` agree byte for byte (scales included)."""
+    g = torch.Generator().manual_seed(5)
+    codec = KVCodec(kind, 12, 40)
+    fmt = CacheFormat(codec, k_scale=0.75, v_scale=1.5)
+    storage = STORAGE.get(kind, torch.uint8)
+    shape = (6, 3, 8, codec.slot_width) if layout == "LBHNC" else (6, 8, 3, codec.slot_width)
+    caches = [torch.zeros(shape, dtype=storage) for _ in range(2)]
+    if layout == "LBNHC":
+        caches = [c.permute(0, 2, 1, 3) for c in caches]
+    # wide dynamic range, exact ties for int8 rounding, zeros (a zero vector's scale is float32's tiny)
+    key = (torch.randn(20, 3, 12, generator=g) * torch.logspace(-3, 2, 12)).to(dtype)
+    value = (torch.randn(20, 3, 40, generator=g) * 4).to(dtype)
+    key[0, 0] = 0
+    value[1, 1, :3] = torch.tensor([127.0, 0.5, -1.5])
+    slots = torch.randperm(48, generator=g)[:17].long()
+    slots[[2, 7]] = -1  # padding tokens; tokens past the mapping (17..19) are ignored too
+    kernels.write_kv(caches[0], key, value, slots, codec.kernel_format, fmt.k_scale, fmt.v_scale)
+    write_kv_torch(caches[1], key, value, slots, fmt)
+    assert torch.equal(caches[0].view(torch.uint8), caches[1].view(torch.uint8))
+    assert int(caches[0].view(torch.uint8).ne(0).any(-1).sum()) >= 15 * 3 - 1  # 15 real tokens x 3 heads (one zero key)
+
+
+def test_kernel_rejects_mismatched_8bit_slots(compiled_kernel):
+    query, cache, meta, fmt, _ = scenario("int8_per_token_head", [1], [3])
+    out = torch.empty(1, 6, 32)
+    with pytest.raises(RuntimeError, match="expected R \\+ D \\+ 8"):
+        kernels.paged_attention(query, cache[..., :-4], meta.block_table, meta.query_start_loc, meta.seq_lens, 1.0, out, "int8_per_token_head")
+    with pytest.raises(RuntimeError, match="1-byte kv_cache"):
+        kernels.paged_attention(query, cache.float(), meta.block_table, meta.query_start_loc, meta.seq_lens, 1.0, out, "fp8_e4m3")
+    with pytest.raises(RuntimeError, match="unknown cache_format 'int4'"):
+        kernels.paged_attention(query, cache, meta.block_table, meta.query_start_loc, meta.seq_lens, 1.0, out, "int4")
 
 
 @pytest.mark.parametrize("kind", ["auto", "int8_per_token_head", "fp8"])

@@ -19,8 +19,8 @@ scales, and of shared K=V caches), the layer's ``_k_scale_float`` / ``_v_scale_f
 ``register_backend`` (in ``thinkeys.register``).
 
 8-bit caches (``--kv-cache-dtype fp8 | fp8_e4m3 | fp8_e5m2 | int8_per_token_head |
-fp8_per_token_head``): keys and values are quantized on write and dequantized on read
-(``quant.py``); they take the PyTorch path, the compiled kernel reads plain float caches only.
+fp8_per_token_head``): keys and values are quantized on write and decoded on read (``quant.py``),
+by the compiled kernel in place (or by the PyTorch path when the kernel is not available).
 """
 
 from __future__ import annotations
@@ -103,17 +103,17 @@ class ThinKeyMetadataBuilder(AttentionMetadataBuilder[ThinPagedMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
         # Built (or loaded from the cache) here, during engine start-up, not on the first request.
-        # 8-bit and shared K=V caches are read by the PyTorch path only.
+        # Shared K=V caches are read by the PyTorch path only.
         self.use_kernel = (
-            self.plain_cache(kv_cache_spec, vllm_config)
+            self.kernel_cache(kv_cache_spec, vllm_config)
             and torch.device(device).type == "cpu"
             and kernels.available()
         )
 
     @staticmethod
-    def plain_cache(kv_cache_spec: AttentionSpec, vllm_config) -> bool:
-        """Float ``key | value`` slots: what the compiled kernel reads."""
-        return vllm_config.cache_config.cache_dtype not in EIGHT_BIT_DTYPES
+    def kernel_cache(kv_cache_spec: AttentionSpec, vllm_config) -> bool:
+        """``key | value`` slots, float or 8-bit: what the compiled kernel reads."""
+        return True
 
     def build(
         self,
@@ -132,6 +132,7 @@ class ThinKeyMetadataBuilder(AttentionMetadataBuilder[ThinPagedMetadata]):
             block_size=self.block_size,
             num_actual_tokens=cm.num_actual_tokens,
             torch_path=not self.use_kernel,
+            kernel=self.use_kernel,
         )
 
 

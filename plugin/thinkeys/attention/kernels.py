@@ -4,7 +4,9 @@
 process needs it (about a minute on two cores) into ``$XDG_CACHE_HOME/thinkeys/kernels/`` (or
 ``$THINKEYS_KERNEL_CACHE``), keyed by torch version and instruction set; later processes only load
 the shared library. It registers ``torch.ops.thinkeys.paged_attention`` and
-``torch.ops.thinkeys.write_kv``.
+``torch.ops.thinkeys.write_kv``, which read and write plain float slots and the 8-bit slots of
+``quant.py`` in place (``cache_format``: ``plain``, ``fp8_e4m3``, ``fp8_e5m2`` with per-tensor
+scales, ``int8_per_token_head``, ``fp8_per_token_head`` with the scales inside each slot).
 
 Instruction set: no ``-march=native``. ``-mavx2 -mfma -mf16c`` (the kernel's intrinsics path) is
 added only when torch's own runtime CPU detection (``torch.backends.cpu.get_cpu_capability()``)
@@ -14,6 +16,8 @@ that choice, so a cache directory shared by machines of different CPUs stays cor
 ``THINKEYS_ATTENTION_KERNEL`` picks the implementation: ``auto`` (default: the compiled kernel,
 falling back to the PyTorch path in ``paged.py`` with a warning when it cannot be built),
 ``compiled`` (fail with a clear error instead of falling back) or ``torch`` (always the fallback).
+It is read on every :func:`available` call, so an engine started with ``torch`` in the environment
+runs the fallback even in a process that loaded the kernel before.
 """
 
 from __future__ import annotations
@@ -63,12 +67,9 @@ def build_dir(isa: str) -> Path:
     return Path(root) / f"torch-{torch_tag}-{isa}"
 
 
-@functools.lru_cache(maxsize=1)
-def _load() -> bool:
+@functools.lru_cache(maxsize=2)
+def _load(choice: str) -> bool:
     """Build (first time) and load the kernel library; True when ``torch.ops.thinkeys`` has it."""
-    choice = kernel_choice()
-    if choice == "torch":
-        return False
     isa = cpu_isa()
     flags = ["-O3", "-fopenmp", "-DNDEBUG", *(AVX2_FLAGS if isa == "avx2" else [])]
     directory = build_dir(isa)
@@ -112,8 +113,9 @@ def _first_error_line(exc: Exception) -> str:
 
 
 def available() -> bool:
-    """Whether the compiled kernel is in use in this process (builds it on the first call)."""
-    return _load()
+    """Whether the compiled kernel is in use (builds it on the first call; False with ``torch``)."""
+    choice = kernel_choice()
+    return choice != "torch" and _load(choice)
 
 
 def paged_attention(
@@ -124,16 +126,32 @@ def paged_attention(
     seq_lens: torch.Tensor,
     scale: float,
     output: torch.Tensor,
+    cache_format: str = "plain",
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[T, H, r]`` over the paged cache into ``output`` ``[T, H, d]`` (in place).
 
     ``block_table`` ``[num_reqs, max_blocks]``, ``query_start_loc`` ``[num_reqs + 1]`` and ``seq_lens``
-    ``[num_reqs]`` are int32 CPU tensors as vLLM's ``CommonAttentionMetadata`` holds them.
+    ``[num_reqs]`` are int32 CPU tensors as vLLM's ``CommonAttentionMetadata`` holds them. A plain
+    cache has the query's dtype; an 8-bit one (``cache_format`` other than ``plain``) is a 1-byte
+    tensor whose slots are decoded as they are read (``k_scale`` / ``v_scale``: per-tensor fp8 scales).
     """
-    torch.ops.thinkeys.paged_attention(query, kv_cache, block_table, query_start_loc, seq_lens, float(scale), output)
+    torch.ops.thinkeys.paged_attention(
+        query, kv_cache, block_table, query_start_loc, seq_lens, float(scale), output, cache_format, float(k_scale), float(v_scale)
+    )
     return output
 
 
-def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store keys ``[T, H_kv, r]`` and values ``[T, H_kv, d]`` at their slots (-1 = padding, skipped)."""
-    torch.ops.thinkeys.write_kv(kv_cache, key, value, slot_mapping)
+def write_kv(
+    kv_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    cache_format: str = "plain",
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
+    """Store keys ``[T, H_kv, r]`` and values ``[T, H_kv, d]`` at their slots (-1 = padding, skipped),
+    quantized for an 8-bit ``cache_format`` with the rounding of ``quant.KVCodec.encode``."""
+    torch.ops.thinkeys.write_kv(kv_cache, key, value, slot_mapping, cache_format, float(k_scale), float(v_scale))

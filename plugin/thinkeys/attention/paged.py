@@ -20,9 +20,10 @@ Two implementations share the metadata and the cache format:
 
 Both are checked against the dense float64 reference in ``reference.py``.
 
-8-bit caches and shared K=V caches (one vector per token and KV head, rotated when read as a key)
-go through a :class:`~thinkeys.attention.quant.KVCodec` and always take the PyTorch path; the
-compiled kernel reads plain float ``[r + d]`` slots only.
+8-bit caches go through a :class:`~thinkeys.attention.quant.KVCodec`: the compiled kernel writes
+and reads their slots in place (quantizing on write, decoding each chunk as it streams the cache),
+the PyTorch path encodes and decodes gathered slots. Shared K=V caches (one vector per token and
+KV head, rotated when read as a key) take the PyTorch path.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ class ThinPagedMetadata:
     query_start_loc: torch.Tensor | None = None  # [num_reqs + 1]
     seq_lens: torch.Tensor | None = None  # [num_reqs]
     block_table: torch.Tensor | None = None  # [num_reqs, max_blocks]
+    # Whether paged_attention may run the compiled kernel (the backend says False when it chose
+    # the PyTorch path, e.g. THINKEYS_ATTENTION_KERNEL=torch).
+    kernel: bool = True
     # Index tensors of the PyTorch path; built only when that path may run (see build_metadata).
     torch_path: bool = True
     decode_blocks: torch.Tensor | None = None  # [n_dec, max_len] block id per position (padded with 0)
@@ -89,6 +93,7 @@ def build_metadata(
     block_size: int,
     num_actual_tokens: int,
     torch_path: bool = True,
+    kernel: bool = True,
 ) -> ThinPagedMetadata:
     """Metadata for :func:`paged_attention`, from host-side query offsets and sequence lengths.
 
@@ -100,7 +105,7 @@ def build_metadata(
     num_reqs = lens_t.shape[0]
     query_lens_t = qsl_t[1 : num_reqs + 1] - qsl_t[:num_reqs]  # [num_reqs]
     num_decodes = int((query_lens_t == 1).to(torch.int32).cumprod(0).sum())  # leading decodes
-    meta = ThinPagedMetadata(num_actual_tokens=num_actual_tokens, num_decodes=num_decodes, torch_path=torch_path)
+    meta = ThinPagedMetadata(num_actual_tokens=num_actual_tokens, num_decodes=num_decodes, kernel=kernel, torch_path=torch_path)
     if block_table.device.type == "cpu":  # the compiled kernel is CPU-only; no device->host copies
         meta.query_start_loc = qsl_t[: num_reqs + 1]
         meta.seq_lens = lens_t
@@ -152,8 +157,27 @@ class CacheFormat:
 
     @property
     def plain(self) -> bool:
-        """Plain float ``key | value`` slots, which the compiled kernel reads."""
+        """Plain float ``key | value`` slots."""
         return not self.codec.quantized and self.codec.value_width > 0
+
+    @property
+    def kernel_format(self) -> str | None:
+        """The compiled kernel's ``cache_format`` for these slots; None when only the PyTorch path reads them."""
+        return None if self.key_rope_freqs is not None else self.codec.kernel_format
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernel_format(fmt: CacheFormat | None) -> str | None:
+    return "plain" if fmt is None else fmt.kernel_format
+
+
+def _kernel_takes(kind: str | None, x: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """Whether the kernel reads/writes ``kv_cache`` in format ``kind`` against activations like ``x``."""
+    if kind is None or x.dtype not in _KERNEL_DTYPES or x.device.type != "cpu" or kv_cache.device.type != "cpu":
+        return False
+    return x.dtype == kv_cache.dtype if kind == "plain" else kv_cache.element_size() == 1
 
 
 def write_kv(
@@ -165,21 +189,22 @@ def write_kv(
 ) -> None:
     """Store each token's thin key ``[T, H_kv, r]`` and value ``[T, H_kv, d]`` at its slot (in place).
 
-    Padding tokens have slot -1 and are skipped. Uses the compiled kernel when it is loaded and the
-    slots are plain; ``fmt`` encodes 8-bit and shared K=V slots (``value`` None for shared).
+    Padding tokens have slot -1 and are skipped. Uses the compiled kernel when it is loaded (it
+    quantizes 8-bit slots itself); ``fmt`` encodes 8-bit and shared K=V slots (``value`` None for
+    shared, which the PyTorch path writes).
     """
-    if fmt is not None and not fmt.plain:
-        write_kv_torch(kv_cache, key, value, slot_mapping, fmt)
-        return
+    kind = _kernel_format(fmt)
     if (
-        kernels.available()
-        and kv_cache.device.type == "cpu"
-        and key.dtype == value.dtype == kv_cache.dtype
+        _kernel_takes(kind, key, kv_cache)
+        and value is not None
+        and value.dtype == key.dtype
         and slot_mapping.device.type == "cpu"
+        and kernels.available()
     ):
-        kernels.write_kv(kv_cache, key, value, slot_mapping.to(torch.int64))
+        scales = (1.0, 1.0) if fmt is None else (fmt.k_scale, fmt.v_scale)
+        kernels.write_kv(kv_cache, key, value, slot_mapping.to(torch.int64), kind, *scales)
         return
-    write_kv_torch(kv_cache, key, value, slot_mapping)
+    write_kv_torch(kv_cache, key, value, slot_mapping, None if fmt is None or fmt.plain else fmt)
 
 
 def write_kv_torch(
@@ -206,12 +231,12 @@ def write_kv_torch(
     kv_cache[blocks, :, offsets] = entry
 
 
-def use_kernel(query: torch.Tensor, kv_cache: torch.Tensor, meta: ThinPagedMetadata) -> bool:
+def use_kernel(query: torch.Tensor, kv_cache: torch.Tensor, meta: ThinPagedMetadata, fmt: CacheFormat | None = None) -> bool:
     """Whether :func:`paged_attention` runs the compiled kernel for these inputs."""
     return (
-        meta.query_start_loc is not None
-        and query.device.type == "cpu"
-        and query.dtype == kv_cache.dtype
+        meta.kernel
+        and meta.query_start_loc is not None
+        and _kernel_takes(_kernel_format(fmt), query, kv_cache)
         and kernels.available()
     )
 
@@ -226,12 +251,14 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of ``query`` ``[T, H, r]`` over the cache; writes ``output`` ``[T, H, d]``.
 
-    The compiled kernel when it is loaded, the dtypes match and the slots are plain, else
-    :func:`paged_attention_torch`.
+    The compiled kernel when it is loaded and takes these slots (plain in the query's dtype, or
+    8-bit key | value slots), else :func:`paged_attention_torch`.
     """
-    if (fmt is None or fmt.plain) and use_kernel(query, kv_cache, meta) and output.dtype == kv_cache.dtype:
+    if use_kernel(query, kv_cache, meta, fmt) and output.dtype == query.dtype:
+        scales = (1.0, 1.0) if fmt is None else (fmt.k_scale, fmt.v_scale)
         return kernels.paged_attention(
-            query, kv_cache, meta.block_table, meta.query_start_loc, meta.seq_lens, scale, output
+            query, kv_cache, meta.block_table, meta.query_start_loc, meta.seq_lens, scale, output,
+            _kernel_format(fmt), *scales,
         )
     if not meta.torch_path:
         raise RuntimeError("metadata was built without the PyTorch path's indices (torch_path=False)")

@@ -15,8 +15,10 @@ same slot, as vLLM's Triton backend does: 8 bytes per token and KV head (4 for a
 which ``ThinKeyAttentionBackend.customize_spec`` adds to the page size and
 ``thinkeys.accounting`` counts (``scale_bytes_per_vector``).
 
-Reads dequantize to the query dtype (``value * scale``). The compiled kernel reads plain float
-caches only; 8-bit caches take the PyTorch path of ``paged.py``.
+The compiled kernel (``kernels.py``) writes and reads these slots in place (its ``cache_format`` is
+:attr:`KVCodec.kernel_format`), decoding each chunk to fp32 as it streams the cache; the PyTorch
+path of ``paged.py`` (the fallback, and shared K=V slots) dequantizes gathered slots to the query
+dtype (``value * scale``) with :meth:`KVCodec.decode`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ from thinkeys.checkpoint import ThinKeyError
 PER_TENSOR_FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 PER_TOKEN_HEAD = {"int8_per_token_head": torch.int8, "fp8_per_token_head": torch.float8_e4m3fn}
 EIGHT_BIT_DTYPES = tuple(PER_TENSOR_FP8) + tuple(PER_TOKEN_HEAD)
+#: The compiled kernel's name of each slot encoding (``cache_format`` of ``torch.ops.thinkeys``).
+KERNEL_FORMATS = {
+    "fp8": "fp8_e4m3",
+    "fp8_e4m3": "fp8_e4m3",
+    "fp8_e5m2": "fp8_e5m2",
+    "int8_per_token_head": "int8_per_token_head",
+    "fp8_per_token_head": "fp8_per_token_head",
+}
 #: Bytes of one inline per-token-head scale (float32).
 SCALE_BYTES = 4
 _INT8_MAX = 127.0
@@ -64,6 +74,13 @@ class KVCodec:
     def element_dtype(self) -> torch.dtype | None:
         """The 8-bit element type (None for plain float caches)."""
         return PER_TENSOR_FP8.get(self.kv_cache_dtype) or PER_TOKEN_HEAD.get(self.kv_cache_dtype)
+
+    @property
+    def kernel_format(self) -> str | None:
+        """The compiled kernel's ``cache_format`` for these slots; None for shared K=V slots (PyTorch path)."""
+        if self.value_width == 0:
+            return None
+        return KERNEL_FORMATS[self.kv_cache_dtype] if self.quantized else "plain"
 
     @property
     def num_vectors(self) -> int:

@@ -69,7 +69,7 @@ class ThinKeySharedKVBackend(ThinKeyAttentionBackend):
 
 class ThinKeySharedKVMetadataBuilder(ThinKeyMetadataBuilder):
     @staticmethod
-    def plain_cache(kv_cache_spec: AttentionSpec, vllm_config) -> bool:
+    def kernel_cache(kv_cache_spec: AttentionSpec, vllm_config) -> bool:
         return False  # one vector per slot: the compiled kernel reads key | value slots only
 
 

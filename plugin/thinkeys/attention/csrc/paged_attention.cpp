@@ -16,12 +16,24 @@
 // have an AVX2+FMA+F16C form, compiled when kernels.py sees that torch's runtime CPU capability
 // includes AVX2; every other case (other CPUs, R or D not a multiple of 8) takes plain loops written
 // for the compiler's auto-vectorizer. No -march=native: the same source builds on any x86-64.
-// Supported dtypes: float32, bfloat16, float16 (query, cache and output share one dtype).
+// Query/output dtypes: float32, bfloat16, float16. Cache slots (cache_format):
+//   plain                 key (R) | value (D) in the query dtype
+//   fp8_e4m3, fp8_e5m2    key | value as fp8 bytes times a per-tensor k_scale / v_scale
+//   int8_per_token_head   key | value as int8 (or fp8 e4m3 for fp8_per_token_head) bytes, then the
+//   fp8_per_token_head    key's and the value's float32 scale (amax / qmax): R + D + 8 bytes
+// 8-bit slots are read in place: each chunk is decoded to fp32 once (the same scratch the float
+// path fills), so no dequantized copy of the cache is ever made. fp8 decodes through the F16C
+// half converter (e5m2 is the high byte of a half; e4m3 re-biased into a half, then times 2^8),
+// which is exact for every finite code, subnormals included. write_kv quantizes with the same
+// rounding as thinkeys.attention.quant (round half to even, c10's fp8 conversions).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 #include <c10/util/Half.h>
+#include <c10/util/string_view.h>
 #include <torch/library.h>
 
 #if defined(__AVX2__)
@@ -33,6 +45,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace thinkeys {
@@ -89,6 +102,59 @@ inline void load_f32(const T* __restrict src, float* __restrict dst, int n) {
 #endif
 #pragma omp simd
   for (int i = 0; i < n; ++i) dst[i] = to_f32(src[i]);
+}
+
+// ---- 8-bit codes -------------------------------------------------------------------------------
+// Each code type turns bytes into fp32 up to a constant factor kMul that the caller folds into the
+// scale: int8 is its integer value; fp8 goes through a half (see the header comment).
+
+struct Int8Code {
+  static constexpr float kMul = 1.0f;
+  static float scalar(uint8_t b) { return float(int8_t(b)); }
+#if THINKEYS_AVX2
+  static __m256 load8(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+#endif
+};
+
+struct E5m2Code {  // fp8 e5m2 = the high byte of an IEEE half
+  static constexpr float kMul = 1.0f;
+  static float scalar(uint8_t b) { return static_cast<float>(c10::Half(uint16_t(b) << 8, c10::Half::from_bits())); }
+#if THINKEYS_AVX2
+  static __m256 load8(const uint8_t* p) {
+    const __m128i u = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_cvtph_ps(_mm_slli_epi16(u, 8));
+  }
+#endif
+};
+
+struct E4m3Code {  // fp8 e4m3fn (bias 7) placed in a half (bias 15): value = half * 2^8
+  static constexpr float kMul = 256.0f;
+  static float scalar(uint8_t b) {
+    const uint16_t h = uint16_t((b & 0x80) << 8) | uint16_t((b & 0x7F) << 7);
+    return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+  }
+#if THINKEYS_AVX2
+  static __m256 load8(const uint8_t* p) {
+    const __m128i u = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m128i sign = _mm_slli_epi16(_mm_and_si128(u, _mm_set1_epi16(0x80)), 8);
+    const __m128i em = _mm_slli_epi16(_mm_and_si128(u, _mm_set1_epi16(0x7F)), 7);
+    return _mm256_cvtph_ps(_mm_or_si128(sign, em));
+  }
+#endif
+};
+
+// dst[0 : n] = decode(src[0 : n]) * scale
+template <typename Code>
+inline void dequant_f32(const uint8_t* __restrict src, float* __restrict dst, int n, float scale) {
+  const float s = scale * Code::kMul;
+  int i = 0;
+#if THINKEYS_AVX2
+  const __m256 sv = _mm256_set1_ps(s);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_mul_ps(Code::load8(src + i), sv));
+#endif
+  for (; i < n; ++i) dst[i] = Code::scalar(src[i]) * s;
 }
 
 // out[j] = q . keys[j] for j < n; keys is [n rounded up to 8, R] fp32 (rows past n are zeros).
@@ -228,19 +294,17 @@ inline float exp_and_sum(float* __restrict s, int n, float max) {
   return sum;
 }
 
-// Software prefetch of n cache rows of `width` elements, `stride` elements apart.
-template <typename T>
-inline void prefetch_rows(const T* first, int n, int64_t stride, int width) {
+// Software prefetch of n cache rows of `width` bytes, `stride` bytes apart.
+inline void prefetch_rows(const uint8_t* first, int n, int64_t stride, int64_t width) {
   constexpr int kLine = 64;
   if (stride == width) {  // contiguous rows (head-major pages): one run
-    const char* p = reinterpret_cast<const char*>(first);
-    const int64_t bytes = int64_t(n) * width * sizeof(T);
-    for (int64_t o = 0; o < bytes; o += kLine) __builtin_prefetch(p + o, 0, 3);
+    const int64_t bytes = int64_t(n) * width;
+    for (int64_t o = 0; o < bytes; o += kLine) __builtin_prefetch(first + o, 0, 3);
     return;
   }
   for (int j = 0; j < n; ++j) {
-    const char* p = reinterpret_cast<const char*>(first + j * stride);
-    for (int64_t o = 0; o < int64_t(width * sizeof(T)); o += kLine) __builtin_prefetch(p + o, 0, 3);
+    const uint8_t* p = first + j * stride;
+    for (int64_t o = 0; o < width; o += kLine) __builtin_prefetch(p + o, 0, 3);
   }
 }
 
@@ -250,8 +314,9 @@ template <typename T>
 struct Problem {
   const T* query;  // [T, H, R], strides q_tok, q_head, 1
   int64_t q_tok, q_head;
-  const T* cache;  // [num_blocks, H_kv, block_size, R + D], strides c_block, c_head, c_tok, 1
+  const uint8_t* cache;  // [num_blocks, H_kv, block_size, slot], strides (in BYTES) c_block, c_head, c_tok
   int64_t c_block, c_head, c_tok;
+  int64_t slot_bytes;  // bytes of one (token, KV head) slot
   T* out;  // [T, H, D], strides o_tok, o_head, 1
   int64_t o_tok, o_head;
   const int32_t* block_table;  // [num_reqs, max_blocks]
@@ -260,6 +325,36 @@ struct Problem {
   const int32_t* seq_lens;  // [num_reqs]
   int G, R, D, block_size;
   float scale;
+  float k_scale, v_scale;  // per-tensor fp8 scales (1 otherwise)
+};
+
+// ---- slot formats: one cache row (key | value [| scales]) to fp32 key [R] and value [D] ----------
+
+template <typename T>
+struct PlainSlot {
+  static void load(const uint8_t* row, float* k, float* v, int R, int D, float, float) {
+    const T* x = reinterpret_cast<const T*>(row);
+    load_f32(x, k, R);
+    load_f32(x + R, v, D);
+  }
+};
+
+template <typename Code>
+struct PerTensorSlot {
+  static void load(const uint8_t* row, float* k, float* v, int R, int D, float k_scale, float v_scale) {
+    dequant_f32<Code>(row, k, R, k_scale);
+    dequant_f32<Code>(row + R, v, D, v_scale);
+  }
+};
+
+template <typename Code>
+struct PerTokenHeadSlot {
+  static void load(const uint8_t* row, float* k, float* v, int R, int D, float, float) {
+    float scales[2];
+    std::memcpy(scales, row + R + D, sizeof(scales));  // not 4-byte aligned in general
+    dequant_f32<Code>(row, k, R, scales[0]);
+    dequant_f32<Code>(row + R, v, D, scales[1]);
+  }
 };
 
 struct WorkItem {
@@ -290,7 +385,7 @@ Scratch& thread_scratch() {
 
 // ---- one work item ------------------------------------------------------------------------------
 
-template <typename T>
+template <typename T, typename Slot>
 void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
   const int G = p.G, R = p.R, D = p.D, BS = p.block_size;
   const int q_len = p.query_start_loc[w.req + 1] - p.query_start_loc[w.req];
@@ -324,7 +419,7 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
   const int kv_end = context + w.q_end;  // the tile's last query sees keys [0, kv_end)
   const int32_t* blocks = p.block_table + int64_t(w.req) * p.bt_stride;
   for (int page_start = 0, b = 0; page_start < kv_end; page_start += BS, ++b) {
-    const T* page = p.cache + int64_t(blocks[b]) * p.c_block + int64_t(w.kv_head) * p.c_head;
+    const uint8_t* page = p.cache + int64_t(blocks[b]) * p.c_block + int64_t(w.kv_head) * p.c_head;
     const int page_len = std::min(BS, kv_end - page_start);
     for (int c0 = 0; c0 < page_len; c0 += kChunk) {  // chunks of a page, so the scratch stays in L1
       const int n = std::min(kChunk, page_len - c0);
@@ -332,16 +427,14 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
       // Decode is bound by reading the cache: ask for the next chunk (on this page or the next,
       // which sits anywhere in memory) while this one is computed.
       if (c0 + kChunk < page_len) {
-        prefetch_rows(page + int64_t(c0 + kChunk) * p.c_tok, std::min(kChunk, page_len - c0 - kChunk), p.c_tok, R + D);
+        prefetch_rows(page + int64_t(c0 + kChunk) * p.c_tok, std::min(kChunk, page_len - c0 - kChunk), p.c_tok, p.slot_bytes);
       } else if (page_start + BS < kv_end) {
-        const T* next = p.cache + int64_t(blocks[b + 1]) * p.c_block + int64_t(w.kv_head) * p.c_head;
-        prefetch_rows(next, std::min(kChunk, kv_end - page_start - BS), p.c_tok, R + D);
+        const uint8_t* next = p.cache + int64_t(blocks[b + 1]) * p.c_block + int64_t(w.kv_head) * p.c_head;
+        prefetch_rows(next, std::min(kChunk, kv_end - page_start - BS), p.c_tok, p.slot_bytes);
       }
-      // the chunk's keys and values in fp32, converted once for all rows of the tile
+      // the chunk's keys and values in fp32 (dequantized for 8-bit slots), once for all rows of the tile
       for (int j = 0; j < n; ++j) {
-        const T* row = page + int64_t(c0 + j) * p.c_tok;
-        load_f32(row, keys + j * R, R);
-        load_f32(row + R, values + j * D, D);
+        Slot::load(page + int64_t(c0 + j) * p.c_tok, keys + j * R, values + j * D, R, D, p.k_scale, p.v_scale);
       }
       std::fill(keys + n * R, keys + (n + 7) / 8 * 8 * R, 0.0f);  // finite padding for row_scores
 
@@ -383,7 +476,7 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
 
 // ---- entry points -------------------------------------------------------------------------------
 
-// Calls fn(T{}) for the cache dtype T in {float, bfloat16, half}.
+// Calls fn(T{}) for the query/output dtype T in {float, bfloat16, half}.
 template <typename Fn>
 void dispatch_dtype(at::ScalarType dtype, const char* what, Fn&& fn) {
   switch (dtype) {
@@ -391,6 +484,47 @@ void dispatch_dtype(at::ScalarType dtype, const char* what, Fn&& fn) {
     case at::kBFloat16: fn(c10::BFloat16{}); break;
     case at::kHalf: fn(c10::Half{}); break;
     default: TORCH_CHECK(false, what, ": unsupported dtype ", dtype, " (float32, bfloat16 or float16)");
+  }
+}
+
+enum class Format { kPlain, kFp8E4m3, kFp8E5m2, kInt8PerTokenHead, kFp8PerTokenHead };
+
+Format parse_format(c10::string_view name) {
+  const std::string n(name.data(), name.size());
+  if (n == "plain") return Format::kPlain;
+  if (n == "fp8_e4m3") return Format::kFp8E4m3;
+  if (n == "fp8_e5m2") return Format::kFp8E5m2;
+  if (n == "int8_per_token_head") return Format::kInt8PerTokenHead;
+  if (n == "fp8_per_token_head") return Format::kFp8PerTokenHead;
+  TORCH_CHECK(false, "unknown cache_format '", n, "' (plain, fp8_e4m3, fp8_e5m2, int8_per_token_head or fp8_per_token_head)");
+}
+
+bool per_token_head(Format f) { return f == Format::kInt8PerTokenHead || f == Format::kFp8PerTokenHead; }
+
+// Bytes of one slot of R + D channels, and a check that the cache's dtype and width fit the format.
+int64_t check_slot(const at::Tensor& kv_cache, const at::Tensor& like, Format f, int64_t R, int64_t D) {
+  const int64_t width = kv_cache.size(3);
+  if (f == Format::kPlain) {
+    TORCH_CHECK(like.scalar_type() == kv_cache.scalar_type(), "query, kv_cache and output must share one dtype with a plain cache, got ",
+                like.scalar_type(), " and ", kv_cache.scalar_type());
+    TORCH_CHECK(width == R + D, "kv_cache rows hold ", width, " channels, expected R + D = ", R + D);
+    return width * kv_cache.element_size();
+  }
+  TORCH_CHECK(kv_cache.element_size() == 1, "an 8-bit cache_format needs a 1-byte kv_cache, got ", kv_cache.scalar_type());
+  const int64_t expected = R + D + (per_token_head(f) ? 2 * int64_t(sizeof(float)) : 0);
+  TORCH_CHECK(width == expected, "kv_cache rows hold ", width, " bytes, expected R + D", per_token_head(f) ? " + 8 (scales)" : "", " = ", expected);
+  return width;
+}
+
+// Calls fn(Slot{}) for the slot reader of format f with query dtype T.
+template <typename T, typename Fn>
+void dispatch_format(Format f, Fn&& fn) {
+  switch (f) {
+    case Format::kPlain: fn(PlainSlot<T>{}); break;
+    case Format::kFp8E4m3: fn(PerTensorSlot<E4m3Code>{}); break;
+    case Format::kFp8E5m2: fn(PerTensorSlot<E5m2Code>{}); break;
+    case Format::kInt8PerTokenHead: fn(PerTokenHeadSlot<Int8Code>{}); break;
+    case Format::kFp8PerTokenHead: fn(PerTokenHeadSlot<E4m3Code>{}); break;
   }
 }
 
@@ -403,22 +537,25 @@ void check_host_index(const at::Tensor& t, const char* name, int64_t dim) {
 
 void paged_attention(
     const at::Tensor& query,  // [T, H, R]
-    const at::Tensor& kv_cache,  // [num_blocks, H_kv, block_size, R + D]
+    const at::Tensor& kv_cache,  // [num_blocks, H_kv, block_size, slot]
     const at::Tensor& block_table,  // [num_reqs, max_blocks] int32
     const at::Tensor& query_start_loc,  // [num_reqs + 1] int32
     const at::Tensor& seq_lens,  // [num_reqs] int32
     double scale,
-    const at::Tensor& output) {  // [T, H, D]
+    const at::Tensor& output,  // [T, H, D]
+    c10::string_view cache_format,
+    double k_scale,
+    double v_scale) {
   TORCH_CHECK(query.dim() == 3 && kv_cache.dim() == 4 && output.dim() == 3, "expected query [T, H, R], kv_cache [blocks, H_kv, block_size, R + D], output [T, H, D]");
-  TORCH_CHECK(query.scalar_type() == kv_cache.scalar_type() && output.scalar_type() == kv_cache.scalar_type(),
-              "query, kv_cache and output must share one dtype, got ", query.scalar_type(), ", ", kv_cache.scalar_type(), ", ", output.scalar_type());
+  TORCH_CHECK(query.scalar_type() == output.scalar_type(), "query and output must share one dtype, got ", query.scalar_type(), ", ", output.scalar_type());
   TORCH_CHECK(query.stride(-1) == 1 && kv_cache.stride(-1) == 1 && output.stride(-1) == 1, "the channel dim of query, kv_cache and output must be contiguous");
   check_host_index(block_table, "block_table", 2);
   check_host_index(query_start_loc, "query_start_loc", 1);
   check_host_index(seq_lens, "seq_lens", 1);
+  const Format format = parse_format(cache_format);
   const int64_t H = query.size(1), R = query.size(2), H_kv = kv_cache.size(1), D = output.size(2);
   const int64_t block_size = kv_cache.size(2);
-  TORCH_CHECK(kv_cache.size(3) == R + D, "kv_cache rows hold ", kv_cache.size(3), " channels, expected R + D = ", R + D);
+  const int64_t slot_bytes = check_slot(kv_cache, query, format, R, D);
   TORCH_CHECK(H % H_kv == 0, H, " query heads cannot share ", H_kv, " KV heads");
   TORCH_CHECK(output.size(1) == H, "output has ", output.size(1), " heads, query ", H);
   const int64_t num_reqs = seq_lens.size(0);
@@ -440,33 +577,74 @@ void paged_attention(
   }
   if (items.empty()) return;
 
-  dispatch_dtype(kv_cache.scalar_type(), "thinkeys::paged_attention", [&](auto tag) {
+  const int64_t esize = kv_cache.element_size();
+  dispatch_dtype(query.scalar_type(), "thinkeys::paged_attention", [&](auto tag) {
     using scalar_t = decltype(tag);
     Problem<scalar_t> p{
         query.data_ptr<scalar_t>(), query.stride(0), query.stride(1),
-        kv_cache.data_ptr<scalar_t>(), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        static_cast<const uint8_t*>(kv_cache.data_ptr()), kv_cache.stride(0) * esize, kv_cache.stride(1) * esize, kv_cache.stride(2) * esize,
+        slot_bytes,
         output.data_ptr<scalar_t>(), output.stride(0), output.stride(1),
         block_table.data_ptr<int32_t>(), block_table.stride(0),
         qsl, lens,
-        int(H / H_kv), int(R), int(D), int(block_size), float(scale)};
-    at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
-      Scratch& s = thread_scratch();
-      for (int64_t k = begin; k < end; ++k) attend_tile(p, items[k], s);
+        int(H / H_kv), int(R), int(D), int(block_size), float(scale), float(k_scale), float(v_scale)};
+    dispatch_format<scalar_t>(format, [&](auto slot_tag) {
+      using Slot = decltype(slot_tag);
+      at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
+        Scratch& s = thread_scratch();
+        for (int64_t k = begin; k < end; ++k) attend_tile<scalar_t, Slot>(p, items[k], s);
+      });
     });
   });
 }
 
+// ---- quantizing writes (the rounding of thinkeys.attention.quant.KVCodec.encode) -----------------
+
+inline uint8_t quantize_one(float x, Format f) {
+  switch (f) {
+    case Format::kInt8PerTokenHead:
+      return uint8_t(int8_t(std::max(-127.0f, std::min(127.0f, std::nearbyint(x)))));  // round half to even
+    case Format::kFp8E4m3:
+    case Format::kFp8PerTokenHead:
+      return c10::Float8_e4m3fn(std::max(-448.0f, std::min(448.0f, x))).x;
+    case Format::kFp8E5m2:
+      return c10::Float8_e5m2(std::max(-57344.0f, std::min(57344.0f, x))).x;
+    default:
+      return 0;
+  }
+}
+
+// n channels of src into dst bytes: divided by `scale` (per tensor), or by amax / qmax (per token
+// and head, returned, and what the caller stores after the data).
+template <typename T>
+float quantize_row(const T* src, uint8_t* dst, int n, Format f, float scale, float* buf) {
+  load_f32(src, buf, n);
+  if (per_token_head(f)) {
+    float amax = 0.0f;
+    for (int i = 0; i < n; ++i) amax = std::max(amax, std::fabs(buf[i]));
+    const float qmax = f == Format::kInt8PerTokenHead ? 127.0f : 448.0f;
+    scale = std::max(amax / qmax, std::numeric_limits<float>::min());
+  }
+  for (int i = 0; i < n; ++i) dst[i] = quantize_one(buf[i] / scale, f);
+  return scale;
+}
+
 void write_kv(
-    const at::Tensor& kv_cache,  // [num_blocks, H_kv, block_size, R + D]
+    const at::Tensor& kv_cache,  // [num_blocks, H_kv, block_size, slot]
     const at::Tensor& key,  // [T, H_kv, R]
     const at::Tensor& value,  // [T, H_kv, D]
-    const at::Tensor& slot_mapping) {  // [>= T'] int64, -1 = padding; tokens beyond its length are ignored
+    const at::Tensor& slot_mapping,  // [>= T'] int64, -1 = padding; tokens beyond its length are ignored
+    c10::string_view cache_format,
+    double k_scale,
+    double v_scale) {
   TORCH_CHECK(kv_cache.dim() == 4 && key.dim() == 3 && value.dim() == 3, "expected kv_cache [blocks, H_kv, block_size, R + D], key [T, H_kv, R], value [T, H_kv, D]");
-  TORCH_CHECK(key.scalar_type() == kv_cache.scalar_type() && value.scalar_type() == kv_cache.scalar_type(), "key, value and kv_cache must share one dtype");
+  TORCH_CHECK(key.scalar_type() == value.scalar_type(), "key and value must share one dtype");
   TORCH_CHECK(kv_cache.stride(-1) == 1 && key.stride(-1) == 1 && value.stride(-1) == 1, "the channel dim of kv_cache, key and value must be contiguous");
   TORCH_CHECK(slot_mapping.device().is_cpu() && slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1, "slot_mapping must be a 1-d int64 CPU tensor");
+  const Format format = parse_format(cache_format);
   const int64_t R = key.size(2), D = value.size(2), H_kv = kv_cache.size(1), block_size = kv_cache.size(2);
-  TORCH_CHECK(kv_cache.size(3) == R + D && key.size(1) == H_kv && value.size(1) == H_kv, "key/value shapes do not match the cache");
+  TORCH_CHECK(key.size(1) == H_kv && value.size(1) == H_kv, "key/value shapes do not match the cache");
+  check_slot(kv_cache, key, format, R, D);
   const int64_t T = std::min(slot_mapping.size(0), key.size(0));
   TORCH_CHECK(value.size(0) >= T, "fewer values than keys");
   const int64_t num_slots = kv_cache.size(0) * block_size;
@@ -474,19 +652,30 @@ void write_kv(
   const int64_t* slot = slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) TORCH_CHECK(slot[t] < num_slots, "slot ", slot[t], " is outside the cache (", num_slots, " slots)");
 
-  dispatch_dtype(kv_cache.scalar_type(), "thinkeys::write_kv", [&](auto tag) {
+  const int64_t esize = kv_cache.element_size();
+  uint8_t* cache = static_cast<uint8_t*>(kv_cache.data_ptr());
+  const int64_t s0 = kv_cache.stride(0) * esize, s1 = kv_cache.stride(1) * esize, s2 = kv_cache.stride(2) * esize;
+  dispatch_dtype(key.scalar_type(), "thinkeys::write_kv", [&](auto tag) {
     using scalar_t = decltype(tag);
-    scalar_t* cache = kv_cache.data_ptr<scalar_t>();
     const scalar_t* k = key.data_ptr<scalar_t>();
     const scalar_t* v = value.data_ptr<scalar_t>();
-    at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(std::max(R, D));
       for (int64_t t = begin; t < end; ++t) {
         if (slot[t] < 0) continue;  // padding token
         const int64_t blk = slot[t] / block_size, off = slot[t] % block_size;
         for (int64_t h = 0; h < H_kv; ++h) {
-          scalar_t* dst = cache + blk * kv_cache.stride(0) + h * kv_cache.stride(1) + off * kv_cache.stride(2);
-          std::memcpy(dst, k + t * key.stride(0) + h * key.stride(1), R * sizeof(scalar_t));
-          std::memcpy(dst + R, v + t * value.stride(0) + h * value.stride(1), D * sizeof(scalar_t));
+          uint8_t* dst = cache + blk * s0 + h * s1 + off * s2;
+          const scalar_t* ks = k + t * key.stride(0) + h * key.stride(1);
+          const scalar_t* vs = v + t * value.stride(0) + h * value.stride(1);
+          if (format == Format::kPlain) {
+            std::memcpy(dst, ks, R * sizeof(scalar_t));
+            std::memcpy(dst + R * sizeof(scalar_t), vs, D * sizeof(scalar_t));
+            continue;
+          }
+          const float scales[2] = {quantize_row(ks, dst, int(R), format, float(k_scale), buf.data()),
+                                   quantize_row(vs, dst + R, int(D), format, float(v_scale), buf.data())};
+          if (per_token_head(format)) std::memcpy(dst + R + D, scales, sizeof(scales));
         }
       }
     });
@@ -497,8 +686,12 @@ void write_kv(
 }  // namespace thinkeys
 
 TORCH_LIBRARY(thinkeys, m) {
-  m.def("paged_attention(Tensor query, Tensor kv_cache, Tensor block_table, Tensor query_start_loc, Tensor seq_lens, float scale, Tensor(a!) output) -> ()");
-  m.def("write_kv(Tensor(a!) kv_cache, Tensor key, Tensor value, Tensor slot_mapping) -> ()");
+  m.def(
+      "paged_attention(Tensor query, Tensor kv_cache, Tensor block_table, Tensor query_start_loc, Tensor seq_lens, "
+      "float scale, Tensor(a!) output, str cache_format='plain', float k_scale=1.0, float v_scale=1.0) -> ()");
+  m.def(
+      "write_kv(Tensor(a!) kv_cache, Tensor key, Tensor value, Tensor slot_mapping, str cache_format='plain', "
+      "float k_scale=1.0, float v_scale=1.0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(thinkeys, CPU, m) {

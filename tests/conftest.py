@@ -57,18 +57,45 @@ def shared_kv_checkpoints(checkpoints, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def rebuild_checkpoints(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """Rebuild-at-read conversions of the tiny Llama and Qwen2: ``{family}-rebuild-full`` (r = d, svd, data-free)
+    and ``{family}-rebuild`` (r = 8, joint fit to calibration statistics of the tiny models' training text)."""
+    from tiny_models import _TRAINING_TEXT
+
+    from thinkeys.convert.calibration import collect_calibration
+    from thinkeys.convert.convert import convert_checkpoint
+
+    root = tmp_path_factory.mktemp("rebuild")
+    text = root / "tune.txt"
+    text.write_text(_TRAINING_TEXT * 6)
+    out: dict[str, Path] = {}
+    for family in ("llama", "qwen2"):
+        src = checkpoints[family]
+        cal = collect_calibration(src, text, tokens=256, window=64, progress=False)
+        out[f"{family}-rebuild-full"] = convert_checkpoint(src, root / f"{family}-rebuild-full", HEAD_DIM, rope="rebuild", progress=False)
+        out[f"{family}-rebuild"] = convert_checkpoint(src, root / f"{family}-rebuild", THIN_RANK, rope="rebuild", calibration=cal, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def engine_runs(checkpoints, request):
     """``engine_runs(name, **engine_kwargs)``: the (cached) run of every test prompt on checkpoint ``name``.
 
-    ``name`` is a key of ``checkpoints`` or, when it is not one, of ``shared_kv_checkpoints`` (built
-    on first use); ``engine_kwargs`` go to ``vllm.LLM`` (e.g. ``kv_cache_dtype="fp8"``).
+    ``name`` is a key of ``checkpoints`` or, when it is not one, of ``rebuild_checkpoints`` /
+    ``shared_kv_checkpoints`` (built on first use); ``engine_kwargs`` go to ``vllm.LLM`` (e.g.
+    ``kv_cache_dtype="fp8"``).
     """
     cache = {}
 
     def get(name: str, **engine_kwargs):
         key = (name, tuple(sorted(engine_kwargs.items())))
         if key not in cache:
-            path = checkpoints[name] if name in checkpoints else request.getfixturevalue("shared_kv_checkpoints")[name]
+            if name in checkpoints:
+                path = checkpoints[name]
+            elif "-rebuild" in name:
+                path = request.getfixturevalue("rebuild_checkpoints")[name]
+            else:
+                path = request.getfixturevalue("shared_kv_checkpoints")[name]
             cache[key] = run_engine(path, ALL_PROMPTS, **engine_kwargs)
         return cache[key]
 

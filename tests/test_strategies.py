@@ -278,7 +278,7 @@ def test_refusals_leave_nothing_behind(sources, calibrations, text, tmp_path):
     src = sources["llama"]
     with pytest.raises(ThinKeyError, match="--rope mixed is fitted to real activations: give --calibration"):
         convert_checkpoint(src, tmp_path / "a", 16, rope="mixed", progress=False)
-    with pytest.raises(ThinKeyError, match="--calibration applies to --rope pairs or --rope mixed, not 'svd'"):
+    with pytest.raises(ThinKeyError, match="--calibration applies to --rope pairs, mixed or rebuild, not 'svd'"):
         convert_checkpoint(src, tmp_path / "b", 16, rope="svd", calibration=calibrations["llama"], progress=False)
     with pytest.raises(ThinKeyError, match="no such text file"):
         convert_checkpoint(src, tmp_path / "c", 16, rope="mixed", calibration=tmp_path / "missing.txt", progress=False)

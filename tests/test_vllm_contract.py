@@ -193,3 +193,45 @@ def test_shared_kv_backend_is_registered():
     thinkeys.register()
     backend = AttentionBackendEnum[thinkeys.SHARED_KV_BACKEND_NAME].get_class()
     assert backend.get_name() == thinkeys.SHARED_KV_BACKEND_NAME
+
+
+def test_rebuild_backend_is_registered():  # attention/rebuild.py
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    import thinkeys
+
+    thinkeys.register()
+    backend = AttentionBackendEnum[thinkeys.REBUILD_BACKEND_NAME].get_class()
+    assert backend.get_name() == thinkeys.REBUILD_BACKEND_NAME
+
+
+def test_attention_forward_views_query_by_head_size_and_passes_it_on():  # attention/rebuild.py: the d-wide query
+    """The rebuild layer builds Attention(head_size=r, head_size_v=d) and hands it a flat [T, H * d] query:
+    vLLM must only *view* it as [-1, H, r] (a reshape of the same memory, undone by the backend), size the
+    output by head_size_v, and pass the viewed query to the impl unchanged."""
+    from vllm.model_executor.layers.attention import Attention, attention
+
+    forward = inspect.getsource(Attention.forward)
+    assert "query = query.view(-1, self.num_heads, self.head_size)" in forward
+    assert "output_shape = torch.Size((num_tokens, self.num_heads * self.head_size_v))" in forward
+    assert "key = key.view(-1, self.num_kv_heads, self.head_size)" in forward
+    assert "self.impl.forward(\n        self,\n        query," in inspect.getsource(attention.unified_attention_with_output)
+
+
+def test_qkv_linear_q_shard_is_heads_times_head_size():  # models/thin_attention.py: rebuild's H * d / r query "heads"
+    from vllm.model_executor.layers.linear import QKVParallelLinear
+
+    src = inspect.getsource(QKVParallelLinear.__init__)
+    assert "self.num_heads * self.head_size * tp_size,  # q_proj" in src
+    assert "self.num_kv_heads * self.head_size * tp_size,  # k_proj" in src
+    loader = inspect.getsource(QKVParallelLinear.weight_loader)
+    assert 'if loaded_shard_id == "q":\n                shard_offset = 0\n                shard_size = self.num_heads * self.head_size' in loader
+
+
+def test_weights_loader_uses_parameter_weight_loader():  # models/thin_attention.py: thin_rope_freqs / thin_rebuild tables
+    from vllm.model_executor.models.llama import LlamaModel
+    from vllm.model_executor.models.utils import AutoWeightsLoader
+
+    assert "AutoWeightsLoader(self)" in inspect.getsource(LlamaModel.load_weights)
+    src = inspect.getsource(AutoWeightsLoader._load_param)
+    assert 'weight_loader = getattr(param, "weight_loader", default_weight_loader)' in src

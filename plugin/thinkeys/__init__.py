@@ -13,6 +13,9 @@ ATTENTION_BACKEND_PATH = "thinkeys.attention.backend.ThinKeyAttentionBackend"
 #: The backend of shared key-value (Q-K=V) checkpoints: one cached vector per token and KV head.
 SHARED_KV_BACKEND_NAME = "THINKEYS_SHARED_KV"
 SHARED_KV_BACKEND_PATH = "thinkeys.attention.shared.ThinKeySharedKVBackend"
+#: The backend of rebuild-at-read checkpoints: keys rebuilt from a cached latent and rotated at read time.
+REBUILD_BACKEND_NAME = "THINKEYS_REBUILD"
+REBUILD_BACKEND_PATH = "thinkeys.attention.rebuild.ThinKeyRebuildBackend"
 
 
 def register() -> None:
@@ -25,6 +28,10 @@ def register() -> None:
     for arch, target in VLLM_ARCHITECTURES.items():
         if arch not in supported:
             ModelRegistry.register_model(arch, target)
-    for name, path in ((ATTENTION_BACKEND_NAME, ATTENTION_BACKEND_PATH), (SHARED_KV_BACKEND_NAME, SHARED_KV_BACKEND_PATH)):
+    for name, path in (
+        (ATTENTION_BACKEND_NAME, ATTENTION_BACKEND_PATH),
+        (SHARED_KV_BACKEND_NAME, SHARED_KV_BACKEND_PATH),
+        (REBUILD_BACKEND_NAME, REBUILD_BACKEND_PATH),
+    ):
         if name not in AttentionBackendEnum.__members__:
             register_backend(name, path)

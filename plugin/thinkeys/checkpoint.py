@@ -30,6 +30,23 @@ un-rotated ``k = W_K x``: it is the value as it is and the key once rotated at i
 (``thin_rope_freqs`` holds the source's own frequencies, ``rope: pairs``, ``rope_dims = head_dim``;
 GPT-2: ``rope: none``). ``thinkeys convert SRC DST --shared-kv`` writes them.
 
+Rebuild-at-read checkpoints (``rope: rebuild``, Llama-family sources) cache a thin *pre-RoPE*
+latent of the source key and rebuild the full key from it at every read::
+
+      x ──W_Q ──► q  (H heads x d, the source's own query)            ──► R(m) q
+      x ──B W_K─► c  (Hkv heads x r, cached un-rotated)  ─ at read ─►  R(n) (A^T c)  (d wide)
+      logit = (R(m) q) . (R(n) A^T c) / sqrt(d)        (exact at r = d, where A^T B = I)
+
+``q_proj`` is the source's (``[H * d, D]``), ``k_proj`` is ``[Hkv * r, D]`` (``B W_K``; bias
+``B b_K``), and every layer has an expansion table ``<layer>.self_attn.thin_rebuild``
+``[Hkv, d, r]`` = ``A^T`` (float32) besides its ``thin_rope_freqs`` ``[Hkv, d / 2]``, which here
+holds the source's own RoPE frequencies (``rope_dims = head_dim``, NeoX layout), applied to queries
+and to rebuilt keys at their positions. ``rank`` must divide ``head_dim`` (the serving layer hands
+the d-wide query to vLLM's ``Attention`` in r-wide rows, see ``thinkeys.attention.rebuild``). The
+cache holds ``r + d`` numbers per token and KV head, as for the other thin checkpoints.
+``thinkeys convert SRC DST --rope rebuild --rank R [--calibration TEXT]`` writes them (``joint``
+fit to calibration statistics, or the data-free ``svd`` of ``W_K`` without ``--calibration``).
+
 This module is imported by every other part (converter, trainer, evaluator, vLLM models,
 accounting); it depends on nothing but pydantic.
 """
@@ -48,6 +65,8 @@ CONFIG_KEY = "thin_keys"
 FORMAT_VERSION = 1
 #: Suffix (after ``<layer prefix>.self_attn.``) of the per-layer RoPE frequency table.
 ROPE_FREQS_NAME = "thin_rope_freqs"
+#: Suffix of the per-layer key expansion table ``[Hkv, d, r]`` of rebuild-at-read checkpoints.
+REBUILD_TABLE_NAME = "thin_rebuild"
 
 
 class RopeStrategy(str, Enum):
@@ -65,6 +84,9 @@ class RopeStrategy(str, Enum):
     #: turning pairs (frequency-0 slots), fitted to calibration statistics (thinkeys.convert.mixed).
     #: rope_dims = rank; the unrotated slots are the ones whose table entry is 0.
     MIXED = "mixed"
+    #: Cache the thin pre-RoPE latent ``c = B k``; rebuild ``A^T c`` (d wide) at read time and rotate
+    #: it with the source's RoPE. Queries are the source's. rope_dims = head_dim; see the module docstring.
+    REBUILD = "rebuild"
 
 
 class SourceFamily(str, Enum):
@@ -126,7 +148,14 @@ class ThinKeyConfig(BaseModel):
             )
         if self.rope == RopeStrategy.NONE and self.rope_dims != 0:
             raise ValueError("rope 'none' needs rope_dims 0")
-        if self.rope != RopeStrategy.NONE:
+        if self.rope == RopeStrategy.REBUILD:
+            if self.rope_dims != self.head_dim:
+                raise ValueError(f"rope 'rebuild' rotates the rebuilt d-wide key: rope_dims must be head_dim ({self.head_dim})")
+            if self.head_dim % self.rank:
+                raise ValueError(f"rope 'rebuild' needs a rank that divides head_dim {self.head_dim}, not {self.rank}")
+            if self.shared_kv:
+                raise ValueError("rope 'rebuild' and shared_kv do not combine")
+        elif self.rope != RopeStrategy.NONE:
             if self.rope_dims % 2:
                 raise ValueError(f"rope_dims {self.rope_dims} must be even (RoPE rotates pairs of dims)")
             if not 2 <= self.rope_dims <= self.rank:
@@ -143,6 +172,16 @@ class ThinKeyConfig(BaseModel):
                 f"source_architecture {self.source_architecture!r} is not one of {sorted(SUPPORTED_SOURCES)}"
             )
         return self
+
+    @property
+    def rebuild(self) -> bool:
+        """Keys rebuilt at read time from a cached r-wide latent (``rope: rebuild``)."""
+        return self.rope == RopeStrategy.REBUILD
+
+    @property
+    def query_width(self) -> int:
+        """Width of every query head: d for rebuild-at-read checkpoints (the source's queries), else r."""
+        return self.head_dim if self.rebuild else self.rank
 
     @property
     def family(self) -> Family:
@@ -193,3 +232,8 @@ def is_thin_key_config(config: Any) -> bool:
 def rope_freqs_name(layer_prefix: str) -> str:
     """Checkpoint name of a layer's RoPE frequency table, e.g. ``model.layers.3.self_attn.thin_rope_freqs``."""
     return f"{layer_prefix}.self_attn.{ROPE_FREQS_NAME}"
+
+
+def rebuild_table_name(layer_prefix: str) -> str:
+    """Checkpoint name of a rebuild layer's key expansion table, e.g. ``model.layers.3.self_attn.thin_rebuild``."""
+    return f"{layer_prefix}.self_attn.{REBUILD_TABLE_NAME}"

@@ -16,6 +16,10 @@ read and trusted::
 Shared K=V checkpoints (``thin_keys.shared_kv``): the value is the un-rotated key projection,
 ``v = W_K' x + b_K'`` (the checkpoint's ``v_proj``, equal to ``k_proj``, is loaded and not used).
 
+Rebuild-at-read checkpoints (``rope: rebuild``): queries are the source's ``[B, T, H, d]``, the key
+projection gives the latent ``c`` ``[B, T, Hkv, r]``, and the key is rebuilt as
+``k = thin_rebuild[g] @ c`` (d wide) before both are rotated with the source's RoPE table.
+
 Gradients flow to the thin q/k weights (:func:`thin_qk_parameters`), which is what recovery
 fine-tuning trains. :func:`save_thin_model` writes the model back as a thin checkpoint.
 """
@@ -32,7 +36,7 @@ import torch
 from torch import nn
 
 from thinkeys import hf_io
-from thinkeys.checkpoint import ThinKeyConfig, ThinKeyError
+from thinkeys.checkpoint import REBUILD_TABLE_NAME, ThinKeyConfig, ThinKeyError
 from thinkeys.rope import apply_thin_rope
 
 #: transformers class ("module:Class") built for each source architecture.
@@ -94,14 +98,18 @@ class ThinAttention(_KeepsFreqsInFloat32):
         self.num_kv_heads = config.num_key_value_heads
         self.rank, self.head_dim = thin.rank, thin.head_dim
         self.shared_kv = thin.shared_kv
+        self.rebuild = thin.rebuild
+        self.query_width = thin.query_width
         self.scale = 1.0 / math.sqrt(thin.head_dim)  # the source model's scale: q'.k' approximates q.k
         hidden, r, d = config.hidden_size, thin.rank, thin.head_dim
         # Bias layout is the source module's (Qwen2: q/k/v biases; Llama: attention_bias).
-        self.q_proj = nn.Linear(hidden, self.num_heads * r, bias=like.q_proj.bias is not None)
+        self.q_proj = nn.Linear(hidden, self.num_heads * thin.query_width, bias=like.q_proj.bias is not None)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * r, bias=like.k_proj.bias is not None)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=like.v_proj.bias is not None)
         self.o_proj = nn.Linear(self.num_heads * d, hidden, bias=like.o_proj.bias is not None)
         self.register_buffer("thin_rope_freqs", torch.zeros(self.num_kv_heads, thin.rope_dims // 2))
+        if self.rebuild:  # [Hkv, d, r] key expansion A^T (trainable with the thin q/k, see thin_qk_parameters)
+            self.register_parameter(REBUILD_TABLE_NAME, nn.Parameter(torch.zeros(self.num_kv_heads, d, r)))
 
     def forward(
         self,
@@ -113,8 +121,11 @@ class ThinAttention(_KeepsFreqsInFloat32):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         b, t, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.rank)  # [B, T, H, r]
+        q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.query_width)  # [B, T, H, r] (rebuild: d)
         k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, self.rank)  # [B, T, Hkv, r]
+        if self.rebuild:  # rebuild the d-wide pre-RoPE key from its cached latent
+            table = getattr(self, REBUILD_TABLE_NAME)
+            k = torch.einsum("btgr,gdr->btgd", k, table.to(k.dtype))  # [B, T, Hkv, d]
         if self.shared_kv:  # one projection: the value is the un-rotated key
             v = k
         else:
@@ -202,6 +213,8 @@ def thin_qk_parameters(model: nn.Module) -> list[nn.Parameter]:
     for attn in _thin_attention_modules(model):
         for proj in (attn.q_proj, attn.k_proj):
             params += [p for p in (proj.weight, proj.bias) if p is not None]
+        if getattr(attn, "rebuild", False):
+            params.append(getattr(attn, REBUILD_TABLE_NAME))
     if not params:
         raise ThinKeyError("model has no thin-key attention; load it with thinkeys.reference.load_thin_model")
     return params

@@ -148,12 +148,14 @@ def build_metadata(
 
 @dataclass(frozen=True)
 class CacheFormat:
-    """How a layer's slots are encoded: the codec, per-tensor fp8 scales, and (shared K=V) the key RoPE table."""
+    """How a layer's slots are encoded: the codec, per-tensor fp8 scales, (shared K=V, rebuild) the key RoPE
+    table, and (rebuild at read) the key expansion table applied before the rotation."""
 
     codec: KVCodec
     k_scale: float = 1.0
     v_scale: float = 1.0
     key_rope_freqs: torch.Tensor | None = None  # [H_kv, rope_dims / 2]: rotate shared vectors read as keys
+    key_expansion: torch.Tensor | None = None  # [H_kv, d, r]: rebuild d-wide keys from cached r-wide latents
 
     @property
     def plain(self) -> bool:
@@ -276,6 +278,8 @@ def _read_slots(
         kv = slots.to(dtype)
         return kv[..., :r], kv[..., r:]
     k, v = fmt.codec.decode(slots, dtype, fmt.k_scale, fmt.v_scale)
+    if fmt.key_expansion is not None:
+        k = torch.einsum("...gr,gdr->...gd", k, fmt.key_expansion.to(dtype))  # [..., H_kv, d]
     if fmt.key_rope_freqs is not None:
         k = apply_thin_rope(k, positions, fmt.key_rope_freqs)
     return k, v

@@ -17,12 +17,18 @@ from vllm.v1.attention.backend import AttentionBackend
 logger = init_logger(__name__)
 
 
-def select_attention_backend(rank: int, head_dim: int, *, shared_kv: bool = False) -> type[AttentionBackend]:
+def select_attention_backend(rank: int, head_dim: int, *, shared_kv: bool = False, rebuild: bool = False) -> type[AttentionBackend]:
     """The backend class for one thin-key ``Attention`` layer; see the module docstring for the rule.
 
     Shared K=V layers always get ``THINKEYS_SHARED_KV`` (its PyTorch path on any device): no vLLM
-    backend reads one vector per token as both key and value.
+    backend reads one vector per token as both key and value. Rebuild-at-read layers always get
+    ``THINKEYS_REBUILD`` (compiled kernel on CPU, PyTorch path elsewhere).
     """
+    if rebuild:
+        from thinkeys.attention.rebuild import ThinKeyRebuildBackend
+
+        logger.info_once("thin keys: using %s (rebuild at read, r=%d, d=%d)", ThinKeyRebuildBackend.get_name(), rank, head_dim)
+        return ThinKeyRebuildBackend
     if shared_kv:
         from thinkeys.attention.shared import ThinKeySharedKVBackend
 

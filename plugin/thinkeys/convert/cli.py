@@ -25,12 +25,14 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--rope",
-        choices=["pairs", "svd", "mixed", "none"],
+        choices=["pairs", "svd", "mixed", "rebuild", "none"],
         default=None,
         help="how RoPE is carried into the r dims: 'pairs' keeps the r/2 strongest rotary pairs exactly "
         "(default for RoPE models), 'svd' is the paper's SVD basis with the first r/2 frequencies "
         "(approximate, needs fine-tuning), 'mixed' keeps the strongest fast rotary pairs exactly and folds the "
         "slowly turning pairs into an unrotated low-rank part fitted to real activations (needs --calibration); "
+        "'rebuild' caches an r-wide pre-RoPE latent and rebuilds the full key at read time (queries unchanged; "
+        "joint query/key fit with --calibration, else the SVD of the key projection; slower attention); "
         "GPT-2 has no RoPE ('none', the default there)",
     )
     parser.add_argument(

@@ -28,18 +28,20 @@ from thinkeys.checkpoint import (
     RopeStrategy,
     ThinKeyConfig,
     ThinKeyError,
+    rebuild_table_name,
     rope_freqs_name,
 )
 from thinkeys.convert.calibration import DEFAULT_CALIBRATION_TOKENS, Calibration, collect_calibration, qk_moments
 from thinkeys.convert.families import Geometry, layout_for
 from thinkeys.convert.mixed import DEFAULT_NOPE_CONTEXT, build_thin_layer
+from thinkeys.convert.rebuild import rebuild_factors, rebuild_layer
 from thinkeys.convert.rope_strategies import source_inv_freq, thin_basis
 from thinkeys.convert.svd import absorb, retained_key_energy
 
 #: Config key (beside ``thin_keys``) recording how a data-aware conversion was made.
 PROVENANCE_KEY = "thin_keys_provenance"
-#: Strategies that read calibration statistics (``pairs`` optionally, ``mixed`` always).
-CALIBRATED = (RopeStrategy.PAIRS, RopeStrategy.MIXED)
+#: Strategies that read calibration statistics (``pairs`` and ``rebuild`` optionally, ``mixed`` always).
+CALIBRATED = (RopeStrategy.PAIRS, RopeStrategy.MIXED, RopeStrategy.REBUILD)
 
 #: --dtype choices.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -108,7 +110,7 @@ def _check_calibration(strategy: RopeStrategy, calibration: Any, architecture: s
         return
     if strategy not in CALIBRATED:
         raise ThinKeyError(
-            f"--calibration applies to --rope pairs or --rope mixed, not {strategy.value!r}; leave it out"
+            f"--calibration applies to --rope pairs, mixed or rebuild, not {strategy.value!r}; leave it out"
         )
     if not isinstance(calibration, Calibration) and not Path(calibration).is_file():
         raise ThinKeyError(f"--calibration {calibration}: no such text file (use the tune split, e.g. data/wiki/tune.txt)")
@@ -168,6 +170,9 @@ def _plan(src: str | Path, dst: str | Path, rank: int, rope: str | RopeStrategy 
     d = geo.head_dim
     if not 1 <= rank <= d:
         raise ThinKeyError(f"rank {rank} is out of range: choose 1 <= rank <= head_dim ({d})")
+    if strategy == RopeStrategy.REBUILD and d % rank:
+        divisors = [r for r in range(2, d + 1, 2) if d % r == 0]
+        raise ThinKeyError(f"--rope rebuild needs a rank that divides head_dim {d}: choose one of {divisors}")
     if family.rotary and rank % 2:
         raise ThinKeyError(f"rank {rank} is odd: RoPE rotates pairs of dims, so with RoPE the rank must be even")
     if not family.rotary and (getattr(hf_config, "scale_attn_by_inverse_layer_idx", False) or getattr(hf_config, "add_cross_attention", False)):
@@ -188,7 +193,7 @@ def _plan(src: str | Path, dst: str | Path, rank: int, rope: str | RopeStrategy 
         rank=rank,
         head_dim=d,
         rope=strategy,
-        rope_dims=rank if strategy != RopeStrategy.NONE else 0,
+        rope_dims=d if strategy == RopeStrategy.REBUILD else rank if strategy != RopeStrategy.NONE else 0,
         source_architecture=arch,
     )
     return _Plan(src, dst, raw, hf_config, arch, geo, thin, DTYPES[dtype] if dtype else None, inv_freq)
@@ -232,7 +237,17 @@ def run_conversion(
     energy = torch.empty(geo.num_layers, geo.num_kv_heads, dtype=torch.float64)
     for i in tqdm(range(geo.num_layers), desc="converting layers", unit="layer", disable=not progress):
         qk = layout.read(state, i)
-        if calibration is not None:  # data-aware: calibrated pairs, or mixed (thinkeys.convert.mixed)
+        if thin.rope == RopeStrategy.REBUILD:  # cached latent B k, rebuilt A^T c at read (convert/rebuild.py)
+            q_m = k_m = None
+            if calibration is not None:
+                moments = qk_moments(qk, calibration.mean[i], calibration.moment[i])
+                q_m, k_m = moments.q_moment, moments.k_moment
+            b, expand = rebuild_factors("joint" if calibration is not None else "svd", qk.k_weight, thin.rank, q_m, k_m)
+            energy[i] = retained_key_energy(qk.k_weight, torch.linalg.qr(expand).Q)
+            thin_qk = rebuild_layer(qk, b)
+            state[rebuild_table_name(layout.layer_prefix(i))] = expand.to(torch.float32).contiguous()  # [Hkv, d, r]
+            freqs = plan.inv_freq.to(torch.float32)[None].expand(geo.num_kv_heads, -1)  # the source's own RoPE
+        elif calibration is not None:  # data-aware: calibrated pairs, or mixed (thinkeys.convert.mixed)
             moments = qk_moments(qk, calibration.mean[i], calibration.moment[i])
             layer = build_thin_layer(
                 qk, thin.rank, plan.inv_freq, moments,
@@ -265,6 +280,7 @@ def run_conversion(
     if calibration is not None:
         config[PROVENANCE_KEY] = {
             "strategy": thin.rope.value,
+            **({"rebuild_kind": "joint"} if thin.rope == RopeStrategy.REBUILD else {}),
             "calibration": calibration.describe(),
             **({"nope_context": nope_context} if thin.rope == RopeStrategy.MIXED else {}),
             "per_head_mean": {k: v / (geo.num_layers * geo.num_kv_heads) for k, v in usage.items()},

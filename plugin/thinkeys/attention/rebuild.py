@@ -1,0 +1,124 @@
+"""vLLM attention backend for rebuild-at-read checkpoints (``rope: rebuild``): keys rebuilt from a cached latent.
+
+The cache holds, per token and KV head, the thin pre-RoPE latent ``c = B W_K x`` (r wide) and the
+value (d wide): the same ``[.., r + d]`` slot as the ``THINKEYS`` backend, so the page size, the
+cache write and :mod:`thinkeys.accounting` are unchanged. At every read the backend rebuilds the
+key ``k = A^T c`` with the layer's expansion table (``impl.rebuild_table`` ``[H_kv, d, r]``,
+float32), rotates it at its position with the source's RoPE (``impl.key_rope_freqs``
+``[H_kv, d / 2]``) and attends with the source's own d-wide query, which arrives rotated.
+
+How the d-wide query gets through vLLM's ``Attention``: the layer is built as
+``Attention(num_heads=H, head_size=r, head_size_v=d)``, so vLLM sizes the page for ``r + d`` and
+views the key as ``[T, H_kv, r]`` and the value as ``[T, H_kv, d]``, as it should. It also views
+the query as ``[-1, H, r]``: the layer hands it the rotated query flat (``[T, H * d]``), which that
+view turns into ``[T * d / r, H, r]`` rows of the same memory (the checkpoint format requires
+``r | d``), and :meth:`ThinKeyRebuildImpl.forward` views it back as ``[T, H, d]``. No copy, no
+change to vLLM's spec or its page size; the output is ``[T, H * d]`` as for every thin layer.
+
+Two read paths share the metadata of ``paged.py``:
+
+- the compiled kernel (``rebuild_kernel.py``, ``csrc/rebuild_attention.cpp``) for plain float
+  caches: per (request, KV head) it expands and rotates each cached page once for all query
+  heads of the group and all query tokens of the request, then runs the dot products and an
+  online softmax;
+- the PyTorch path (``paged.paged_attention_torch`` with ``CacheFormat.key_expansion``), the
+  fallback and the path of 8-bit caches (the latent and the value are dequantized by
+  ``quant.KVCodec``, then expanded).
+
+Touch points with vLLM internals are those of ``backend.py`` plus the query view of
+``Attention.forward`` (``query.view(-1, num_heads, head_size)``), pinned in
+tests/test_vllm_contract.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.v1.attention.backend import AttentionMetadataBuilder
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from thinkeys import REBUILD_BACKEND_NAME
+from thinkeys.attention import rebuild_kernel
+from thinkeys.attention.backend import ThinKeyAttentionBackend, ThinKeyAttentionImpl, ThinKeyMetadataBuilder
+from thinkeys.attention.paged import CacheFormat, ThinPagedMetadata, paged_attention_torch
+from thinkeys.attention.quant import EIGHT_BIT_DTYPES
+
+
+class ThinKeyRebuildBackend(ThinKeyAttentionBackend):
+    @staticmethod
+    def get_name() -> str:
+        return REBUILD_BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type["ThinKeyRebuildImpl"]:
+        return ThinKeyRebuildImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["ThinKeyRebuildMetadataBuilder"]:
+        return ThinKeyRebuildMetadataBuilder
+
+
+class ThinKeyRebuildMetadataBuilder(ThinKeyMetadataBuilder):
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names, vllm_config, device) -> None:
+        AttentionMetadataBuilder.__init__(self, kv_cache_spec, layer_names, vllm_config, device)
+        self.block_size = kv_cache_spec.block_size
+        # The rebuild kernel reads plain float caches; built (or loaded) here, at engine start-up.
+        self.use_kernel = (
+            self.plain_cache(kv_cache_spec, vllm_config)
+            and torch.device(device).type == "cpu"
+            and rebuild_kernel.available()
+        )
+
+
+class ThinKeyRebuildImpl(ThinKeyAttentionImpl):
+    #: [H_kv, d, r] float32 expansion table A^T of the layer (set by the layer after construction).
+    rebuild_table: torch.Tensor | None = None
+    #: [H_kv, d / 2] float32: the source's RoPE frequencies (set by the layer).
+    key_rope_freqs: torch.Tensor | None = None
+
+    def read_format(self, layer, kv_cache: torch.Tensor) -> CacheFormat:
+        """How reads decode a slot: the codec (plain or 8-bit), then expansion and rotation of the key."""
+        return CacheFormat(
+            self._slot_codec(kv_cache),
+            k_scale=float(getattr(layer, "_k_scale_float", 1.0)),
+            v_scale=float(getattr(layer, "_v_scale_float", 1.0)),
+            key_rope_freqs=self.key_rope_freqs,
+            key_expansion=self.rebuild_table,
+        )
+
+    def forward(
+        self,
+        layer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: ThinPagedMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError(f"{REBUILD_BACKEND_NAME} does not fuse output quantization")
+        if attn_metadata is None:  # profiling / warm-up run
+            return output.zero_()
+        if self.rebuild_table is None or self.key_rope_freqs is None:
+            raise RuntimeError(f"{REBUILD_BACKEND_NAME}: the layer did not set its expansion and RoPE tables")
+        d = self.rebuild_table.shape[1]
+        query = query.reshape(-1, self.num_heads, d)  # vLLM viewed the flat [T, H * d] query as [T * d / r, H, r]
+        n = attn_metadata.num_actual_tokens
+        if (
+            attn_metadata.query_start_loc is not None
+            and self.kv_cache_dtype not in EIGHT_BIT_DTYPES
+            and rebuild_kernel.available()
+            and query.device.type == "cpu"
+            and query.dtype == kv_cache.dtype == output.dtype
+        ):
+            rebuild_kernel.paged_attention(
+                query[:n], kv_cache, self.rebuild_table, self.key_rope_freqs, attn_metadata.block_table,
+                attn_metadata.query_start_loc, attn_metadata.seq_lens, self.scale, output[:n],
+            )
+            return output
+        if not attn_metadata.torch_path:
+            raise RuntimeError("metadata was built without the PyTorch path's indices (torch_path=False)")
+        paged_attention_torch(query[:n], kv_cache, attn_metadata, self.scale, output[:n], self.read_format(layer, kv_cache))
+        return output

@@ -216,6 +216,10 @@ REFUSALS = {
         lambda m, t: (_edit_config(m["llama"], t / "falcon", architectures=["FalconForCausalLM"]), {"rank": 8}),
         "is not supported; supported: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM",
     ),
+    "mistral sliding window": (
+        lambda m, t: (_edit_config(m["llama"], t / "msw", architectures=["MistralForCausalLM"], sliding_window=64), {"rank": 8}),
+        "MistralForCausalLM with sliding-window layers is not supported",
+    ),
     "yarn rope": (
         lambda m, t: (
             _edit_config(m["llama"], t / "yarn", rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),

@@ -228,7 +228,9 @@ def _plan(src: str | Path, dst: str | Path, rank: int, rope: str | RopeStrategy 
 def _refuse_unsupported_attention(config_path: Path, arch: str, raw: dict[str, Any]) -> None:
     """Attention features of a supported architecture that thin keys do not carry (one line each)."""
     layer_types = raw.get("layer_types") or []
-    if raw.get("use_sliding_window") or "sliding_attention" in layer_types:
+    # Mistral configs apply their sliding_window by default; Qwen configs only with use_sliding_window.
+    mistral_window = arch == "MistralForCausalLM" and raw.get("sliding_window") is not None
+    if raw.get("use_sliding_window") or "sliding_attention" in layer_types or mistral_window:
         raise ThinKeyError(
             f"{config_path}: {arch} with sliding-window layers is not supported: the thin-key attention "
             "backend attends over the whole context; convert a checkpoint with use_sliding_window false"

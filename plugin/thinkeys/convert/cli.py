@@ -14,7 +14,7 @@ from thinkeys.convert.mixed import DEFAULT_NOPE_CONTEXT
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", help="Hugging Face checkpoint folder (Llama, Mistral, Qwen2 or GPT-2)")
+    parser.add_argument("src", metavar="SRC", help="Hugging Face checkpoint folder (Llama, Mistral, Qwen2, Qwen3 or GPT-2)")
     parser.add_argument("dst", metavar="DST", help="folder to write the thin-key checkpoint to (must not exist)")
     parser.add_argument("--rank", "-r", type=int, default=None, help="key width r per head (1..head_dim; even with RoPE)")
     parser.add_argument(
@@ -31,7 +31,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         "(default for RoPE models), 'svd' is the paper's SVD basis with the first r/2 frequencies "
         "(approximate, needs fine-tuning), 'mixed' keeps the strongest fast rotary pairs exactly and folds the "
         "slowly turning pairs into an unrotated low-rank part fitted to real activations (needs --calibration); "
-        "GPT-2 has no RoPE ('none', the default there)",
+        "Qwen3 (q/k norm before RoPE) takes pairs or mixed; GPT-2 has no RoPE ('none', the default there)",
     )
     parser.add_argument(
         "--calibration",

@@ -213,8 +213,12 @@ REFUSALS = {
     "none on llama": (lambda m, t: (m["llama"], {"rank": 8, "rope": "none"}), "uses RoPE: choose --rope pairs"),
     "bad dtype": (lambda m, t: (m["llama"], {"rank": 8, "dtype": "float64"}), "--dtype 'float64' is not one of"),
     "unsupported architecture": (
-        lambda m, t: (_edit_config(m["llama"], t / "gemma", architectures=["Gemma3ForCausalLM"]), {"rank": 8}),
-        "is not supported; supported: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM",
+        lambda m, t: (_edit_config(m["llama"], t / "falcon", architectures=["FalconForCausalLM"]), {"rank": 8}),
+        "is not supported; supported: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM",
+    ),
+    "mistral sliding window": (
+        lambda m, t: (_edit_config(m["llama"], t / "msw", architectures=["MistralForCausalLM"], sliding_window=64), {"rank": 8}),
+        "MistralForCausalLM with sliding-window layers is not supported",
     ),
     "yarn rope": (
         lambda m, t: (

@@ -5,6 +5,7 @@ we pin vllm(-cpu)==0.32.0 in pyproject.toml. Each test names the thinkeys module
 """
 
 import inspect
+import re
 from importlib.metadata import entry_points
 
 import pytest
@@ -235,3 +236,27 @@ def test_weights_loader_uses_parameter_weight_loader():  # models/thin_attention
     assert "AutoWeightsLoader(self)" in inspect.getsource(LlamaModel.load_weights)
     src = inspect.getsource(AutoWeightsLoader._load_param)
     assert 'weight_loader = getattr(param, "weight_loader", default_weight_loader)' in src
+
+
+def test_qwen3_blocks_the_thin_model_reuses():  # models/qwen3.py
+    from vllm.model_executor.models import qwen2, qwen3
+
+    # Qwen3Model builds its layers from the class attribute decoder_layer_type, with these keywords
+    assert "decoder_layer_type=self.decoder_layer_type" in inspect.getsource(qwen3.Qwen3Model)  # (its __init__ is wrapped by torch.compile)
+    assert "decoder_layer_type(\n                config=config,\n                cache_config=cache_config," in inspect.getsource(
+        qwen2.Qwen2Model
+    )
+    # the thin decoder layer builds these blocks itself and keeps vLLM's forward, which uses exactly them
+    forward = inspect.getsource(qwen3.Qwen3DecoderLayer.forward)
+    for block in ("self.input_layernorm(", "self.self_attn(", "self.post_attention_layernorm(", "self.mlp("):
+        assert block in forward
+    init = inspect.getsource(qwen3.Qwen3DecoderLayer.__init__)
+    assert set(re.findall(r"self\.(\w+) = ", init)) == {
+        "hidden_size", "self_attn", "mlp", "input_layernorm", "post_attention_layernorm"
+    }
+    # the thin CausalLM sets what vLLM's __init__ sets, with the thin model class
+    causal = inspect.getsource(qwen3.Qwen3ForCausalLM.__init__)
+    assert set(re.findall(r"self\.(\w+) = ", causal)) == {
+        "config", "vllm_config", "quant_config", "model", "lm_head", "logits_processor", "make_empty_intermediate_tensors"
+    }
+    assert qwen3.Qwen3ForCausalLM.forward.__qualname__ == "Qwen3ForCausalLM.forward"

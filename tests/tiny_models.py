@@ -228,3 +228,51 @@ def make_tiny_gpt2(dir: str | Path, *, hidden: int = 128, layers: int = 2, heads
     model = GPT2LMHeadModel(config)
     _spread_init(model, seed, qk_cols=2 * hidden)
     return _save(model, dir)
+
+
+def make_tiny_qwen3(
+    dir: str | Path,
+    *,
+    hidden: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 32,
+    seed: int = 0,
+    **config_overrides: Any,
+) -> Path:
+    """Tiny Qwen3 with GQA and per-head q/k RMSNorm, no biases; ``config_overrides`` go to ``Qwen3Config``.
+
+    The q_norm / k_norm gains are drawn from [0.5, 1.5] (not HF's 1.0), so a converter that ignores
+    them, or applies the thin basis before the norm, is caught.
+    """
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    dir = make_tokenizer(dir)
+    config = Qwen3Config(
+        **_special_ids(dir),
+        **{
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "head_dim": head_dim,
+            "max_position_embeddings": 2048,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            "use_sliding_window": False,
+            "attention_bias": False,
+            "tie_word_embeddings": False,
+            "torch_dtype": "float32",
+            **config_overrides,
+        },
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    _spread_init(model, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+    return _save(model, dir)

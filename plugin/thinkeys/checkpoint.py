@@ -14,6 +14,15 @@ Tensor names and layouts are those of the source family with thinner q/k project
   ``[Hkv * r, D]`` (biases ``[H * r]`` / ``[Hkv * r]`` where the source has them), ``v_proj`` and
   ``o_proj`` unchanged.
 * GPT-2: ``c_attn.weight`` keeps the Conv1D layout ``[D, H * r + H * r + H * d]`` (q | k | v).
+* QK-norm families (Qwen3): the key is not a linear function of the layer input (a per-head
+  RMSNorm ``q_norm`` / ``k_norm`` sits between the projection and RoPE), so the thin basis acts
+  after the norm. ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` and the norms keep the source
+  shapes (q and k are computed d wide and normalised), and two maps per layer take them to r::
+
+      <layer>.self_attn.thin_q_map  [Hkv, r, d]   thin q = thin_q_map[g] @ q_norm(q)  (every query head of group g)
+      <layer>.self_attn.thin_k_map  [Hkv, r, d]   thin k = thin_k_map[g] @ k_norm(k)  (cached: r wide)
+
+  RoPE is then applied to the thin q/k as below. ``pairs`` and ``mixed`` are the strategies.
 
 RoPE, when the source uses it, is applied to the first ``rope_dims`` of the r dims of every
 query and key head, in NeoX layout (dim ``j`` pairs with ``j + rope_dims / 2``), with a frequency
@@ -67,6 +76,9 @@ FORMAT_VERSION = 1
 ROPE_FREQS_NAME = "thin_rope_freqs"
 #: Suffix of the per-layer key expansion table ``[Hkv, d, r]`` of rebuild-at-read checkpoints.
 REBUILD_TABLE_NAME = "thin_rebuild"
+#: Suffixes of the per-layer post-norm query / key maps of QK-norm families (``[Hkv, r, d]`` each).
+QUERY_MAP_NAME = "thin_q_map"
+KEY_MAP_NAME = "thin_k_map"
 
 
 class RopeStrategy(str, Enum):
@@ -92,6 +104,7 @@ class RopeStrategy(str, Enum):
 class SourceFamily(str, Enum):
     LLAMA = "llama"
     QWEN2 = "qwen2"
+    QWEN3 = "qwen3"
     GPT2 = "gpt2"
 
 
@@ -102,6 +115,8 @@ class Family(BaseModel):
     family: SourceFamily
     thin_architecture: str
     rotary: bool
+    #: Per-head RMSNorm on q and k before RoPE: the thin basis acts after it (maps in the checkpoint).
+    qk_norm: bool = False
 
 
 #: Source architectures the converter accepts, and the architecture name of their thin twin.
@@ -110,13 +125,19 @@ SUPPORTED_SOURCES: dict[str, Family] = {
     "MistralForCausalLM": Family(family=SourceFamily.LLAMA, thin_architecture="ThinKeyLlamaForCausalLM", rotary=True),
     "Qwen2ForCausalLM": Family(family=SourceFamily.QWEN2, thin_architecture="ThinKeyQwen2ForCausalLM", rotary=True),
     "GPT2LMHeadModel": Family(family=SourceFamily.GPT2, thin_architecture="ThinKeyGPT2LMHeadModel", rotary=False),
+    "Qwen3ForCausalLM": Family(
+        family=SourceFamily.QWEN3, thin_architecture="ThinKeyQwen3ForCausalLM", rotary=True, qk_norm=True
+    ),
 }
+#: Strategies that keep RoPE exact on what they keep, the ones a QK-norm family can use.
+QK_NORM_STRATEGIES = (RopeStrategy.PAIRS, RopeStrategy.MIXED)
 
 #: Thin-key architecture name -> "module:Class" of its vLLM implementation (registered lazily).
 VLLM_ARCHITECTURES: dict[str, str] = {
     "ThinKeyLlamaForCausalLM": "thinkeys.models.llama:ThinKeyLlamaForCausalLM",
     "ThinKeyQwen2ForCausalLM": "thinkeys.models.qwen2:ThinKeyQwen2ForCausalLM",
     "ThinKeyGPT2LMHeadModel": "thinkeys.models.gpt2:ThinKeyGPT2LMHeadModel",
+    "ThinKeyQwen3ForCausalLM": "thinkeys.models.qwen3:ThinKeyQwen3ForCausalLM",
 }
 
 
@@ -171,6 +192,14 @@ class ThinKeyConfig(BaseModel):
             raise ValueError(
                 f"source_architecture {self.source_architecture!r} is not one of {sorted(SUPPORTED_SOURCES)}"
             )
+        if SUPPORTED_SOURCES[self.source_architecture].qk_norm:
+            if self.rope not in QK_NORM_STRATEGIES or self.rope_dims != self.rank:
+                raise ValueError(
+                    f"{self.source_architecture} normalises q/k per head before RoPE: rope must be one of "
+                    f"{[s.value for s in QK_NORM_STRATEGIES]} with rope_dims = rank"
+                )
+            if self.shared_kv:
+                raise ValueError(f"shared_kv is not supported for {self.source_architecture} (its keys are normalised, its values not)")
         return self
 
     @property
@@ -227,6 +256,11 @@ class ThinKeyConfig(BaseModel):
 def is_thin_key_config(config: Any) -> bool:
     raw = config.get(CONFIG_KEY) if isinstance(config, Mapping) else getattr(config, CONFIG_KEY, None)
     return raw is not None
+
+
+def qk_map_names(layer_prefix: str) -> tuple[str, str]:
+    """Checkpoint names of a QK-norm layer's query and key maps, e.g. ``model.layers.3.self_attn.thin_q_map``."""
+    return f"{layer_prefix}.self_attn.{QUERY_MAP_NAME}", f"{layer_prefix}.self_attn.{KEY_MAP_NAME}"
 
 
 def rope_freqs_name(layer_prefix: str) -> str:

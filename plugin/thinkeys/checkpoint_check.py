@@ -14,7 +14,8 @@ What is checked, in order:
 * every ``*.safetensors`` file: a readable header, data that reaches the end of its last tensor
   (a truncated download or an interrupted copy keeps a valid header), no tensor in two files;
 * every attention tensor the thin model loads: present, with the shape ``rank`` / ``head_dim`` /
-  ``rope_dims`` imply, a floating-point dtype;
+  ``rope_dims`` imply (QK-norm families: source-width projections and norms plus the
+  ``[Hkv, r, d]`` query/key maps), a floating-point dtype;
 * the RoPE frequency tables: float32, finite, non-negative.
 """
 
@@ -25,7 +26,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-from thinkeys.checkpoint import CONFIG_KEY, ROPE_FREQS_NAME, RopeStrategy, SourceFamily, ThinKeyConfig, ThinKeyError
+from thinkeys.checkpoint import (
+    CONFIG_KEY,
+    KEY_MAP_NAME,
+    QUERY_MAP_NAME,
+    ROPE_FREQS_NAME,
+    RopeStrategy,
+    SourceFamily,
+    ThinKeyConfig,
+    ThinKeyError,
+)
 
 #: safetensors dtype names of floating-point tensors.
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
@@ -156,13 +166,22 @@ def check_checkpoint_files(folder: str | Path) -> ThinKeyConfig:
             expect(f"{prefix}.c_proj.weight", (heads * d, hidden), "head_dim")
             continue
         prefix = f"model.layers.{i}.self_attn"
-        expect(f"{prefix}.q_proj.weight", (heads * r, hidden), "rank")
-        expect(f"{prefix}.k_proj.weight", (kv_heads * r, hidden), "rank")
+        if thin.family.qk_norm:  # projections and norms keep the source shapes; the maps take q/k to r
+            expect(f"{prefix}.q_proj.weight", (heads * d, hidden), "head_dim")
+            expect(f"{prefix}.k_proj.weight", (kv_heads * d, hidden), "head_dim")
+            expect(f"{prefix}.q_norm.weight", (d,), "head_dim")
+            expect(f"{prefix}.k_norm.weight", (d,), "head_dim")
+            expect(f"{prefix}.{QUERY_MAP_NAME}", (kv_heads, r, d), "rank")
+            expect(f"{prefix}.{KEY_MAP_NAME}", (kv_heads, r, d), "rank")
+        else:
+            expect(f"{prefix}.q_proj.weight", (heads * r, hidden), "rank")
+            expect(f"{prefix}.k_proj.weight", (kv_heads * r, hidden), "rank")
         expect(f"{prefix}.v_proj.weight", (kv_heads * d, hidden), "head_dim")
         expect(f"{prefix}.o_proj.weight", (hidden, heads * d), "head_dim")
         if f"{prefix}.q_proj.bias" in tensors or thin.family.family == SourceFamily.QWEN2:
-            expect(f"{prefix}.q_proj.bias", (heads * r,), "rank")
-            expect(f"{prefix}.k_proj.bias", (kv_heads * r,), "rank")
+            width, field = (d, "head_dim") if thin.family.qk_norm else (r, "rank")
+            expect(f"{prefix}.q_proj.bias", (heads * width,), field)
+            expect(f"{prefix}.k_proj.bias", (kv_heads * width,), field)
         if thin.rope != RopeStrategy.NONE:
             name = f"{prefix}.{ROPE_FREQS_NAME}"
             freq_tables.append((name, expect(name, (kv_heads, thin.rope_dims // 2), "rope_dims")))

@@ -1,6 +1,6 @@
 """The thin-key model in plain PyTorch: the reference everything else is checked against.
 
-:func:`load_thin_model` builds the source family's transformers model (Llama, Mistral, Qwen2 or
+:func:`load_thin_model` builds the source family's transformers model (Llama, Mistral, Qwen2, Qwen3 or
 GPT-2) from a thin checkpoint's config, swaps every attention for :class:`ThinAttention` /
 :class:`ThinGPT2Attention`, and loads the checkpoint strictly (every tensor used, every shape
 checked). Everything but attention (embeddings, norms, MLPs, head, loss, generation) is
@@ -12,6 +12,10 @@ read and trusted::
     q' = W_Q' x + b_Q'   [B, T, H, r]     k' = W_K' x + b_K'   [B, T, Hkv, r]     v  [B, T, Hkv, d]
     q', k' <- apply_thin_rope(., positions, thin_rope_freqs)   (first rope_dims of r; none for GPT-2)
     out = softmax(q' k'^T / sqrt(d) + causal mask) v             (GQA: each KV head serves H / Hkv queries)
+
+QK-norm families (Qwen3, :class:`ThinQKNormAttention`): q and k are projected d wide and
+normalised by the source's own ``q_norm`` / ``k_norm``, then mapped to r by the checkpoint's
+``thin_q_map`` / ``thin_k_map`` (``[Hkv, r, d]``), then rotated as above.
 
 Shared K=V checkpoints (``thin_keys.shared_kv``): the value is the un-rotated key projection,
 ``v = W_K' x + b_K'`` (the checkpoint's ``v_proj``, equal to ``k_proj``, is loaded and not used).
@@ -36,7 +40,7 @@ import torch
 from torch import nn
 
 from thinkeys import hf_io
-from thinkeys.checkpoint import REBUILD_TABLE_NAME, ThinKeyConfig, ThinKeyError
+from thinkeys.checkpoint import KEY_MAP_NAME, QUERY_MAP_NAME, REBUILD_TABLE_NAME, ThinKeyConfig, ThinKeyError
 from thinkeys.rope import apply_thin_rope
 
 #: transformers class ("module:Class") built for each source architecture.
@@ -44,6 +48,7 @@ SOURCE_MODELS = {
     "LlamaForCausalLM": "transformers:LlamaForCausalLM",
     "MistralForCausalLM": "transformers:MistralForCausalLM",
     "Qwen2ForCausalLM": "transformers:Qwen2ForCausalLM",
+    "Qwen3ForCausalLM": "transformers:Qwen3ForCausalLM",
     "GPT2LMHeadModel": "transformers:GPT2LMHeadModel",
 }
 
@@ -121,8 +126,7 @@ class ThinAttention(_KeepsFreqsInFloat32):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         b, t, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.query_width)  # [B, T, H, r] (rebuild: d)
-        k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, self.rank)  # [B, T, Hkv, r]
+        q, k = self.thin_query_key(hidden_states)  # [B, T, H, r], [B, T, Hkv, r] (rebuild: d-wide q, latent k)
         if self.rebuild:  # rebuild the d-wide pre-RoPE key from its cached latent
             table = getattr(self, REBUILD_TABLE_NAME)
             k = torch.einsum("btgr,gdr->btgd", k, table.to(k.dtype))  # [B, T, Hkv, d]
@@ -140,6 +144,37 @@ class ThinAttention(_KeepsFreqsInFloat32):
             k, v = past_key_values.update(k, v, self.layer_idx)
         out = thin_attention(q, k, v, attention_mask, self.scale)  # [B, T, H * d]
         return self.o_proj(out), None
+
+
+    def thin_query_key(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Un-rotated thin queries ``[B, T, H, r]`` (rebuild: the source's ``[B, T, H, d]``) and keys ``[B, T, Hkv, r]``."""
+        b, t, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.query_width)
+        k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, self.rank)
+        return q, k
+
+
+class ThinQKNormAttention(ThinAttention):
+    """Qwen3 self-attention: q/k projected d wide, normalised per head (the source's own norms), then mapped to r."""
+
+    def __init__(self, config: Any, thin: ThinKeyConfig, layer_idx: int, like: nn.Module) -> None:
+        super().__init__(config, thin, layer_idx, like)
+        hidden, d, r = config.hidden_size, thin.head_dim, thin.rank
+        self.q_proj = nn.Linear(hidden, self.num_heads * d, bias=like.q_proj.bias is not None)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=like.k_proj.bias is not None)
+        self.q_norm, self.k_norm = like.q_norm, like.k_norm  # transformers' modules (their gain convention)
+        self.register_parameter(QUERY_MAP_NAME, nn.Parameter(torch.zeros(self.num_kv_heads, r, d)))
+        self.register_parameter(KEY_MAP_NAME, nn.Parameter(torch.zeros(self.num_kv_heads, r, d)))
+
+    def thin_query_key(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, _ = hidden_states.shape
+        n_kv, group, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        q = self.q_norm(self.q_proj(hidden_states).view(b, t, self.num_heads, d))  # [B, T, H, d]
+        k = self.k_norm(self.k_proj(hidden_states).view(b, t, n_kv, d))  # [B, T, Hkv, d]
+        q_map, k_map = getattr(self, QUERY_MAP_NAME), getattr(self, KEY_MAP_NAME)  # [Hkv, r, d]
+        q = torch.einsum("btgjd,grd->btgjr", q.view(b, t, n_kv, group, d), q_map).reshape(b, t, self.num_heads, self.rank)
+        k = torch.einsum("btgd,grd->btgr", k, k_map)  # [B, T, Hkv, r]
+        return q, k
 
 
 class ThinGPT2Attention(_KeepsFreqsInFloat32):
@@ -215,6 +250,8 @@ def thin_qk_parameters(model: nn.Module) -> list[nn.Parameter]:
             params += [p for p in (proj.weight, proj.bias) if p is not None]
         if getattr(attn, "rebuild", False):
             params.append(getattr(attn, REBUILD_TABLE_NAME))
+        if isinstance(attn, ThinQKNormAttention):
+            params += [getattr(attn, QUERY_MAP_NAME), getattr(attn, KEY_MAP_NAME)]
     if not params:
         raise ThinKeyError("model has no thin-key attention; load it with thinkeys.reference.load_thin_model")
     return params
@@ -227,8 +264,9 @@ def _build(config: Any, thin: ThinKeyConfig) -> nn.Module:
         for i, block in enumerate(model.transformer.h):
             block.attn = ThinGPT2Attention(config, thin, i, like=block.attn)
     else:
+        attention = ThinQKNormAttention if thin.family.qk_norm else ThinAttention
         for i, layer in enumerate(model.model.layers):
-            layer.self_attn = ThinAttention(config, thin, i, like=layer.self_attn)
+            layer.self_attn = attention(config, thin, i, like=layer.self_attn)
     return model
 
 
@@ -314,4 +352,4 @@ def save_thin_model(model: nn.Module, dst: str | Path, *, source: str | Path, fo
     return Path(dst)
 
 
-__all__ = ["load_thin_model", "save_thin_model", "thin_qk_parameters", "thin_attention", "ThinAttention", "ThinGPT2Attention"]
+__all__ = ["load_thin_model", "save_thin_model", "thin_qk_parameters", "thin_attention", "ThinAttention", "ThinQKNormAttention", "ThinGPT2Attention"]

@@ -110,6 +110,10 @@ class Calibration:
         """Provenance recorded in the converted checkpoint's config.json."""
         return {"tokens": self.tokens, "window": self.window, "text_sha256": self.text_sha256}
 
+    def layer_moments(self, i: int, qk: QueryKey) -> "QKMoments":
+        """Layer ``i``'s query/key moments, derived from its input moments through ``qk``."""
+        return qk_moments(qk, self.mean[i], self.moment[i])
+
     def save(self, path: str | Path) -> Path:
         """Write to a safetensors file (atomically: temporary file, then rename)."""
         from safetensors.torch import save_file
@@ -171,6 +175,10 @@ def collect_calibration(
     if tokens < MIN_CALIBRATION_TOKENS:
         raise ThinKeyError(f"--calibration-tokens {tokens}: use at least {MIN_CALIBRATION_TOKENS}")
     config = AutoConfig.from_pretrained(src)
+    if SUPPORTED_SOURCES[config.architectures[0]].qk_norm:  # statistics after q/k norm (thinkeys.convert.qk_norm)
+        from thinkeys.convert.qk_norm import collect_post_norm_calibration
+
+        return collect_post_norm_calibration(src, text_path, tokens=tokens, window=window, progress=progress)
     family = SUPPORTED_SOURCES[config.architectures[0]].family
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or window
     window = min(window, tokens, context)  # a small calibration is one shorter window

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from thinkeys import hf_io
 from thinkeys.checkpoint import (
     CONFIG_KEY,
+    QK_NORM_STRATEGIES,
     SUPPORTED_SOURCES,
     RopeStrategy,
     ThinKeyConfig,
@@ -31,7 +32,8 @@ from thinkeys.checkpoint import (
     rebuild_table_name,
     rope_freqs_name,
 )
-from thinkeys.convert.calibration import DEFAULT_CALIBRATION_TOKENS, Calibration, collect_calibration, qk_moments
+from thinkeys.convert.calibration import DEFAULT_CALIBRATION_TOKENS, Calibration, collect_calibration
+from thinkeys.convert.qk_norm import PostNormCalibration
 from thinkeys.convert.families import Geometry, layout_for
 from thinkeys.convert.mixed import DEFAULT_NOPE_CONTEXT, build_thin_layer
 from thinkeys.convert.rebuild import rebuild_factors, rebuild_layer
@@ -42,6 +44,20 @@ from thinkeys.convert.svd import absorb, retained_key_energy
 PROVENANCE_KEY = "thin_keys_provenance"
 #: Strategies that read calibration statistics (``pairs`` and ``rebuild`` optionally, ``mixed`` always).
 CALIBRATED = (RopeStrategy.PAIRS, RopeStrategy.MIXED, RopeStrategy.REBUILD)
+
+#: Architectures people ask for that the converter refuses, and why (one line each).
+UNSUPPORTED_SOURCES = {
+    "Qwen3MoeForCausalLM": "Qwen3-MoE (mixture-of-experts MLPs and expert routing are not served by the thin-key models; dense Qwen3ForCausalLM is)",
+    "Qwen2MoeForCausalLM": "Qwen2-MoE (mixture-of-experts MLPs are not served by the thin-key models; dense Qwen2ForCausalLM is)",
+    "MixtralForCausalLM": "Mixtral (mixture-of-experts MLPs are not served by the thin-key models; dense MistralForCausalLM is)",
+    "Gemma3ForCausalLM": "Gemma 3 (its sliding-window layers are not honoured by the thin-key attention backend yet)",
+    "Gemma3ForConditionalGeneration": "Gemma 3 with vision (multimodal models are not supported, and text-only Gemma 3 is not either yet: sliding-window layers)",
+    "Gemma2ForCausalLM": "Gemma 2 (sliding-window layers and attention-logit soft-capping are not supported by the thin-key backend)",
+    "GptOssForCausalLM": "gpt-oss (attention sinks and sliding-window layers are not supported by the thin-key backend)",
+    "DeepseekV2ForCausalLM": "DeepSeek-V2 (MLA already caches a compressed latent; there is no per-head key projection to thin)",
+    "DeepseekV3ForCausalLM": "DeepSeek-V3 (MLA already caches a compressed latent; there is no per-head key projection to thin)",
+    "Phi3ForCausalLM": "Phi-3 (fused qkv_proj weights and partial/LongRoPE rotary embeddings are not mapped by the converter)",
+}
 
 #: --dtype choices.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -112,9 +128,16 @@ def _check_calibration(strategy: RopeStrategy, calibration: Any, architecture: s
         raise ThinKeyError(
             f"--calibration applies to --rope pairs, mixed or rebuild, not {strategy.value!r}; leave it out"
         )
-    if not isinstance(calibration, Calibration) and not Path(calibration).is_file():
+    collected = isinstance(calibration, (Calibration, PostNormCalibration))
+    if not collected and not Path(calibration).is_file():
         raise ThinKeyError(f"--calibration {calibration}: no such text file (use the tune split, e.g. data/wiki/tune.txt)")
-    if isinstance(calibration, Calibration) and calibration.num_layers != hf_config.num_hidden_layers:
+    post_norm = SUPPORTED_SOURCES[architecture].qk_norm
+    if collected and isinstance(calibration, PostNormCalibration) != post_norm:
+        raise ThinKeyError(
+            f"the calibration statistics were taken {'after' if not post_norm else 'before'} a q/k norm, but "
+            f"{architecture} needs them {'after' if post_norm else 'before'} one; collect them from this source model"
+        )
+    if collected and calibration.num_layers != hf_config.num_hidden_layers:
         raise ThinKeyError(
             f"the calibration statistics have {calibration.num_layers} layers but {architecture} has "
             f"{hf_config.num_hidden_layers}; collect them from this source model"
@@ -139,6 +162,8 @@ def _plan(src: str | Path, dst: str | Path, rank: int, rope: str | RopeStrategy 
         raise ThinKeyError(f"{config_path}: quantized checkpoints cannot be factored; convert a full-precision checkpoint")
     archs = raw.get("architectures") or []
     supported = ", ".join(sorted(SUPPORTED_SOURCES))
+    if len(archs) == 1 and archs[0] in UNSUPPORTED_SOURCES:
+        raise ThinKeyError(f"{config_path}: {archs[0]} is not supported: {UNSUPPORTED_SOURCES[archs[0]]}")
     if len(archs) != 1 or archs[0] not in SUPPORTED_SOURCES:
         raise ThinKeyError(f"{config_path}: architecture {archs or 'unset'} is not supported; supported: {supported}")
     arch = archs[0]
@@ -157,6 +182,12 @@ def _plan(src: str | Path, dst: str | Path, rank: int, rope: str | RopeStrategy 
         raise ThinKeyError(f"{arch} has no rotary embedding: --rope {strategy.value} does not apply (leave --rope out)")
     if family.rotary and strategy == RopeStrategy.NONE:
         raise ThinKeyError(f"{arch} uses RoPE: choose --rope pairs (exact on kept pairs) or --rope svd (the paper's)")
+    if family.qk_norm and strategy not in QK_NORM_STRATEGIES:
+        raise ThinKeyError(
+            f"--rope {strategy.value} does not apply to {arch}: its keys are normalised per head before RoPE, so the "
+            "thin basis must keep RoPE exact after the norm; choose --rope pairs or --rope mixed"
+        )
+    _refuse_unsupported_attention(config_path, arch, raw)
     if dtype is not None and dtype not in DTYPES:
         raise ThinKeyError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
 
@@ -199,6 +230,22 @@ def _plan(src: str | Path, dst: str | Path, rank: int, rope: str | RopeStrategy 
     return _Plan(src, dst, raw, hf_config, arch, geo, thin, DTYPES[dtype] if dtype else None, inv_freq)
 
 
+def _refuse_unsupported_attention(config_path: Path, arch: str, raw: dict[str, Any]) -> None:
+    """Attention features of a supported architecture that thin keys do not carry (one line each)."""
+    layer_types = raw.get("layer_types") or []
+    # Mistral configs apply their sliding_window by default; Qwen configs only with use_sliding_window.
+    mistral_window = arch == "MistralForCausalLM" and raw.get("sliding_window") is not None
+    if raw.get("use_sliding_window") or "sliding_attention" in layer_types or mistral_window:
+        raise ThinKeyError(
+            f"{config_path}: {arch} with sliding-window layers is not supported: the thin-key attention "
+            "backend attends over the whole context; convert a checkpoint with use_sliding_window false"
+        )
+    if raw.get("attention_sinks") or raw.get("sinks") or raw.get("dual_chunk_attention_config"):
+        raise ThinKeyError(
+            f"{config_path}: attention sinks / dual-chunk attention are not supported by the thin-key attention backend"
+        )
+
+
 def _source_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
     """The dtype most of the floating-point weights are stored in (the weights, not config.json, are the truth)."""
     counts: dict[torch.dtype, int] = {}
@@ -217,7 +264,7 @@ def run_conversion(
     force: bool = False,
     *,
     progress: bool = True,
-    calibration: str | Path | Calibration | None = None,
+    calibration: str | Path | Calibration | PostNormCalibration | None = None,
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
     nope_context: float = DEFAULT_NOPE_CONTEXT,
 ) -> ConversionReport:
@@ -225,7 +272,7 @@ def run_conversion(
     start = time.monotonic()
     plan = _plan(src, dst, rank, rope, dtype, force, calibration)
     geo, thin = plan.geometry, plan.thin
-    if calibration is not None and not isinstance(calibration, Calibration):
+    if calibration is not None and not isinstance(calibration, (Calibration, PostNormCalibration)):
         calibration = collect_calibration(plan.src, calibration, tokens=calibration_tokens, progress=progress)
     usage = {"kept_pairs": 0, "shared_band_slots": 0, "unrotated_dims": 0}  # summed over heads (mixed / calibrated pairs)
 
@@ -235,12 +282,15 @@ def run_conversion(
     layout = layout_for(plan.architecture, geo, state)
 
     energy = torch.empty(geo.num_layers, geo.num_kv_heads, dtype=torch.float64)
+    qk_norm = thin.family.qk_norm  # the maps act after q/k norm and are stored, not absorbed
     for i in tqdm(range(geo.num_layers), desc="converting layers", unit="layer", disable=not progress):
         qk = layout.read(state, i)
+        # What the strategies look at: q/k themselves, or a linear stand-in for the normalised q/k.
+        seen = layout.post_norm_proxy(state, i, qk) if qk_norm else qk
         if thin.rope == RopeStrategy.REBUILD:  # cached latent B k, rebuilt A^T c at read (convert/rebuild.py)
             q_m = k_m = None
             if calibration is not None:
-                moments = qk_moments(qk, calibration.mean[i], calibration.moment[i])
+                moments = calibration.layer_moments(i, qk)
                 q_m, k_m = moments.q_moment, moments.k_moment
             b, expand = rebuild_factors("joint" if calibration is not None else "svd", qk.k_weight, thin.rank, q_m, k_m)
             energy[i] = retained_key_energy(qk.k_weight, torch.linalg.qr(expand).Q)
@@ -248,27 +298,31 @@ def run_conversion(
             state[rebuild_table_name(layout.layer_prefix(i))] = expand.to(torch.float32).contiguous()  # [Hkv, d, r]
             freqs = plan.inv_freq.to(torch.float32)[None].expand(geo.num_kv_heads, -1)  # the source's own RoPE
         elif calibration is not None:  # data-aware: calibrated pairs, or mixed (thinkeys.convert.mixed)
-            moments = qk_moments(qk, calibration.mean[i], calibration.moment[i])
             layer = build_thin_layer(
-                qk, thin.rank, plan.inv_freq, moments,
+                seen, thin.rank, plan.inv_freq, calibration.layer_moments(i, qk),
                 nope_context=nope_context if thin.rope == RopeStrategy.MIXED else None,
             )
             u, sv, _ = torch.linalg.svd(layer.key_map.transpose(1, 2), full_matrices=False)  # u: [Hkv, d, r]
             key_basis = u * (sv > 1e-9 * sv.amax(-1, keepdim=True))[:, None, :]  # the key subspace kept
-            energy[i] = retained_key_energy(qk.k_weight, key_basis)
+            energy[i] = retained_key_energy(seen.k_weight, key_basis)
             for head in layer.plans:
                 usage["kept_pairs"] += len(head.rotary)
                 usage["shared_band_slots"] += head.slots_used - len(head.rotary)
                 usage["unrotated_dims"] += head.unrotated_rank
             thin_qk, freqs = layer.qk, layer.freqs
+            q_map, k_map = layer.query_map, layer.key_map  # [Hkv, r, d]
         else:
-            basis = thin_basis(thin.rope, qk, thin.rank, plan.inv_freq)  # basis: [Hkv, d, r]
-            energy[i] = retained_key_energy(qk.k_weight, basis.basis)
-            thin_qk, freqs = absorb(qk, basis.basis), basis.freqs
-        for name in ("q_weight", "k_weight", "q_bias", "k_bias"):
-            t = getattr(thin_qk, name)
-            setattr(thin_qk, name, None if t is None else t.to(out_dtype).contiguous())
-        layout.write(state, i, thin_qk)
+            basis = thin_basis(thin.rope, seen, thin.rank, plan.inv_freq)  # basis: [Hkv, d, r]
+            energy[i] = retained_key_energy(seen.k_weight, basis.basis)
+            thin_qk, freqs = (None if qk_norm else absorb(qk, basis.basis)), basis.freqs
+            q_map = k_map = basis.basis.transpose(1, 2)  # [Hkv, r, d]
+        if qk_norm:
+            layout.write_maps(state, i, q_map.to(out_dtype), k_map.to(out_dtype))
+        else:
+            for name in ("q_weight", "k_weight", "q_bias", "k_bias"):
+                t = getattr(thin_qk, name)
+                setattr(thin_qk, name, None if t is None else t.to(out_dtype).contiguous())
+            layout.write(state, i, thin_qk)
         if freqs is not None:
             state[rope_freqs_name(layout.layer_prefix(i))] = freqs.contiguous()  # [Hkv, r/2] float32
 

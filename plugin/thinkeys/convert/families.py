@@ -19,6 +19,14 @@ so the thin checkpoint is the source checkpoint with thinner q/k:
   names. The legacy causal-mask buffers ``attn.bias`` / ``attn.masked_bias`` of old GPT-2 files
   are dropped: they are not weights, and the thin model builds its own mask.
 
+* Qwen3 (QK-norm: per-head RMSNorm ``q_norm`` / ``k_norm`` after the projections): the
+  projections are read as for Llama but never rewritten; the thin result is two per-layer maps
+  applied after the norms (``thin_q_map`` / ``thin_k_map``, ``[Hkv, r, d]``, see
+  :mod:`thinkeys.checkpoint`)::
+
+      model.layers.{i}.self_attn.q_norm.weight  [d]   (read: the gain of every normalised query dim)
+      model.layers.{i}.self_attn.k_norm.weight  [d]
+
 The pre-attention norm gain (``input_layernorm`` / ``ln_1`` weight) is read too: it scales each
 input feature of q and k, so the data-free pair-selection criterion weighs columns by it.
 """
@@ -30,7 +38,7 @@ from typing import Any
 
 import torch
 
-from thinkeys.checkpoint import SUPPORTED_SOURCES, SourceFamily, ThinKeyError
+from thinkeys.checkpoint import SUPPORTED_SOURCES, SourceFamily, ThinKeyError, qk_map_names
 
 
 @dataclass
@@ -118,6 +126,50 @@ class LlamaLayout:
             state[f"{p}.k_proj.bias"] = thin.k_bias.reshape(-1)  # [Hkv * r]
 
 
+class QKNormLayout(LlamaLayout):
+    """Qwen3: Llama's projections followed by a per-head RMSNorm of q and k; the thin maps act after it."""
+
+    qk_norm = True
+    #: Added to the stored norm weight to get the gain (Gemma's RMSNorm scales by ``1 + weight``).
+    norm_offset = 0.0
+
+    def norm_gains(self, state: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Effective per-dim gains of ``q_norm`` and ``k_norm``, ``[d]`` each (float64)."""
+        p, d = f"{self.layer_prefix(i)}.self_attn", self.geo.head_dim
+        return tuple(
+            _take(state, f"{p}.{n}.weight", (d,)).to(torch.float64) + self.norm_offset for n in ("q_norm", "k_norm")
+        )
+
+    def post_norm_proxy(self, state: dict[str, torch.Tensor], i: int, qk: QueryKey) -> QueryKey:
+        """A linear stand-in for the normalised q/k, for data-free pair scores and energy figures.
+
+        RMSNorm divides each head vector by its root-mean-square and multiplies dim j by the gain
+        ``g_j``, so dim j of a normalised head carries about ``g_j^2 e_j / mean(e)`` of energy, where
+        ``e_j`` is the energy of projection row j (with the input norm's gain). The proxy rows are
+        ``g_j W[j] / sqrt(mean(e))``; biases (if any) are scaled the same way.
+        """
+        q_gain, k_gain = self.norm_gains(state, i)
+
+        def scaled(w: torch.Tensor, b: torch.Tensor | None, gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            w = w.to(torch.float64)
+            wg = w * qk.input_gain.to(torch.float64) if qk.input_gain is not None else w
+            e = wg.pow(2).sum(-1)  # [n, d]
+            if b is not None:
+                e = e + b.to(torch.float64).pow(2)
+            rms = e.mean(-1, keepdim=True).clamp_min(1e-300).sqrt()  # [n, 1]
+            w = w * (gain[:, None] / rms[..., None])
+            return w, None if b is None else b.to(torch.float64) * gain / rms
+
+        q_w, q_b = scaled(qk.q_weight, qk.q_bias, q_gain)
+        k_w, k_b = scaled(qk.k_weight, qk.k_bias, k_gain)
+        return QueryKey(q_w, k_w, q_b, k_b, input_gain=qk.input_gain)
+
+    def write_maps(self, state: dict[str, torch.Tensor], i: int, q_map: torch.Tensor, k_map: torch.Tensor) -> None:
+        """Store the post-norm maps ``[Hkv, r, d]``; the projections and norms stay as they are."""
+        q_name, k_name = qk_map_names(self.layer_prefix(i))
+        state[q_name], state[k_name] = q_map.contiguous(), k_map.contiguous()
+
+
 class GPT2Layout:
     """GPT-2: fused ``c_attn`` Conv1D, weight stored input-major ``[D, 3D]`` (transposed vs. Linear)."""
 
@@ -158,8 +210,13 @@ class GPT2Layout:
         )  # [2Hr + Hd]
 
 
-LAYOUTS = {SourceFamily.LLAMA: LlamaLayout, SourceFamily.QWEN2: LlamaLayout, SourceFamily.GPT2: GPT2Layout}
+LAYOUTS = {
+    SourceFamily.LLAMA: LlamaLayout,
+    SourceFamily.QWEN2: LlamaLayout,
+    SourceFamily.QWEN3: QKNormLayout,
+    SourceFamily.GPT2: GPT2Layout,
+}
 
 
-def layout_for(architecture: str, geo: Geometry, state: dict[str, torch.Tensor]) -> LlamaLayout | GPT2Layout:
+def layout_for(architecture: str, geo: Geometry, state: dict[str, torch.Tensor]) -> LlamaLayout | QKNormLayout | GPT2Layout:
     return LAYOUTS[SUPPORTED_SOURCES[architecture].family](geo, state)

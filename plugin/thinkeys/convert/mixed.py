@@ -107,6 +107,7 @@ class ThinLayer:
     qk: QueryKey  # thin projections, float64: q [H, r, D], k [Hkv, r, D]
     freqs: torch.Tensor  # [Hkv, r/2] float32
     key_map: torch.Tensor  # [Hkv, r, d] float64: thin key = key_map @ source key (for the energy figure)
+    query_map: torch.Tensor  # [Hkv, r, d] float64: thin query = query_map[g] @ source query (heads of group g)
     plans: list[HeadPlan] = field(default_factory=list)
 
 
@@ -346,4 +347,4 @@ def build_thin_layer(
         q_bias = torch.einsum("grd,gjd->gjr", q_map, q_b).reshape(n_heads, rank)
     if qk.k_bias is not None:
         k_bias = torch.einsum("grd,gd->gr", k_map, qk.k_bias.to(torch.float64))
-    return ThinLayer(QueryKey(q_thin, k_thin, q_bias, k_bias), freqs, k_map, plans)
+    return ThinLayer(QueryKey(q_thin, k_thin, q_bias, k_bias), freqs, k_map, q_map, plans)

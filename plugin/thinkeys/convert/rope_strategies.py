@@ -49,6 +49,7 @@ ROTARY_EMBEDDINGS = {
     "LlamaForCausalLM": "transformers.models.llama.modeling_llama:LlamaRotaryEmbedding",
     "MistralForCausalLM": "transformers.models.mistral.modeling_mistral:MistralRotaryEmbedding",
     "Qwen2ForCausalLM": "transformers.models.qwen2.modeling_qwen2:Qwen2RotaryEmbedding",
+    "Qwen3ForCausalLM": "transformers.models.qwen3.modeling_qwen3:Qwen3RotaryEmbedding",
 }
 
 

@@ -156,6 +156,32 @@ class ThinCase:
         self.fn(self.q, self.cache, self.meta, self.scale, self.out)
 
 
+class RebuildCase:
+    """Rebuild-at-read (``rope: rebuild``): r-wide latents and d-wide values in the same pages, d-wide queries;
+    every read expands the latent to a d-wide key (``[H_kv, d, r]`` table) and rotates it (the source's RoPE)."""
+
+    def __init__(self, q, latents, values, block_table, qsl, seq_lens, slots, num_blocks, block_size, scale):
+        from thinkeys.attention import rebuild_kernel
+        from thinkeys.attention.paged import write_kv
+
+        if not rebuild_kernel.available():  # builds or loads it
+            raise SystemExit("the compiled rebuild kernel is not available")
+        T, H, d = q.shape
+        H_kv, r = latents.shape[1], latents.shape[2]
+        self.cache = torch.zeros(num_blocks, H_kv, block_size, r + d, dtype=q.dtype)
+        write_kv(self.cache, latents, values, slots)
+        g = torch.Generator().manual_seed(1)
+        self.table = torch.randn(H_kv, d, r, generator=g) / r**0.5
+        self.freqs = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)[None].expand(H_kv, -1).contiguous()
+        self.kernel, self.block_table, self.qsl, self.seq_lens = rebuild_kernel, block_table, qsl, seq_lens
+        self.q, self.scale = q, scale
+        self.out = torch.empty(T, H, d, dtype=q.dtype)
+
+    def __call__(self) -> None:
+        self.kernel.paged_attention(self.q, self.cache, self.table, self.freqs, self.block_table, self.qsl,
+                                    self.seq_lens, self.scale, self.out)
+
+
 def make_case(batch: int, context: int, query_len: int, args, torch_path: bool):
     g = torch.Generator().manual_seed(0)
     H, H_kv, d, r, bs, dtype = args.heads, args.kv_heads, args.head_dim, args.rank, args.block_size, getattr(torch, args.dtype)
@@ -173,6 +199,8 @@ def make_case(batch: int, context: int, query_len: int, args, torch_path: bool):
     scale = d**-0.5
     common = (block_table, qsl, seq_lens, slots, num_blocks, bs, scale)
     stock = StockCase(q, keys, values, *common)
+    if args.rebuild:
+        return stock, RebuildCase(q, keys[..., :r].contiguous(), values, *common), None
     thin = ThinCase(q[..., :r].contiguous(), keys[..., :r].contiguous(), values, *common)
     slow = ThinCase(q[..., :r].contiguous(), keys[..., :r].contiguous(), values, *common, torch_path=True) if torch_path else None
     return stock, thin, slow
@@ -259,11 +287,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-ms", type=float, default=60.0, help="time per timed run of one kernel")
     p.add_argument("--cases", default=None, help="comma list of batch:context:query_len (default: the table in this file)")
     p.add_argument("--torch-path", action="store_true", help="also time the PyTorch fallback path (slow)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="time the rebuild-at-read kernel (THINKEYS_REBUILD: r-wide latent, d-wide queries) as 'thin'")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of the ratios here (needs matplotlib)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    if torch.cpu._is_amx_tile_supported():
+        # CPU_ATTN picks its AMX kernel for bf16 here; the kernel asks Linux for the AMX tile state, which
+        # a process must request first (vLLM's engine does it through oneDNN; a bare call dies on SIGILL).
+        torch.cpu._init_amx()
     machine_at_start = machine_info()
     from thinkeys.attention import kernels
 

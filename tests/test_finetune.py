@@ -186,3 +186,19 @@ def test_refusals(setup, tmp_path):
     with pytest.raises(ThinKeyError, match="supports Llama-family"):
         finetune(gpt2, tmp_path / "e", **{**common, "teacher": tmp_path / "gpt2"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "gpt2", "gpt2-thin", "other", "wiki"]
+
+
+def test_rebuild_at_read_recovers_its_latent_key_projection_and_expansion(setup, tmp_path):
+    """rope: rebuild keeps the source's queries: recovery trains only k_proj (the cached latent) and the
+    thin_rebuild expansion, layer-wise and end-to-end, and the result loads as a rebuild checkpoint."""
+    student = convert_checkpoint(setup["teacher"], tmp_path / "rebuild", 8, rope="rebuild", progress=False)
+    dst = tmp_path / "rebuild-tuned"
+    report = finetune(student, dst, teacher=setup["teacher"], text=setup["text"], progress=False,
+                      **{**FAST, "e2e_steps": 2 * setup["windows"]})
+    for before, after in report.layerwise_error:
+        assert after < before, report.layerwise_error
+    src_state, dst_state = load_file(student / "model.safetensors"), load_file(dst / "model.safetensors")
+    changed = {n for n in src_state if not torch.equal(src_state[n], dst_state[n])}
+    assert changed == {f"model.layers.{i}.self_attn.{t}" for i in range(2) for t in ("k_proj.weight", "thin_rebuild")}
+    assert json.loads((dst / "config.json").read_text())["thin_keys"]["rope"] == "rebuild"
+    load_thin_model(dst)

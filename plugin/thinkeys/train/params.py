@@ -1,5 +1,8 @@
 """What recovery trains: the thin query/key projections, and optionally each layer's RoPE frequency table.
 
+Rebuild-at-read checkpoints (``rope: rebuild``) keep the source's queries: there the latent key
+projection ``k_proj`` ``[Hkv r, D]`` and its expansion ``thin_rebuild`` ``[Hkv, d, r]`` train.
+
 Everything else (embeddings, values, output projections, MLPs, norms) stays frozen, so the
 fine-tuned checkpoint differs from its source only in q/k (and ``thin_rope_freqs`` with
 ``train_freqs``), and it is served by the same plugin unchanged.
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from thinkeys.checkpoint import ThinKeyError
+from thinkeys.checkpoint import REBUILD_TABLE_NAME, ThinKeyError
 from thinkeys.reference import ThinAttention, ThinGPT2Attention
 
 FREQS = "thin_rope_freqs"
@@ -34,7 +37,12 @@ def trainable_tensors(model: nn.Module, *, train_freqs: bool = False) -> dict[st
         p.requires_grad_(False)
     named: dict[str, nn.Parameter] = {}
     for prefix, attn in thin_attention_modules(model).items():
-        for proj in ("q_proj", "k_proj"):
+        rebuild = getattr(attn, "rebuild", False)
+        if rebuild:  # rebuild-at-read: queries stay the source's; the latent k_proj and its expansion train
+            table = getattr(attn, REBUILD_TABLE_NAME)
+            table.requires_grad_(True)
+            named[f"{prefix}.{REBUILD_TABLE_NAME}"] = table
+        for proj in ("k_proj",) if rebuild else ("q_proj", "k_proj"):
             for kind in ("weight", "bias"):
                 p = getattr(getattr(attn, proj), kind)
                 if p is not None:

@@ -107,6 +107,10 @@ def test_chat_fidelity_of_a_model_on_its_own_greedy_answers(recovered, tmp_path)
             f.write(json.dumps({"prompt": prompt, "answer_ids": out[0, len(ids):].tolist()}) + "\n")
     own = chat_fidelity(base, refs, max_new_tokens=12)
     assert own.top1 == 1.0 and own.prompts == 2 and own.answer_tokens > 0  # greedy answers are its own argmax
+    # the engine's greedy answers (default) are transformers' greedy answers
+    by_torch = chat_fidelity(base, refs, max_new_tokens=12, generator="torch")
+    assert [a.greedy for a in own.answers] == [a.greedy for a in by_torch.answers]
+    assert [a.greedy_loops for a in own.answers] == [a.greedy_loops for a in by_torch.answers]
     other = chat_fidelity(recovered["thin"], refs, generate=False)
     assert other.top1 < 1.0 and other.loops is None and other.answer_ppl > 1.0  # a different model disagrees somewhere
 

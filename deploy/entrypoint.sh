@@ -4,9 +4,9 @@
 #
 #   THINKEYS_MODEL              model folder (read-only is fine)    default /models/SmolLM2-135M-Instruct
 #   THINKEYS_RANK               thin-key rank r; 0 / stock = serve the model unconverted     default 32
-#   THINKEYS_ROPE               how RoPE is carried into r dims (mixed | pairs | svd)        default mixed
+#   THINKEYS_ROPE               how RoPE is carried into r dims (rebuild | mixed | pairs | svd) default rebuild
 #   THINKEYS_CALIBRATION        text the conversion is calibrated on (required by mixed; used by
-#                               pairs when present): the tune split      default /data/wiki/tune.txt
+#                               rebuild and pairs when present): the tune split  default /data/wiki/tune.txt
 #   THINKEYS_KV_CACHE_MEMORY    KV-cache budget, vLLM units (1G = 1 GiB, 512M = 512 MiB)     default 1G
 #   THINKEYS_MAX_MODEL_LEN      context limit in tokens                                      default 2048
 #   THINKEYS_HOST               address inside the container                                 default 0.0.0.0
@@ -15,9 +15,10 @@
 #   THINKEYS_API_KEY            if set, /v1 requests need "Authorization: Bearer <key>"      default unset
 #   THINKEYS_BIND_ADDRESS       host address the port is published on; anything but loopback
 #                               makes THINKEYS_API_KEY mandatory (refuses to start)         default 127.0.0.1
-#   THINKEYS_RECOVERED          auto: at r = 32 mixed, apply the recovered weights shipped in the
-#                               image (configs/recovered/) when the model is their base, else
-#                               convert; none: always convert (unrecovered); a path to a delta
+#   THINKEYS_RECOVERED          auto: apply the recovered weights shipped in the image for this
+#                               rank and strategy (configs/recovered/, r32-rebuild and r32-mixed)
+#                               when the model is their base, else convert; none: always convert
+#                               (unrecovered); a path to a delta
 #                               from `thinkeys recovered make`: apply it (must fit the model)  default auto
 #   THINKEYS_CACHE_DIR          writable folder for conversions                             default /var/cache/thinkeys
 #   THINKEYS_EXTRA_ARGS         more vLLM server flags, split on spaces                      default empty
@@ -31,7 +32,7 @@ set -euo pipefail
 
 MODEL=${THINKEYS_MODEL:-/models/SmolLM2-135M-Instruct}
 RANK=${THINKEYS_RANK:-32}
-ROPE=${THINKEYS_ROPE:-mixed}
+ROPE=${THINKEYS_ROPE:-rebuild}
 CALIBRATION=${THINKEYS_CALIBRATION:-/data/wiki/tune.txt}
 KV_CACHE_MEMORY=${THINKEYS_KV_CACHE_MEMORY:-1G}
 MAX_MODEL_LEN=${THINKEYS_MAX_MODEL_LEN:-2048}
@@ -59,7 +60,7 @@ else
   DELTA=()
   case "$RECOVERED" in
     none) ;;
-    auto) if [ "$RANK" = 32 ] && [ "$ROPE" = mixed ]; then DELTA=(default); fi ;;
+    auto) SHIPPED=$("$THINKEYS" recovered path "r$RANK-$ROPE" 2>/dev/null) && DELTA=("$SHIPPED") ;;  # none ships: convert
     *) [ -f "$RECOVERED" ] || die "THINKEYS_RECOVERED=$RECOVERED: no such delta file; use auto, none or a *.safetensors from \`thinkeys recovered make\`"
        RECOVERED_MODEL="$CACHE_DIR/$(basename "$MODEL")-$(basename "$RECOVERED" .safetensors)"
        DELTA=("$RECOVERED") ;;
@@ -67,11 +68,10 @@ else
   if [ ${#DELTA[@]} -gt 0 ]; then
     if [ ! -f "$RECOVERED_MODEL/config.json" ]; then
       mkdir -p "$CACHE_DIR" || die "cannot create THINKEYS_CACHE_DIR=$CACHE_DIR: mount a writable volume there"
-      DELTA_ARG=(); [ "${DELTA[0]}" = default ] || DELTA_ARG=("${DELTA[0]}")
-      echo "thinkeys-entrypoint: applying recovered weights ${DELTA_ARG[*]:-(shipped default)} to $MODEL" >&2
-      if ! "$THINKEYS" recovered apply ${DELTA_ARG[@]+"${DELTA_ARG[@]}"} --base "$MODEL" --out "$RECOVERED_MODEL"; then
+      echo "thinkeys-entrypoint: applying recovered weights ${DELTA[0]} to $MODEL" >&2
+      if ! "$THINKEYS" recovered apply "${DELTA[0]}" --base "$MODEL" --out "$RECOVERED_MODEL"; then
         [ "$RECOVERED" = auto ] || die "THINKEYS_RECOVERED=$RECOVERED does not apply to $MODEL (see above)"
-        echo "thinkeys-entrypoint: the shipped recovered weights do not apply to $MODEL; converting it instead (unrecovered)" >&2
+        echo "thinkeys-entrypoint: no shipped recovered weights apply to $MODEL at r = $RANK $ROPE; serving its conversion (unrecovered)" >&2
       fi
     fi
     [ -f "$RECOVERED_MODEL/config.json" ] && SERVE_MODEL=$RECOVERED_MODEL

@@ -48,7 +48,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             print(f"{label}: {dest} exists, skipped")
             continue
         started = time.perf_counter()
-        result = {"label": label, "checkpoint": path, "ppl": {}}
+        config = json.loads((Path(path) / "config.json").read_text())
+        result = {"label": label, "checkpoint": path, "thin_keys": config.get("thin_keys"), "ppl": {}}
         for name, text in TEXTS.items():
             r = perplexity_torch(path, text, window=WINDOW, max_tokens=MAX_TOKENS)
             result["ppl"][name] = r.ppl
@@ -63,18 +64,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"{label}: chat answer PPL {chat.answer_ppl:.3f}, top-1 {chat.top1:.1%}, loops {chat.loops}/{chat.prompts}")
 
 
-# (row label, eval label, rank or None for stock, KV cache dtype); 8-bit rows reuse the weights' eval
-ROWS = [
-    ("stock", "original", None, "auto"),
-    ("stock + fp8 (vLLM's own)", "original", None, "fp8"),
-    ("stock + int8/token-head (ours, r = d)", "original", 64, "int8_per_token_head"),
-    ("thin r = 32 (default)", "r32", 32, "auto"),
-    ("thin r = 32 + int8/token-head", "r32", 32, "int8_per_token_head"),
-    ("thin r = 32 + fp8", "r32", 32, "fp8"),
-    ("thin r = 16", "r16", 16, "auto"),
-    ("thin r = 16 + int8/token-head", "r16", 16, "int8_per_token_head"),
-    ("thin r = 16 + fp8", "r16", 16, "fp8"),
-]
+#: KV cache dtypes of the capacity columns: vLLM's default (the model dtype), ours, vLLM's own fp8.
+KV_DTYPES = ("auto", "int8_per_token_head", "fp8")
+
+
+def thin_keys_of(evaluation: dict) -> dict | None:
+    """The ``thin_keys`` block of the evaluated checkpoint (stored in the eval JSON; else read from its config)."""
+    if "thin_keys" in evaluation:
+        return evaluation["thin_keys"]
+    config = Path(evaluation["checkpoint"]) / "config.json"
+    return json.loads(config.read_text()).get("thin_keys") if config.is_file() else None
 
 
 def cmd_table(args: argparse.Namespace) -> None:
@@ -82,30 +81,34 @@ def cmd_table(args: argparse.Namespace) -> None:
 
     evals = {p.stem: json.loads(p.read_text()) for p in sorted((OUT / "evals").glob("*.json"))}
     served = json.loads(Path(args.served).read_text()) if args.served else {}
-    base = evals["original"]
+    base = evals.pop("original")
+    evals = {"original": base, **evals}
     stock_tokens = make_plan("smollm2-135m", rank=64, kv_memory="1GiB", context=2048).capacity_tokens.stock
     rows = []
-    for label, ev, rank, kv in ROWS:
-        if ev not in evals:
-            continue
-        e = evals[ev]
-        plan = make_plan("smollm2-135m", rank=rank or 64, kv_memory="1GiB", context=2048, kv_dtype=kv)
-        tokens = plan.capacity_tokens.thin if (rank or kv != "auto") else plan.capacity_tokens.stock
-        row = {"config": label, "checkpoint": e["checkpoint"], "kv_cache_dtype": kv, "kv_tokens_1gib": tokens,
-               "users_2k": tokens // 2048, "users_x": tokens / stock_tokens,
-               "ppl": e["ppl"], "ppl_cost": {k: e["ppl"][k] / base["ppl"][k] - 1 for k in e["ppl"]},
-               "chat_ratio": e["chat"]["answer_ppl"] / base["chat"]["answer_ppl"], "chat_top1": e["chat"]["top1"],
-               "chat_loops": e["chat"]["loops"], "served_wiki_ppl": served.get(label)}
-        rows.append(row)
+    for label, e in evals.items():
+        thin = thin_keys_of(e)
+        rank = thin["rank"] if thin else None
+        capacity = {}
+        for kv in KV_DTYPES:
+            plan = make_plan("smollm2-135m", rank=rank or 64, kv_memory="1GiB", context=2048, kv_dtype=kv)
+            # stock + int8_per_token_head is ours at r = d; stock + fp8 and stock auto are vLLM's own
+            capacity[kv] = plan.capacity_tokens.thin if (rank or kv != "auto") else plan.capacity_tokens.stock
+        rows.append({
+            "label": label, "checkpoint": e["checkpoint"], "rank": rank, "strategy": thin["rope"] if thin else "stock",
+            "kv_tokens_1gib": capacity, "users_x": {kv: t / stock_tokens for kv, t in capacity.items()},
+            "ppl": e["ppl"], "ppl_cost": {k: e["ppl"][k] / base["ppl"][k] - 1 for k in e["ppl"]},
+            "chat_ratio": e["chat"]["answer_ppl"] / base["chat"]["answer_ppl"], "chat_top1": e["chat"]["top1"],
+            "chat_loops": e["chat"]["loops"], "chat_prompts": e["chat"]["prompts"], "served": served.get(label),
+        })
     (OUT / "frontier.json").write_text(json.dumps({"machine": machine(), "kv_memory": "1 GiB", "context": 2048,
-                                                   "rows": rows}, indent=2) + "\n")
-    lines = ["| configuration | KV tokens / GiB | users x | Wikipedia | KJV | fortunes | chat answer PPL x | chat top-1 | loops | served Wikipedia PPL |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+                                                   "stock_kv_tokens_1gib": stock_tokens, "rows": rows}, indent=2) + "\n")
+    lines = ["| checkpoint | r | users x: bf16 / int8 / fp8 cache | Wikipedia | KJV | fortunes | chat answer PPL x | chat top-1 | loops |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        users = " / ".join(f"{r['users_x'][kv]:.2f}x" for kv in KV_DTYPES)
         cost = " | ".join(f"{r['ppl'][k]:.2f} ({r['ppl_cost'][k]:+.1%})" for k in TEXTS)
-        served_ppl = f"{r['served_wiki_ppl']:.3f}" if r["served_wiki_ppl"] else "-"
-        lines.append(f"| {r['config']} | {r['kv_tokens_1gib']:,} | {r['users_x']:.2f}x | {cost} | {r['chat_ratio']:.3f}x | "
-                     f"{r['chat_top1']:.1%} | {r['chat_loops']}/36 | {served_ppl} |")
+        lines.append(f"| {r['label']} | {r['rank'] or 64} | {users} | {cost} | {r['chat_ratio']:.3f}x | "
+                     f"{r['chat_top1']:.1%} | {r['chat_loops']}/{r['chat_prompts']} |")
     (OUT / "frontier.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(rows)
@@ -117,18 +120,23 @@ def plot(rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, (key, title) in zip(axes, [("wiki", "held-out Wikipedia PPL cost"), ("chat", "chat answer PPL ratio - 1")]):
-        for r in rows:
-            y = 100 * (r["ppl_cost"]["wiki"] if key == "wiki" else r["chat_ratio"] - 1)
-            marker = "s" if "int8" in r["kv_cache_dtype"] else ("^" if "fp8" in r["kv_cache_dtype"] else "o")
-            ax.scatter(r["users_x"], y, marker=marker, s=60)
-            ax.annotate(r["config"], (r["users_x"], y), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        ax.set_xlabel("users in the same KV memory (x stock bf16)")
-        ax.set_ylabel(f"{title} (%)")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    panels = [("held-out text PPL cost, mean of Wikipedia / KJV / fortunes (%)",
+               lambda r: 100 * sum(r["ppl_cost"].values()) / len(r["ppl_cost"])),
+              ("chat: answer PPL ratio - 1 (%)", lambda r: 100 * (r["chat_ratio"] - 1))]
+    for ax, (title, value) in zip(axes, panels):
+        for i, r in enumerate(rows):
+            color = f"C{i}"
+            xs = [r["users_x"]["auto"], r["users_x"]["int8_per_token_head"]]
+            y = value(r)
+            ax.plot(xs, [y, y], color=color, linewidth=1, alpha=0.5)
+            ax.scatter(xs[0], y, marker="o", s=50, color=color)
+            ax.scatter(xs[1], y, marker="s", s=50, color=color)
+            ax.annotate(r["label"], (xs[1], y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel("users in the same KV memory (x stock bf16); o = bf16 cache, s = int8/token-head cache")
+        ax.set_ylabel(title)
         ax.grid(alpha=0.3)
-        ax.set_title(title)
-    fig.suptitle("SmolLM2-135M-Instruct: users per GiB vs quality (o bf16 cache, s int8/token-head, ^ fp8)")
+    fig.suptitle("SmolLM2-135M-Instruct: users per GiB vs quality on text no step read (lower right is better)")
     fig.tight_layout()
     fig.savefig(OUT / "frontier.png", dpi=120)
 

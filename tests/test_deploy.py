@@ -225,7 +225,7 @@ def test_entrypoint_converts_once_and_builds_the_serve_command(checkpoints, tmp_
     assert f"--model {converted} " in thin.stdout and "as it is" in thin.stderr
 
 
-def test_entrypoint_default_strategy_mixed_is_calibrated_on_the_given_text(checkpoints, tmp_path):
+def test_entrypoint_default_strategy_rebuild_is_calibrated_on_the_given_text(checkpoints, tmp_path):
     from tiny_models import _TRAINING_TEXT
 
     text = tmp_path / "tune.txt"
@@ -234,9 +234,10 @@ def test_entrypoint_default_strategy_mixed_is_calibrated_on_the_given_text(check
     env.pop("THINKEYS_ROPE")  # the default, as in the container
     result = subprocess.run(["bash", str(ENTRYPOINT), "--print-command"], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr
-    converted = tmp_path / "cache" / "llama-thin-r8-mixed"
-    assert json.loads((converted / "config.json").read_text())["thin_keys"]["rope"] == "mixed"
-    assert f"--model {converted} " in result.stdout
+    converted = tmp_path / "cache" / "llama-thin-r8-rebuild"
+    config = json.loads((converted / "config.json").read_text())
+    assert config["thin_keys"]["rope"] == "rebuild" and config["thin_keys_provenance"]["rebuild_kind"] == "joint"
+    assert f"--model {converted} " in result.stdout and "applying" not in result.stderr  # auto: none ships for r8-rebuild
 
 
 def test_entrypoint_refuses_bad_settings_with_one_line(tmp_path, checkpoints):
@@ -292,7 +293,7 @@ def test_entrypoint_serves_recovered_weights_from_a_delta_and_falls_back_to_conv
     assert f"--model {rebuilt} " in applied.stdout and "applying recovered weights" in applied.stderr
     assert json.loads((rebuilt / "config.json").read_text())["thin_keys"] == json.loads((checkpoints["llama-thin"] / "config.json").read_text())["thin_keys"]
 
-    # auto at r = 32 mixed: the shipped default's base is SmolLM2, not this model -> converted instead
+    # auto at r = 32 mixed: the shipped r32-mixed weights are for SmolLM2, not this model -> converted instead
     from tiny_models import _TRAINING_TEXT
 
     text = tmp_path / "tune.txt"
@@ -300,6 +301,6 @@ def test_entrypoint_serves_recovered_weights_from_a_delta_and_falls_back_to_conv
     auto = {**env, "THINKEYS_RECOVERED": "auto", "THINKEYS_RANK": "32", "THINKEYS_ROPE": "mixed", "THINKEYS_CALIBRATION": str(text)}
     fallback = subprocess.run(["bash", str(ENTRYPOINT), "--print-command"], capture_output=True, text=True, env=auto, timeout=600)
     assert fallback.returncode == 0, fallback.stderr
-    assert "do not apply" in fallback.stderr and f"--model {tmp_path / 'cache' / 'llama-thin-r32-mixed'} " in fallback.stdout
+    assert "no shipped recovered weights apply" in fallback.stderr and f"--model {tmp_path / 'cache' / 'llama-thin-r32-mixed'} " in fallback.stdout
     bad = subprocess.run(["bash", str(ENTRYPOINT)], capture_output=True, text=True, env={**env, "THINKEYS_RECOVERED": str(tmp_path / "nope.safetensors")})
     assert bad.returncode == 2 and "no such delta file" in bad.stderr

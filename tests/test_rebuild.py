@@ -61,6 +61,27 @@ def test_checkpoint_format(rebuild_checkpoints, checkpoints):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_serve_time_file_check_knows_the_rebuild_shapes(rebuild_checkpoints, family, tmp_path):
+    """`thinkeys serve` checks weight files against thin_keys before vLLM starts: d-wide queries, an r-wide
+    latent key and its [Hkv, d, r] table are right; a missing table is named."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from thinkeys.checkpoint_check import check_checkpoint_files
+
+    src = rebuild_checkpoints[f"{family}-rebuild"]
+    assert check_checkpoint_files(src).rope == RopeStrategy.REBUILD
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    state = load_file(broken / "model.safetensors")
+    del state[rebuild_table_name("model.layers.1")]
+    save_file(state, broken / "model.safetensors")
+    with pytest.raises(ThinKeyError, match=r"model\.layers\.1\.self_attn\.thin_rebuild is missing"):
+        check_checkpoint_files(broken)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_full_rank_reference_is_the_source(rebuild_checkpoints, checkpoints, family):
     ids = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -30,6 +30,7 @@ from thinkeys.checkpoint import (
     CONFIG_KEY,
     KEY_MAP_NAME,
     QUERY_MAP_NAME,
+    REBUILD_TABLE_NAME,
     ROPE_FREQS_NAME,
     RopeStrategy,
     SourceFamily,
@@ -173,6 +174,10 @@ def check_checkpoint_files(folder: str | Path) -> ThinKeyConfig:
             expect(f"{prefix}.k_norm.weight", (d,), "head_dim")
             expect(f"{prefix}.{QUERY_MAP_NAME}", (kv_heads, r, d), "rank")
             expect(f"{prefix}.{KEY_MAP_NAME}", (kv_heads, r, d), "rank")
+        elif thin.rebuild:  # the source's queries; an r-wide latent key and its [Hkv, d, r] expansion
+            expect(f"{prefix}.q_proj.weight", (heads * d, hidden), "head_dim")
+            expect(f"{prefix}.k_proj.weight", (kv_heads * r, hidden), "rank")
+            expect(f"{prefix}.{REBUILD_TABLE_NAME}", (kv_heads, d, r), "rank")
         else:
             expect(f"{prefix}.q_proj.weight", (heads * r, hidden), "rank")
             expect(f"{prefix}.k_proj.weight", (kv_heads * r, hidden), "rank")
@@ -180,7 +185,8 @@ def check_checkpoint_files(folder: str | Path) -> ThinKeyConfig:
         expect(f"{prefix}.o_proj.weight", (hidden, heads * d), "head_dim")
         if f"{prefix}.q_proj.bias" in tensors or thin.family.family == SourceFamily.QWEN2:
             width, field = (d, "head_dim") if thin.family.qk_norm else (r, "rank")
-            expect(f"{prefix}.q_proj.bias", (heads * width,), field)
+            q_width, q_field = (d, "head_dim") if thin.rebuild else (width, field)
+            expect(f"{prefix}.q_proj.bias", (heads * q_width,), q_field)
             expect(f"{prefix}.k_proj.bias", (kv_heads * width,), field)
         if thin.rope != RopeStrategy.NONE:
             name = f"{prefix}.{ROPE_FREQS_NAME}"

@@ -36,8 +36,25 @@ from thinkeys.checkpoint import CONFIG_KEY, ThinKeyConfig, ThinKeyError, is_thin
 
 FORMAT = "thinkeys-recovered/1"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+#: Shipped deltas of the default model, one per rank and strategy: ``<SHIPPED_PREFIX>-r<R>-<rope>.safetensors``.
+SHIPPED_DIR = REPO_ROOT / "configs" / "recovered"
+SHIPPED_PREFIX = "smollm2-135m-instruct-thin"
+
+
+def shipped_delta(name: str) -> Path:
+    """A shipped delta by short name (``r32-rebuild``), or ``name`` itself when it is a path."""
+    if name.endswith(".safetensors") or "/" in name:
+        return Path(name)
+    path = SHIPPED_DIR / f"{SHIPPED_PREFIX}-{name}.safetensors"
+    if not path.is_file():
+        have = sorted(p.stem.removeprefix(SHIPPED_PREFIX + "-") for p in SHIPPED_DIR.glob("*.safetensors"))
+        raise ThinKeyError(f"no shipped recovered weights named {name!r} (shipped: {', '.join(have) or 'none'}); "
+                           "give one of those or a delta file from `thinkeys recovered make`")
+    return path
+
+
 #: The shipped delta of the default model (`make serve` applies it).
-DEFAULT_DELTA = REPO_ROOT / "configs" / "recovered" / "smollm2-135m-instruct-thin-r32-mixed.safetensors"
+DEFAULT_DELTA = SHIPPED_DIR / f"{SHIPPED_PREFIX}-r32-rebuild.safetensors"
 
 
 class RecoveredManifest(BaseModel):
@@ -166,10 +183,13 @@ def build_parser(parser):  # noqa: ANN001 - argparse
     parser.description = "Ship recovered thin-key weights as a small delta file, and rebuild checkpoints from it."
     sub = parser.add_subparsers(dest="action", required=True)
     apply = sub.add_parser("apply", help="rebuild a thin-key checkpoint from a base model and a delta")
-    apply.add_argument("delta", nargs="?", default=str(DEFAULT_DELTA), help="delta .safetensors (default: the shipped default)")
+    apply.add_argument("delta", nargs="?", default=str(DEFAULT_DELTA),
+                       help="delta .safetensors, or the short name of a shipped one (r32-rebuild, r32-mixed; default: the shipped default)")
     apply.add_argument("--base", required=True, help="the base model folder the delta was made from")
     apply.add_argument("--out", required=True, help="thin-key checkpoint folder to write")
     apply.add_argument("--force", action="store_true", help="replace --out if it exists")
+    path = sub.add_parser("path", help="print the file of a shipped delta by short name (exit 2 when none ships)")
+    path.add_argument("name", help="short name, e.g. r32-rebuild")
     make = sub.add_parser("make", help="write a delta (+ manifest) from a recovered thin-key checkpoint")
     make.add_argument("thin", help="recovered thin-key checkpoint folder")
     make.add_argument("--base", required=True, help="its base model folder")
@@ -182,8 +202,11 @@ def build_parser(parser):  # noqa: ANN001 - argparse
 
 def run(args) -> int:  # noqa: ANN001 - argparse
     if args.action == "apply":
-        m = apply_delta(args.delta, args.base, args.out, force=args.force)
+        m = apply_delta(shipped_delta(args.delta), args.base, args.out, force=args.force)
         print(f"thinkeys recovered: {args.out} = {args.base} + {m.delta_file} (r = {m.thin_keys.get('rank')}, {m.thin_keys.get('rope')})")
+        return 0
+    if args.action == "path":
+        print(shipped_delta(args.name))
         return 0
     figures = json.loads(Path(args.figures).read_text()) if args.figures else None
     m = make_delta(args.thin, args.base, args.out, license=args.license, regenerate=args.regenerate, figures=figures,

@@ -63,7 +63,7 @@ class ThinKeyRebuildMetadataBuilder(ThinKeyMetadataBuilder):
         self.block_size = kv_cache_spec.block_size
         # The rebuild kernel reads plain float caches; built (or loaded) here, at engine start-up.
         self.use_kernel = (
-            self.plain_cache(kv_cache_spec, vllm_config)
+            vllm_config.cache_config.cache_dtype not in EIGHT_BIT_DTYPES
             and torch.device(device).type == "cpu"
             and rebuild_kernel.available()
         )

@@ -83,12 +83,20 @@ def test_a_damaged_delta_or_another_base_is_refused_and_nothing_is_written(recov
         apply_delta(delta, recovered["base"], tmp_path / "out3")
 
 
-def test_the_shipped_default_delta_matches_its_manifest():
-    from thinkeys.recovered import DEFAULT_DELTA
+def test_the_shipped_deltas_match_their_manifests():
+    from thinkeys.recovered import DEFAULT_DELTA, SHIPPED_DIR, shipped_delta
 
-    manifest = read_manifest(DEFAULT_DELTA)
-    assert hf_io.sha256_file(DEFAULT_DELTA) == manifest.delta_sha256
-    assert manifest.delta_bytes < 20e6 and "Apache-2.0" in manifest.license and "thinkeys" in manifest.regenerate
+    assert shipped_delta("r32-rebuild") == DEFAULT_DELTA and DEFAULT_DELTA.is_file()
+    for delta in sorted(SHIPPED_DIR.glob("*.safetensors")):
+        manifest = read_manifest(delta)
+        assert hf_io.sha256_file(delta) == manifest.delta_sha256, delta
+        assert manifest.delta_bytes < 20e6 and "Apache-2.0" in manifest.license
+        assert manifest.regenerate.startswith("make recover-default")
+        rank, rope = manifest.thin_keys["rank"], manifest.thin_keys["rope"]
+        assert delta.name.endswith(f"-r{rank}-{rope}.safetensors") and shipped_delta(f"r{rank}-{rope}") == delta
+        assert set(manifest.figures["ppl"]) == {"wiki", "kjv", "fortunes"}  # measured on held-out text
+    with pytest.raises(ThinKeyError, match="no shipped recovered weights named 'r8-svd'"):
+        shipped_delta("r8-svd")
 
 
 def test_chat_fidelity_of_a_model_on_its_own_greedy_answers(recovered, tmp_path):

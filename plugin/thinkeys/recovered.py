@@ -125,6 +125,7 @@ def make_delta(thin_dir: str | Path, base_dir: str | Path, out: str | Path, *, l
             figures=figures or {},
         )
         tmp_manifest.write_text(manifest.model_dump_json(indent=2) + "\n")
+        tmp_delta.chmod(0o644)  # safetensors writes 0600; a shipped file is read by other users (containers)
         os.replace(tmp_delta, out)
         os.replace(tmp_manifest, manifest_path)
     return manifest

@@ -39,6 +39,9 @@
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX512BF16__)
+#include <ATen/native/CPUBlas.h>  // brgemm: oneDNN's AMX micro-kernel
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -46,6 +49,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace thinkeys {
@@ -474,7 +478,337 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
   }
 }
 
+// ---- bf16 caches on AVX512-BF16 CPUs: bf16 pair dot products, AMX tiles for prefill -----------------
+// With a plain bf16 cache and a CPU that has AVX512_BF16 (kernels.py then builds with
+// -mavx512bf16), a work item takes whole pages and never widens the cache to fp32. Per page:
+//   pack    the keys are transposed, 16 tokens at a time, into pairs of channels, K^T as
+//           [R/2 pairs][tokens][2] bf16, and the values interleaved by token pairs,
+//           V as [tokens/2][D][2]: the "VNNI" layout both vdpbf16ps and AMX tiles read.
+//   scores  decode and short tiles: one vdpbf16ps with a broadcast pair of the (bf16, unscaled)
+//           query adds two channels' products to 16 token scores. Prefill tiles (>= kAmxRows
+//           rows) on a CPU with AMX: one at::native::cpublas::brgemm (oneDNN's AMX micro-kernel,
+//           what torch's CPU flash attention uses) for the tile's rows x the page's tokens.
+//           Products of two bf16 are exact in fp32, so scores match the fp32 path's.
+//   softmax online, per page, in fp32 (scale, causal mask, running max and sum as above).
+//   P.V     the probabilities are rounded to bf16 (as torch's flash attention and vLLM's AMX
+//           kernel do); vdpbf16ps with a broadcast pair of probabilities adds two tokens'
+//           p * v to 16 output channels held in registers, or one brgemm for the whole tile.
+// Widths need not be multiples of 32: masked loads pad keys and values with zeros.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define THINKEYS_AVX512BF16 1
+
+constexpr int kAmxRows = 16;  // tiles with at least this many rows (query tokens x G) use brgemm
+
+// In-register transpose of a 16 x 16 matrix of 32-bit elements (row i of r becomes column i).
+inline void transpose16x16_epi32(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {  // u[4b + k], 128-bit lane L: rows 4b .. 4b + 3 of column 4L + k
+    t[k] = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88);
+    t[4 + k] = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xDD);
+    t[8 + k] = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88);
+    t[12 + k] = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xDD);
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = _mm512_shuffle_i32x4(t[k], t[8 + k], 0x88);
+    r[8 + k] = _mm512_shuffle_i32x4(t[k], t[8 + k], 0xDD);
+    r[4 + k] = _mm512_shuffle_i32x4(t[4 + k], t[12 + k], 0x88);
+    r[12 + k] = _mm512_shuffle_i32x4(t[4 + k], t[12 + k], 0xDD);
+  }
+}
+
+inline __m512 dp_bf16(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+
+// n <= 32 bf16 (16-bit) elements from p, zeros after them
+inline __m512i load_bf16_32(const uint16_t* p, int n) {
+  return n >= 32 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(__mmask32((uint64_t(1) << std::max(n, 0)) - 1), p);
+}
+
+// exp(x) for x <= 0, as exp_nonpositive8 (the 2^n through vscalefps)
+inline __m512 exp_nonpositive16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 y = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+struct ScratchBf16 {
+  std::vector<int32_t> kt, q;  // K^T [P][tokens] (bf16 pairs); query pairs [rows][P]
+  std::vector<__m512i> vp;  // V by token pairs: [pairs][C][2] vectors = [pairs][32 C][2] bf16
+  std::vector<float> scores, acc, row_max, row_sum;  // [rows][tokens], [rows][32 C], [rows]
+  std::vector<uint16_t> probs;  // [rows][tokens] bf16
+  void fit(int rows, int P, int C, int tokens) {
+    auto grow = [](auto& v, size_t n) {
+      if (v.size() < n) v.resize(n);
+    };
+    grow(kt, size_t(P) * tokens);
+    grow(q, size_t(rows) * P);
+    grow(vp, size_t(tokens / 2) * C * 2);
+    grow(scores, size_t(rows) * tokens);
+    grow(probs, size_t(rows) * tokens);
+    grow(acc, size_t(rows) * C * 32);
+    grow(row_max, rows);
+    grow(row_sum, rows);
+  }
+};
+
+ScratchBf16& thread_scratch_bf16() {
+  thread_local ScratchBf16 s;
+  return s;
+}
+
+// s[16 g0 : 16 (g0 + NB)] = q . keys of token groups g0 .. g0 + NB - 1 (K^T rows of nt tokens)
+template <int NB>
+inline void score_groups(const int32_t* __restrict qp, const int32_t* __restrict kt, int P, int nt, int g0, float* __restrict s) {
+  __m512 a[NB];
+  for (int b = 0; b < NB; ++b) a[b] = _mm512_setzero_ps();
+  for (int p = 0; p < P; ++p) {
+    const __m512i qv = _mm512_set1_epi32(qp[p]);
+    const int32_t* k = kt + int64_t(p) * nt + g0 * 16;
+    for (int b = 0; b < NB; ++b) a[b] = dp_bf16(a[b], _mm512_loadu_si512(k + 16 * b), qv);
+  }
+  for (int b = 0; b < NB; ++b) _mm512_storeu_ps(s + (g0 + b) * 16, a[b]);
+}
+
+// acc[0 : 32 NC] += sum over token pairs j < pairs of (probs[2j], probs[2j+1]) . vp[j] (two sets of
+// accumulators, even and odd pairs, to hide vdpbf16ps's latency)
+template <int NC>
+inline void pv_pairs(const uint16_t* __restrict probs, const __m512i* __restrict vp, int pairs, int C, float* __restrict acc) {
+  __m512 a[2 * NC], b[2 * NC];
+  for (int v = 0; v < 2 * NC; ++v) {
+    a[v] = _mm512_loadu_ps(acc + 16 * v);
+    b[v] = _mm512_setzero_ps();
+  }
+  const int32_t* pp = reinterpret_cast<const int32_t*>(probs);
+  int j = 0;
+  for (; j + 2 <= pairs; j += 2) {
+    const __m512i p0 = _mm512_set1_epi32(pp[j]), p1 = _mm512_set1_epi32(pp[j + 1]);
+    const __m512i* v0 = vp + int64_t(j) * C * 2;
+    const __m512i* v1 = v0 + C * 2;
+    for (int v = 0; v < 2 * NC; ++v) {
+      a[v] = dp_bf16(a[v], v0[v], p0);
+      b[v] = dp_bf16(b[v], v1[v], p1);
+    }
+  }
+  if (j < pairs) {
+    const __m512i p0 = _mm512_set1_epi32(pp[j]);
+    const __m512i* v0 = vp + int64_t(j) * C * 2;
+    for (int v = 0; v < 2 * NC; ++v) a[v] = dp_bf16(a[v], v0[v], p0);
+  }
+  for (int v = 0; v < 2 * NC; ++v) _mm512_storeu_ps(acc + 16 * v, _mm512_add_ps(a[v], b[v]));
+}
+
+// Online softmax step of one row over the page's raw scores sr[0 : vis): probabilities (bf16, zero
+// from vis up to `width`) into pr, running max / sum updated, accumulators rescaled. Returns alpha.
+inline void softmax_row(const float* __restrict sr, int vis, int width, float scale, uint16_t* __restrict pr,
+                        float& row_max, float& row_sum, float* __restrict ar, int acc_width) {
+  const __mmask16 tail = __mmask16((1u << (vis & 15)) - 1);
+  const __m512 sv = _mm512_set1_ps(scale);
+  __m512 mv = _mm512_set1_ps(row_max);
+  int j = 0;
+  for (; j + 16 <= vis; j += 16) mv = _mm512_max_ps(mv, _mm512_mul_ps(_mm512_loadu_ps(sr + j), sv));
+  if (j < vis) mv = _mm512_mask_max_ps(mv, tail, mv, _mm512_mul_ps(_mm512_loadu_ps(sr + j), sv));
+  const float prev_max = row_max;
+  const float new_max = _mm512_reduce_max_ps(mv);
+  const __m512 nm = _mm512_set1_ps(new_max);
+  __m512 sum = _mm512_setzero_ps();
+  for (j = 0; j < vis; j += 16) {
+    __m512 e = exp_nonpositive16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), sv, nm));
+    if (j + 16 > vis) e = _mm512_maskz_mov_ps(tail, e);  // masked tokens get p = 0
+    sum = _mm512_add_ps(sum, e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  if (j < width) std::memset(pr + j, 0, sizeof(uint16_t) * (width - j));
+  const float alpha = prev_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(prev_max - new_max);
+  row_sum = row_sum * alpha + _mm512_reduce_add_ps(sum);
+  row_max = new_max;
+  if (alpha != 1.0f) {
+    const __m512 av = _mm512_set1_ps(alpha);
+    for (int c = 0; c < acc_width; c += 16) _mm512_storeu_ps(ar + c, _mm512_mul_ps(_mm512_loadu_ps(ar + c), av));
+  }
+}
+
+// brgemm (AMX) for prefill tiles: compiled in when torch's CPUBlas has it, used when oneDNN can
+// pack bf16 here (a CPU with AMX).
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+bool amx_brgemm_supported() {
+  static const bool ok = at::native::cpublas::could_pack(at::kBFloat16);
+  return ok;
+}
+#else
+bool amx_brgemm_supported() { return false; }
+#endif
+
+void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, ScratchBf16& s, bool& used_brgemm) {
+  const int G = p.G, R = p.R, D = p.D, BS = p.block_size;
+  const int P = (R + 31) / 32 * 16;  // channel pairs of a key, padded to whole 32-channel loads
+  const int C = (D + 31) / 32;  // 32-channel chunks of a value
+  const int q_len = p.query_start_loc[w.req + 1] - p.query_start_loc[w.req];
+  const int kv_len = p.seq_lens[w.req];
+  const int context = kv_len - q_len;
+  const int nq = w.q_end - w.q_begin;
+  const int rows = nq * G;
+  const int64_t first_tok = int64_t(p.query_start_loc[w.req]) + w.q_begin;
+  const int srow = ((BS + 15) / 16 + 7) / 8 * 8 * 16;  // tokens of a page rounded up to 8 groups of 16
+  bool use_brgemm = rows >= kAmxRows && amx_brgemm_supported();
+  s.fit(rows, P, C, srow);
+  int32_t* __restrict kt = s.kt.data();
+  int32_t* __restrict q = s.q.data();
+  __m512i* __restrict vp = s.vp.data();
+  float* __restrict scores = s.scores.data();
+  uint16_t* __restrict probs = s.probs.data();
+  float* __restrict acc = s.acc.data();
+  float* __restrict row_max = s.row_max.data();
+  float* __restrict row_sum = s.row_sum.data();
+
+  for (int i = 0; i < nq; ++i) {
+    for (int g = 0; g < G; ++g) {  // the query's bf16 channels as pairs, zero-padded to P pairs
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(p.query + (first_tok + i) * p.q_tok + int64_t(w.kv_head * G + g) * p.q_head);
+      uint16_t* dst = reinterpret_cast<uint16_t*>(q + (i * G + g) * P);
+      for (int c = 0; c < 2 * P; c += 32) _mm512_storeu_si512(dst + c, load_bf16_32(src + c, std::min(32, R - c)));
+    }
+  }
+  std::fill(acc, acc + int64_t(rows) * C * 32, 0.0f);
+  std::fill(row_max, row_max + rows, -std::numeric_limits<float>::infinity());
+  std::fill(row_sum, row_sum + rows, 0.0f);
+
+  // value interleave: tokens 2j and 2j + 1 per channel, channels in order
+  const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                          39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  const int kv_end = context + w.q_end;
+  const int32_t* blocks = p.block_table + int64_t(w.req) * p.bt_stride;
+  const int64_t row_elems = p.c_tok / int64_t(sizeof(uint16_t));  // bf16 elements from one token's slot to the next
+  for (int page_start = 0, b = 0; page_start < kv_end; page_start += BS, ++b) {
+    const uint16_t* page = reinterpret_cast<const uint16_t*>(p.cache + int64_t(blocks[b]) * p.c_block + int64_t(w.kv_head) * p.c_head);
+    const int n = std::min(BS, kv_end - page_start);
+    const int ng = (n + 15) / 16;  // groups of 16 tokens holding the page's tokens
+    const int ng_pad = ng >= 8 ? (ng + 7) / 8 * 8 : (ng + 3) / 4 * 4;  // scored in blocks of 8 (or 4)
+    const int nt = ng_pad * 16;  // K^T row length (tokens, zero-padded)
+    // keys: 16 tokens x 16 channel pairs at a time, transposed; tokens past n are zeros
+    for (int gi = 0; gi < ng_pad; ++gi) {
+      for (int c = 0; c < P; c += 16) {
+        __m512i r[16];
+        for (int t = 0; t < 16; ++t) {
+          const int tok = gi * 16 + t;
+          r[t] = tok < n ? load_bf16_32(page + tok * row_elems + 2 * c, std::min(32, R - 2 * c)) : _mm512_setzero_si512();
+        }
+        transpose16x16_epi32(r);
+        for (int k = 0; k < 16; ++k) _mm512_storeu_si512(kt + int64_t(c + k) * nt + gi * 16, r[k]);
+      }
+    }
+    // values: tokens 2j and 2j + 1 interleaved; a token past n is zeros
+    const int pairs = (n + 1) / 2;
+    for (int j = 0; j < pairs; ++j) {
+      const uint16_t* v0 = page + (2 * j) * row_elems + R;
+      const uint16_t* v1 = v0 + row_elems;
+      const bool has1 = 2 * j + 1 < n;
+      for (int c = 0; c < C; ++c) {
+        const int m = std::min(32, D - 32 * c);
+        const __m512i x0 = load_bf16_32(v0 + 32 * c, m);
+        const __m512i x1 = has1 ? load_bf16_32(v1 + 32 * c, m) : _mm512_setzero_si512();
+        vp[(int64_t(j) * C + c) * 2] = _mm512_permutex2var_epi16(x0, lo_idx, x1);
+        vp[(int64_t(j) * C + c) * 2 + 1] = _mm512_permutex2var_epi16(x0, hi_idx, x1);
+      }
+    }
+
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+    if (use_brgemm) {  // rows x tokens scores, softmax per row, rows x D += P V
+      at::native::cpublas::brgemm(rows, ng * 16, 2 * P, 2 * P, nt, srow, false, reinterpret_cast<const at::BFloat16*>(q),
+                                  reinterpret_cast<const at::BFloat16*>(kt), scores);
+      for (int i = 0; i < nq; ++i) {
+        const int vis = std::min(n, context + w.q_begin + i + 1 - page_start);
+        for (int g = 0; g < G; ++g) {
+          const int row = i * G + g;
+          if (vis <= 0) {
+            std::memset(probs + int64_t(row) * srow, 0, sizeof(uint16_t) * 2 * pairs);
+            continue;
+          }
+          softmax_row(scores + int64_t(row) * srow, vis, 2 * pairs, p.scale, probs + int64_t(row) * srow, row_max[row], row_sum[row],
+                      acc + int64_t(row) * C * 32, C * 32);
+        }
+      }
+      at::native::cpublas::brgemm(rows, C * 32, 2 * pairs, srow, C * 32, C * 32, true, reinterpret_cast<const at::BFloat16*>(probs),
+                                  reinterpret_cast<const at::BFloat16*>(vp), acc);
+      used_brgemm = true;
+      continue;
+    }
+#endif
+    for (int i = 0; i < nq; ++i) {
+      const int vis = std::min(n, context + w.q_begin + i + 1 - page_start);  // causal limit in this page
+      if (vis <= 0) continue;
+      const int vg = (vis + 15) / 16;
+      for (int g = 0; g < G; ++g) {
+        const int row = i * G + g;
+        float* sr = scores + int64_t(row) * srow;
+        const int32_t* qp = q + row * P;
+        int g0 = 0;
+        for (; g0 + 8 <= vg || (g0 + 4 < vg && g0 + 8 <= ng_pad); g0 += 8) score_groups<8>(qp, kt, P, nt, g0, sr);
+        for (; g0 < vg; g0 += 4) score_groups<4>(qp, kt, P, nt, g0, sr);
+        uint16_t* pr = probs + int64_t(row) * srow;
+        float* ar = acc + int64_t(row) * C * 32;
+        softmax_row(sr, vis, 0, p.scale, pr, row_max[row], row_sum[row], ar, C * 32);
+        const int vpairs = (vis + 1) / 2;  // an odd vis pairs its last token with p = 0
+        int c = 0;
+        for (; c + 4 <= C; c += 4) pv_pairs<4>(pr, vp + 2 * c, vpairs, C, ar + 32 * c);
+        for (; c + 2 <= C; c += 2) pv_pairs<2>(pr, vp + 2 * c, vpairs, C, ar + 32 * c);
+        for (; c < C; ++c) pv_pairs<1>(pr, vp + 2 * c, vpairs, C, ar + 32 * c);
+      }
+    }
+  }
+
+  for (int i = 0; i < nq; ++i) {
+    for (int g = 0; g < G; ++g) {
+      const int row = i * G + g;
+      const float inv = 1.0f / row_sum[row];
+      c10::BFloat16* dst = p.out + (first_tok + i) * p.o_tok + int64_t(w.kv_head * G + g) * p.o_head;
+      const float* ar = acc + int64_t(row) * C * 32;
+      for (int c = 0; c < D; ++c) dst[c] = c10::BFloat16(ar[c] * inv);
+    }
+  }
+}
+#else
+#define THINKEYS_AVX512BF16 0
+#endif
+
 // ---- entry points -------------------------------------------------------------------------------
+
+// Whether this process runs the AVX512-BF16 form (compiled in, and the CPU has it).
+bool bf16_dot_supported() {
+#if THINKEYS_AVX512BF16
+  static const bool ok = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// The form of the hot loops this library runs: avx512bf16 (bf16 plain caches; the rest as avx2),
+// avx2, or portable.
+std::string kernel_isa() {
+#if THINKEYS_AVX512BF16
+  if (bf16_dot_supported()) return amx_brgemm_supported() ? "avx512bf16+amx" : "avx512bf16";
+#endif
+  return THINKEYS_AVX2 ? "avx2" : "portable";
+}
+
 
 // Calls fn(T{}) for the query/output dtype T in {float, bfloat16, half}.
 template <typename Fn>
@@ -590,6 +924,21 @@ void paged_attention(
         int(H / H_kv), int(R), int(D), int(block_size), float(scale), float(k_scale), float(v_scale)};
     dispatch_format<scalar_t>(format, [&](auto slot_tag) {
       using Slot = decltype(slot_tag);
+#if THINKEYS_AVX512BF16
+      if constexpr (std::is_same_v<Slot, PlainSlot<c10::BFloat16>>) {
+        if (bf16_dot_supported()) {
+          at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
+            ScratchBf16& s = thread_scratch_bf16();
+            bool used_brgemm = false;
+            for (int64_t k = begin; k < end; ++k) attend_tile_bf16(p, items[k], s, used_brgemm);
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+            if (used_brgemm) at::native::cpublas::brgemm_release();  // the thread's AMX tile state
+#endif
+          });
+          return;
+        }
+      }
+#endif
       at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
         Scratch& s = thread_scratch();
         for (int64_t k = begin; k < end; ++k) attend_tile<scalar_t, Slot>(p, items[k], s);
@@ -686,6 +1035,7 @@ void write_kv(
 }  // namespace thinkeys
 
 TORCH_LIBRARY(thinkeys, m) {
+  m.def("kernel_isa() -> str", &thinkeys::kernel_isa);
   m.def(
       "paged_attention(Tensor query, Tensor kv_cache, Tensor block_table, Tensor query_start_loc, Tensor seq_lens, "
       "float scale, Tensor(a!) output, str cache_format='plain', float k_scale=1.0, float v_scale=1.0) -> ()");

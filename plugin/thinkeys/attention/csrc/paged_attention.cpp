@@ -587,34 +587,6 @@ inline void score_groups(const int32_t* __restrict qp, const int32_t* __restrict
   for (int b = 0; b < NB; ++b) _mm512_storeu_ps(s + (g0 + b) * 16, a[b]);
 }
 
-// acc[0 : 32 NC] += sum over token pairs j < pairs of (probs[2j], probs[2j+1]) . vp[j] (two sets of
-// accumulators, even and odd pairs, to hide vdpbf16ps's latency)
-template <int NC>
-inline void pv_pairs(const uint16_t* __restrict probs, const __m512i* __restrict vp, int pairs, int C, float* __restrict acc) {
-  __m512 a[2 * NC], b[2 * NC];
-  for (int v = 0; v < 2 * NC; ++v) {
-    a[v] = _mm512_loadu_ps(acc + 16 * v);
-    b[v] = _mm512_setzero_ps();
-  }
-  const int32_t* pp = reinterpret_cast<const int32_t*>(probs);
-  int j = 0;
-  for (; j + 2 <= pairs; j += 2) {
-    const __m512i p0 = _mm512_set1_epi32(pp[j]), p1 = _mm512_set1_epi32(pp[j + 1]);
-    const __m512i* v0 = vp + int64_t(j) * C * 2;
-    const __m512i* v1 = v0 + C * 2;
-    for (int v = 0; v < 2 * NC; ++v) {
-      a[v] = dp_bf16(a[v], v0[v], p0);
-      b[v] = dp_bf16(b[v], v1[v], p1);
-    }
-  }
-  if (j < pairs) {
-    const __m512i p0 = _mm512_set1_epi32(pp[j]);
-    const __m512i* v0 = vp + int64_t(j) * C * 2;
-    for (int v = 0; v < 2 * NC; ++v) a[v] = dp_bf16(a[v], v0[v], p0);
-  }
-  for (int v = 0; v < 2 * NC; ++v) _mm512_storeu_ps(acc + 16 * v, _mm512_add_ps(a[v], b[v]));
-}
-
 // Online softmax step of one row over the page's raw scores sr[0 : vis): probabilities (bf16, zero
 // from vis up to `width`) into pr, running max / sum updated, accumulators rescaled. Returns alpha.
 inline void softmax_row(const float* __restrict sr, int vis, int width, float scale, uint16_t* __restrict pr,
@@ -642,6 +614,71 @@ inline void softmax_row(const float* __restrict sr, int vis, int width, float sc
   if (alpha != 1.0f) {
     const __m512 av = _mm512_set1_ps(alpha);
     for (int c = 0; c < acc_width; c += 16) _mm512_storeu_ps(ar + c, _mm512_mul_ps(_mm512_loadu_ps(ar + c), av));
+  }
+}
+
+// Position, in a row of pv_block's accumulators, of output channel c: vpunpck[lh]wd interleave
+// the low / high four channels of each 128-bit lane, so a 32-channel chunk's accumulators hold
+// channels 0-3, 8-11, 16-19, 24-27, then 4-7, 12-15, 20-23, 28-31.
+inline int pv_position(int c) {
+  const int chunk = c & ~31, w = c & 31, lane = w >> 3, k = w & 7;
+  return chunk + (k < 4 ? 0 : 16) + 4 * lane + (k & 3);
+}
+
+// RB rows x NC 32-channel chunks (from chunk c0) of acc += P V over `pairs` token pairs of a page,
+// values read in place (token 2j + 1 >= n reads as zeros), accumulators in registers.
+template <int RB, int NC>
+inline void pv_block(const uint16_t* __restrict probs, int srow, const uint16_t* __restrict values, int64_t row_elems, int pairs, int n,
+                     int D, int c0, float* __restrict acc, int acc_stride) {
+  __m512 a[RB][2 * NC];
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < 2 * NC; ++v) a[r][v] = _mm512_loadu_ps(acc + int64_t(r) * acc_stride + 32 * c0 + 16 * v);
+  int m[NC];
+  for (int k = 0; k < NC; ++k) m[k] = std::min(32, D - 32 * (c0 + k));
+  for (int j = 0; j < pairs; ++j) {
+    const uint16_t* v0 = values + int64_t(2 * j) * row_elems + 32 * c0;
+    const bool has1 = 2 * j + 1 < n;
+    __m512i lo[NC], hi[NC];
+    for (int k = 0; k < NC; ++k) {
+      const __m512i x0 = load_bf16_32(v0 + 32 * k, m[k]);
+      const __m512i x1 = has1 ? load_bf16_32(v0 + row_elems + 32 * k, m[k]) : _mm512_setzero_si512();
+      lo[k] = _mm512_unpacklo_epi16(x0, x1);
+      hi[k] = _mm512_unpackhi_epi16(x0, x1);
+    }
+    for (int r = 0; r < RB; ++r) {
+      const __m512i pb = _mm512_set1_epi32(reinterpret_cast<const int32_t*>(probs + int64_t(r) * srow)[j]);
+      for (int k = 0; k < NC; ++k) {
+        a[r][2 * k] = dp_bf16(a[r][2 * k], lo[k], pb);
+        a[r][2 * k + 1] = dp_bf16(a[r][2 * k + 1], hi[k], pb);
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < 2 * NC; ++v) _mm512_storeu_ps(acc + int64_t(r) * acc_stride + 32 * c0 + 16 * v, a[r][v]);
+}
+
+// acc[rows][32 C] += probs[rows][0 : vis rounded up to pairs] . values of the page, in blocks of
+// up to 4 rows x 2 chunks (16 accumulators)
+inline void pv_page(const uint16_t* probs, int srow, int rows, const uint16_t* values, int64_t row_elems, int vis, int n, int D, int C,
+                    float* acc) {
+  const int pairs = (vis + 1) / 2;
+  for (int r0 = 0; r0 < rows; r0 += 4) {
+    const int rb = std::min(4, rows - r0);
+    const uint16_t* pr = probs + int64_t(r0) * srow;
+    float* ar = acc + int64_t(r0) * C * 32;
+    for (int c0 = 0; c0 < C; c0 += 2) {
+      const bool two = c0 + 2 <= C;
+#define THINKEYS_PV(RB)                                                                         \
+  (two ? pv_block<RB, 2>(pr, srow, values, row_elems, pairs, n, D, c0, ar, C * 32)             \
+       : pv_block<RB, 1>(pr, srow, values, row_elems, pairs, n, D, c0, ar, C * 32))
+      switch (rb) {
+        case 4: THINKEYS_PV(4); break;
+        case 3: THINKEYS_PV(3); break;
+        case 2: THINKEYS_PV(2); break;
+        default: THINKEYS_PV(1); break;
+      }
+#undef THINKEYS_PV
+    }
   }
 }
 
@@ -716,7 +753,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
     }
     // values: tokens 2j and 2j + 1 interleaved; a token past n is zeros
     const int pairs = (n + 1) / 2;
-    for (int j = 0; j < pairs; ++j) {
+    for (int j = 0; use_brgemm && j < pairs; ++j) {
       const uint16_t* v0 = page + (2 * j) * row_elems + R;
       const uint16_t* v1 = v0 + row_elems;
       const bool has1 = 2 * j + 1 < n;
@@ -751,28 +788,30 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
       continue;
     }
 #endif
+    // vdpbf16ps: scores and softmax row by row, then P.V for all rows straight from the page
+    const int max_vis = std::min(n, context + w.q_end - page_start);  // the tile's last query
+    const int width = (max_vis + 1) / 2 * 2;  // probabilities P.V reads per row (zeros past a row's vis)
     for (int i = 0; i < nq; ++i) {
       const int vis = std::min(n, context + w.q_begin + i + 1 - page_start);  // causal limit in this page
-      if (vis <= 0) continue;
       const int vg = (vis + 15) / 16;
       for (int g = 0; g < G; ++g) {
         const int row = i * G + g;
+        uint16_t* pr = probs + int64_t(row) * srow;
+        if (vis <= 0) {
+          std::memset(pr, 0, sizeof(uint16_t) * width);
+          continue;
+        }
         float* sr = scores + int64_t(row) * srow;
         const int32_t* qp = q + row * P;
         int g0 = 0;
         for (; g0 + 8 <= vg || (g0 + 4 < vg && g0 + 8 <= ng_pad); g0 += 8) score_groups<8>(qp, kt, P, nt, g0, sr);
         for (; g0 < vg; g0 += 4) score_groups<4>(qp, kt, P, nt, g0, sr);
-        uint16_t* pr = probs + int64_t(row) * srow;
-        float* ar = acc + int64_t(row) * C * 32;
-        softmax_row(sr, vis, 0, p.scale, pr, row_max[row], row_sum[row], ar, C * 32);
-        const int vpairs = (vis + 1) / 2;  // an odd vis pairs its last token with p = 0
-        int c = 0;
-        for (; c + 4 <= C; c += 4) pv_pairs<4>(pr, vp + 2 * c, vpairs, C, ar + 32 * c);
-        for (; c + 2 <= C; c += 2) pv_pairs<2>(pr, vp + 2 * c, vpairs, C, ar + 32 * c);
-        for (; c < C; ++c) pv_pairs<1>(pr, vp + 2 * c, vpairs, C, ar + 32 * c);
+        softmax_row(sr, vis, width, p.scale, pr, row_max[row], row_sum[row], acc + int64_t(row) * C * 32, C * 32);
       }
     }
+    pv_page(probs, srow, rows, page + R, row_elems, max_vis, n, D, C, acc);
   }
+  const bool permuted = !use_brgemm;  // pv_block's channel order
 
   for (int i = 0; i < nq; ++i) {
     for (int g = 0; g < G; ++g) {
@@ -780,7 +819,11 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
       const float inv = 1.0f / row_sum[row];
       c10::BFloat16* dst = p.out + (first_tok + i) * p.o_tok + int64_t(w.kv_head * G + g) * p.o_head;
       const float* ar = acc + int64_t(row) * C * 32;
-      for (int c = 0; c < D; ++c) dst[c] = c10::BFloat16(ar[c] * inv);
+      if (permuted) {
+        for (int c = 0; c < D; ++c) dst[c] = c10::BFloat16(ar[pv_position(c)] * inv);
+      } else {
+        for (int c = 0; c < D; ++c) dst[c] = c10::BFloat16(ar[c] * inv);
+      }
     }
   }
 }

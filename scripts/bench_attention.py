@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in tqdm(cases, desc="attention cases", file=sys.stderr):
         results.append(run_case(*case, args))
     print_table(results, args)
+    print(f"thin kernel form: {kernels.kernel_isa()}")
     if args.plot:
         plot(results, args)
     if args.json:
@@ -325,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "attention op, thin-key kernel vs vLLM CPU_ATTN",
             "command": "python scripts/bench_attention.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": machine_at_start | {"load_average_at_end": os.getloadavg()},
+            "thin_kernel_form": kernels.kernel_isa(),  # avx512bf16[+amx], avx2 or portable (THINKEYS_KERNEL_ISA caps it)
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("json", "plot")},
             "results": [asdict(r) | {"speedup": r.speedup, "speedup_cpu": r.speedup_cpu} for r in results],
         }

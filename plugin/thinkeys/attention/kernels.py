@@ -12,9 +12,10 @@ Instruction set: no ``-march=native``. ``-mavx2 -mfma -mf16c`` (the kernel's int
 added only when torch's own runtime CPU detection (``torch.backends.cpu.get_cpu_capability()``)
 reports AVX2 or better; otherwise the portable loops are built. When torch also reports AVX512_BF16
 (``torch.cpu._is_avx512_bf16_supported()``: Cooper Lake, Sapphire Rapids and later, Zen 4), the
-AVX512 flags and ``-mavx512bf16`` are added too, and plain bf16 caches take the kernel's
-vdpbf16ps form (bf16 pair dot products, no widening of the cache to fp32; see the .cpp); every
-other dtype and format runs the AVX2 code as before. ``THINKEYS_KERNEL_ISA`` (``avx2`` or
+AVX512 flags and ``-mavx512bf16`` are added too, and bf16 queries (plain bf16 or 8-bit caches) take
+the kernel's bf16 form: bf16 pair dot products (vdpbf16ps) for decodes, oneDNN's AMX brgemm for
+prefill tiles where the CPU has AMX, no widening of the cache to fp32 (see the .cpp); float32 and
+float16 run the AVX2 code as before. ``THINKEYS_KERNEL_ISA`` (``avx2`` or
 ``baseline``) caps that choice, e.g. to time the AVX2 form on an AVX512 machine. The build
 directory is named after the choice, so a cache directory shared by machines of different CPUs
 stays correct; ``torch.ops.thinkeys.kernel_isa()`` names the form a loaded library runs.

@@ -479,7 +479,7 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
 }
 
 // ---- bf16 caches on AVX512-BF16 CPUs: bf16 pair dot products, AMX tiles for prefill -----------------
-// With a plain bf16 cache and a CPU that has AVX512_BF16 (kernels.py then builds with
+// With bf16 queries and a CPU that has AVX512_BF16 (kernels.py then builds with
 // -mavx512bf16), a work item takes whole pages and never widens the cache to fp32. Per page:
 //   pack    the keys are transposed, 16 tokens at a time, into pairs of channels, K^T as
 //           [R/2 pairs][tokens][2] bf16, and the values interleaved by token pairs,
@@ -493,6 +493,10 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
 //   P.V     the probabilities are rounded to bf16 (as torch's flash attention and vLLM's AMX
 //           kernel do); vdpbf16ps with a broadcast pair of probabilities adds two tokens'
 //           p * v to 16 output channels held in registers, or one brgemm for the whole tile.
+// 8-bit slots (any cache_format) with bf16 queries: each page's codes are widened to bf16 first,
+// exactly (int8 integers and fp8 values have at most 8 significant bits), and each token's factor
+// (its slot's scale, or the tensor's, times the code's kMul) multiplies its score and its
+// probability in fp32 (the softmax's sum uses the unscaled probability).
 // Widths need not be multiples of 32: masked loads pad keys and values with zeros.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #define THINKEYS_AVX512BF16 1
@@ -554,6 +558,8 @@ struct ScratchBf16 {
   std::vector<__m512i> vp;  // V by token pairs: [pairs][C][2] vectors = [pairs][32 C][2] bf16
   std::vector<float> scores, acc, row_max, row_sum;  // [rows][tokens], [rows][32 C], [rows]
   std::vector<uint16_t> probs;  // [rows][tokens] bf16
+  std::vector<uint16_t> page;  // an 8-bit page's codes as bf16 [tokens][R + D]
+  std::vector<float> ks, vs;  // and their per-token factors [tokens]
   void fit(int rows, int P, int C, int tokens) {
     auto grow = [](auto& v, size_t n) {
       if (v.size() < n) v.resize(n);
@@ -566,6 +572,8 @@ struct ScratchBf16 {
     grow(acc, size_t(rows) * C * 32);
     grow(row_max, rows);
     grow(row_sum, rows);
+    grow(ks, tokens);
+    grow(vs, tokens);
   }
 };
 
@@ -589,23 +597,30 @@ inline void score_groups(const int32_t* __restrict qp, const int32_t* __restrict
 
 // Online softmax step of one row over the page's raw scores sr[0 : vis): probabilities (bf16, zero
 // from vis up to `width`) into pr, running max / sum updated, accumulators rescaled. Returns alpha.
+// ks / vs (8-bit pages, else null): per-token factors of the scores and of the values.
 inline void softmax_row(const float* __restrict sr, int vis, int width, float scale, uint16_t* __restrict pr,
-                        float& row_max, float& row_sum, float* __restrict ar, int acc_width) {
+                        float& row_max, float& row_sum, float* __restrict ar, int acc_width,
+                        const float* __restrict ks, const float* __restrict vs) {
   const __mmask16 tail = __mmask16((1u << (vis & 15)) - 1);
   const __m512 sv = _mm512_set1_ps(scale);
+  auto logits = [&](int j) {
+    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(sr + j), sv);
+    return ks ? _mm512_mul_ps(x, _mm512_loadu_ps(ks + j)) : x;
+  };
   __m512 mv = _mm512_set1_ps(row_max);
   int j = 0;
-  for (; j + 16 <= vis; j += 16) mv = _mm512_max_ps(mv, _mm512_mul_ps(_mm512_loadu_ps(sr + j), sv));
-  if (j < vis) mv = _mm512_mask_max_ps(mv, tail, mv, _mm512_mul_ps(_mm512_loadu_ps(sr + j), sv));
+  for (; j + 16 <= vis; j += 16) mv = _mm512_max_ps(mv, logits(j));
+  if (j < vis) mv = _mm512_mask_max_ps(mv, tail, mv, logits(j));
   const float prev_max = row_max;
   const float new_max = _mm512_reduce_max_ps(mv);
   const __m512 nm = _mm512_set1_ps(new_max);
   __m512 sum = _mm512_setzero_ps();
   for (j = 0; j < vis; j += 16) {
-    __m512 e = exp_nonpositive16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), sv, nm));
+    __m512 e = exp_nonpositive16(_mm512_sub_ps(logits(j), nm));
     if (j + 16 > vis) e = _mm512_maskz_mov_ps(tail, e);  // masked tokens get p = 0
     sum = _mm512_add_ps(sum, e);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), (__m256i)_mm512_cvtneps_pbh(e));
+    const __m512 pv = vs ? _mm512_mul_ps(e, _mm512_loadu_ps(vs + j)) : e;  // the value's factor rides on p
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), (__m256i)_mm512_cvtneps_pbh(pv));
   }
   if (j < width) std::memset(pr + j, 0, sizeof(uint16_t) * (width - j));
   const float alpha = prev_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(prev_max - new_max);
@@ -693,7 +708,38 @@ bool amx_brgemm_supported() {
 bool amx_brgemm_supported() { return false; }
 #endif
 
+// An 8-bit slot's codes to bf16, exactly (int8 integers and fp8 values have <= 8 significant bits),
+// and the factor that turns each code into its value (the slot's or the tensor's scale, times kMul).
+template <typename Slot>
+struct Bf16Codes;
+template <typename Code>
+inline void codes_to_bf16(const uint8_t* __restrict src, uint16_t* __restrict dst, int n) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), (__m128i)_mm256_cvtneps_pbh(Code::load8(src + i)));
+  for (; i < n; ++i) dst[i] = c10::BFloat16(Code::scalar(src[i])).x;
+}
+template <typename Code>
+struct Bf16Codes<PerTensorSlot<Code>> {
+  static void load(const uint8_t* row, uint16_t* dst, int R, int D, float k_scale, float v_scale, float& ks, float& vs) {
+    codes_to_bf16<Code>(row, dst, R + D);
+    ks = k_scale * Code::kMul;
+    vs = v_scale * Code::kMul;
+  }
+};
+template <typename Code>
+struct Bf16Codes<PerTokenHeadSlot<Code>> {
+  static void load(const uint8_t* row, uint16_t* dst, int R, int D, float, float, float& ks, float& vs) {
+    codes_to_bf16<Code>(row, dst, R + D);
+    float scales[2];
+    std::memcpy(scales, row + R + D, sizeof(scales));
+    ks = scales[0] * Code::kMul;
+    vs = scales[1] * Code::kMul;
+  }
+};
+
+template <typename Slot>
 void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, ScratchBf16& s, bool& used_brgemm) {
+  constexpr bool kPlain = std::is_same_v<Slot, PlainSlot<c10::BFloat16>>;
   const int G = p.G, R = p.R, D = p.D, BS = p.block_size;
   const int P = (R + 31) / 32 * 16;  // channel pairs of a key, padded to whole 32-channel loads
   const int C = (D + 31) / 32;  // 32-channel chunks of a value
@@ -732,10 +778,27 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
   const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
   const int kv_end = context + w.q_end;
   const int32_t* blocks = p.block_table + int64_t(w.req) * p.bt_stride;
-  const int64_t row_elems = p.c_tok / int64_t(sizeof(uint16_t));  // bf16 elements from one token's slot to the next
+  // bf16 elements from one token's slot to the next: in the cache, or in the decoded 8-bit page
+  const int64_t row_elems = kPlain ? p.c_tok / int64_t(sizeof(uint16_t)) : int64_t(R + D);
+  const float* ks = nullptr;
+  const float* vs = nullptr;
+  if constexpr (!kPlain) {
+    if (s.page.size() < size_t(srow) * (R + D)) s.page.resize(size_t(srow) * (R + D));
+    ks = s.ks.data();
+    vs = s.vs.data();
+  }
   for (int page_start = 0, b = 0; page_start < kv_end; page_start += BS, ++b) {
-    const uint16_t* page = reinterpret_cast<const uint16_t*>(p.cache + int64_t(blocks[b]) * p.c_block + int64_t(w.kv_head) * p.c_head);
+    const uint8_t* raw = p.cache + int64_t(blocks[b]) * p.c_block + int64_t(w.kv_head) * p.c_head;
     const int n = std::min(BS, kv_end - page_start);
+    const uint16_t* page = reinterpret_cast<const uint16_t*>(raw);
+    if constexpr (!kPlain) {  // the page's codes as bf16 once, their factors in fp32 (zeros past n)
+      uint16_t* dst = s.page.data();
+      for (int j = 0; j < n; ++j)
+        Bf16Codes<Slot>::load(raw + int64_t(j) * p.c_tok, dst + int64_t(j) * (R + D), R, D, p.k_scale, p.v_scale, s.ks[j], s.vs[j]);
+      std::fill(s.ks.begin() + n, s.ks.begin() + srow, 0.0f);
+      std::fill(s.vs.begin() + n, s.vs.begin() + srow, 0.0f);
+      page = dst;
+    }
     const int ng = (n + 15) / 16;  // groups of 16 tokens holding the page's tokens
     const int ng_pad = ng >= 8 ? (ng + 7) / 8 * 8 : (ng + 3) / 4 * 4;  // scored in blocks of 8 (or 4)
     const int nt = ng_pad * 16;  // K^T row length (tokens, zero-padded)
@@ -779,7 +842,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
             continue;
           }
           softmax_row(scores + int64_t(row) * srow, vis, 2 * pairs, p.scale, probs + int64_t(row) * srow, row_max[row], row_sum[row],
-                      acc + int64_t(row) * C * 32, C * 32);
+                      acc + int64_t(row) * C * 32, C * 32, ks, vs);
         }
       }
       at::native::cpublas::brgemm(rows, C * 32, 2 * pairs, srow, C * 32, C * 32, true, reinterpret_cast<const at::BFloat16*>(probs),
@@ -806,7 +869,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
         int g0 = 0;
         for (; g0 + 8 <= vg || (g0 + 4 < vg && g0 + 8 <= ng_pad); g0 += 8) score_groups<8>(qp, kt, P, nt, g0, sr);
         for (; g0 < vg; g0 += 4) score_groups<4>(qp, kt, P, nt, g0, sr);
-        softmax_row(sr, vis, width, p.scale, pr, row_max[row], row_sum[row], acc + int64_t(row) * C * 32, C * 32);
+        softmax_row(sr, vis, width, p.scale, pr, row_max[row], row_sum[row], acc + int64_t(row) * C * 32, C * 32, ks, vs);
       }
     }
     pv_page(probs, srow, rows, page + R, row_elems, max_vis, n, D, C, acc);
@@ -968,12 +1031,12 @@ void paged_attention(
     dispatch_format<scalar_t>(format, [&](auto slot_tag) {
       using Slot = decltype(slot_tag);
 #if THINKEYS_AVX512BF16
-      if constexpr (std::is_same_v<Slot, PlainSlot<c10::BFloat16>>) {
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         if (bf16_dot_supported()) {
           at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
             ScratchBf16& s = thread_scratch_bf16();
             bool used_brgemm = false;
-            for (int64_t k = begin; k < end; ++k) attend_tile_bf16(p, items[k], s, used_brgemm);
+            for (int64_t k = begin; k < end; ++k) attend_tile_bf16<Slot>(p, items[k], s, used_brgemm);
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)
             if (used_brgemm) at::native::cpublas::brgemm_release();  // the thread's AMX tile state
 #endif

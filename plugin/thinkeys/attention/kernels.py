@@ -11,8 +11,9 @@ scales, ``int8_per_token_head``, ``fp8_per_token_head`` with the scales inside e
 Instruction set: no ``-march=native``. ``-mavx2 -mfma -mf16c`` (the kernel's intrinsics path) is
 added only when torch's own runtime CPU detection (``torch.backends.cpu.get_cpu_capability()``)
 reports AVX2 or better; otherwise the portable loops are built. When torch also reports AVX512_BF16
-(``torch.cpu._is_avx512_bf16_supported()``: Cooper Lake, Sapphire Rapids and later, Zen 4), the
-AVX512 flags and ``-mavx512bf16`` are added too, and bf16 queries (plain bf16 or 8-bit caches) take
+(``torch.cpu._is_avx512_bf16_supported()``: Cooper Lake, Sapphire Rapids and later, Zen 4),
+``-DTHINKEYS_BF16_FORM`` compiles one more section of the .cpp for AVX512-BF16 (a target pragma;
+everything else is the same AVX2 code), and bf16 queries (plain bf16 or 8-bit caches) take
 the kernel's bf16 form: bf16 pair dot products (vdpbf16ps) for decodes, oneDNN's AMX brgemm for
 prefill tiles where the CPU has AMX, no widening of the cache to fp32 (see the .cpp); float32 and
 float16 run the AVX2 code as before. ``THINKEYS_KERNEL_ISA`` (``avx2`` or
@@ -50,7 +51,8 @@ CHOICES = ("auto", "compiled", "torch")
 # else builds with the compiler's baseline for the platform (the portable loops).
 AVX2_CAPABILITIES = {"AVX2", "AVX512", "AVX512_BF16", "AVX512_VNNI", "AMX", "AVX512_FP16"}
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
-AVX512BF16_FLAGS = [*AVX2_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"]
+# the bf16 form's section of the .cpp compiles for AVX512 under a target pragma; the rest stays AVX2
+AVX512BF16_FLAGS = [*AVX2_FLAGS, "-DTHINKEYS_BF16_FORM"]
 ENV_ISA = "THINKEYS_KERNEL_ISA"
 ISAS = ("avx512bf16", "avx2", "baseline")  # best first
 

@@ -39,7 +39,7 @@
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
-#if defined(__AVX512BF16__)
+#if defined(THINKEYS_BF16_FORM) && defined(__AVX2__)
 #include <ATen/native/CPUBlas.h>  // brgemm: oneDNN's AMX micro-kernel
 #endif
 
@@ -498,7 +498,11 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
 // (its slot's scale, or the tensor's, times the code's kMul) multiplies its score and its
 // probability in fp32 (the softmax's sum uses the unscaled probability).
 // Widths need not be multiples of 32: masked loads pad keys and values with zeros.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+// Only this section is compiled for AVX512 (a target pragma, with -DTHINKEYS_BF16_FORM from
+// kernels.py): the rest of the file is the same AVX2 code an AVX2-only CPU runs.
+#if defined(THINKEYS_BF16_FORM) && defined(__AVX2__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 #define THINKEYS_AVX512BF16 1
 
 constexpr int kAmxRows = 16;  // tiles with at least this many rows (query tokens x G) use brgemm
@@ -555,7 +559,7 @@ inline __m512 exp_nonpositive16(__m512 x) {
 
 struct ScratchBf16 {
   std::vector<int32_t> kt, q;  // K^T [P][tokens] (bf16 pairs); query pairs [rows][P]
-  std::vector<__m512i> vp;  // V by token pairs: [pairs][C][2] vectors = [pairs][32 C][2] bf16
+  std::vector<uint16_t> vp;  // V by token pairs: [pairs][32 C][2] bf16 (brgemm's VNNI layout)
   std::vector<float> scores, acc, row_max, row_sum;  // [rows][tokens], [rows][32 C], [rows]
   std::vector<uint16_t> probs;  // [rows][tokens] bf16
   std::vector<uint16_t> page;  // an 8-bit page's codes as bf16 [tokens][R + D]
@@ -566,7 +570,7 @@ struct ScratchBf16 {
     };
     grow(kt, size_t(P) * tokens);
     grow(q, size_t(rows) * P);
-    grow(vp, size_t(tokens / 2) * C * 2);
+    grow(vp, size_t(tokens / 2) * C * 64);
     grow(scores, size_t(rows) * tokens);
     grow(probs, size_t(rows) * tokens);
     grow(acc, size_t(rows) * C * 32);
@@ -754,7 +758,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
   s.fit(rows, P, C, srow);
   int32_t* __restrict kt = s.kt.data();
   int32_t* __restrict q = s.q.data();
-  __m512i* __restrict vp = s.vp.data();
+  uint16_t* __restrict vp = s.vp.data();
   float* __restrict scores = s.scores.data();
   uint16_t* __restrict probs = s.probs.data();
   float* __restrict acc = s.acc.data();
@@ -824,8 +828,8 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
         const int m = std::min(32, D - 32 * c);
         const __m512i x0 = load_bf16_32(v0 + 32 * c, m);
         const __m512i x1 = has1 ? load_bf16_32(v1 + 32 * c, m) : _mm512_setzero_si512();
-        vp[(int64_t(j) * C + c) * 2] = _mm512_permutex2var_epi16(x0, lo_idx, x1);
-        vp[(int64_t(j) * C + c) * 2 + 1] = _mm512_permutex2var_epi16(x0, hi_idx, x1);
+        _mm512_storeu_si512(vp + (int64_t(j) * C + c) * 64, _mm512_permutex2var_epi16(x0, lo_idx, x1));
+        _mm512_storeu_si512(vp + (int64_t(j) * C + c) * 64 + 32, _mm512_permutex2var_epi16(x0, hi_idx, x1));
       }
     }
 
@@ -890,6 +894,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
     }
   }
 }
+#pragma GCC pop_options
 #else
 #define THINKEYS_AVX512BF16 0
 #endif

@@ -333,8 +333,35 @@ def test_avx2_form_on_this_cpu_agrees(tmp_path):
     env = {**os.environ, kernels.ENV_ISA: "avx2"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "form avx2" in proc.stdout
+    assert f"form {'portable' if kernels.detected_isa() == 'baseline' else 'avx2'}" in proc.stdout
     avx2 = torch.load(tmp_path / "out.pt")
     torch.testing.assert_close(avx2.double(), expected, atol=BF16_ATOL, rtol=0)
     here = run_kernel(query, cache, table, qsl, lens, d=64)
     torch.testing.assert_close(here.float(), avx2.float(), atol=BF16_ATOL, rtol=0)
+
+
+def test_bf16_form_without_amx_agrees(tmp_path):
+    """THINKEYS_KERNEL_NO_AMX=1: prefill tiles take vdpbf16ps, as on an AVX512-BF16 CPU without AMX (Zen 4)."""
+    import subprocess
+    import sys
+
+    if kernels.cpu_isa() != "avx512bf16":
+        pytest.skip("this CPU does not run the bf16 form")
+    q_lens, seq_lens = [1, 40, 7], [300, 40, 190]
+    query, cache, table, qsl, lens, expected = scenario(q_lens, seq_lens, heads=9, kv_heads=3, r=32, d=64, dtype=torch.bfloat16,
+                                                        block_size=128, layout="LBNHC")
+    torch.save((query, cache, table, qsl, lens), tmp_path / "inputs.pt")
+    code = (
+        "import torch; from thinkeys.attention import kernels\n"
+        f"q, c, t, s, l = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+        "assert kernels.available(); print('form', kernels.kernel_isa())\n"
+        "out = torch.empty(q.shape[0], q.shape[1], 64, dtype=q.dtype)\n"
+        f"kernels.paged_attention(q, c, t, s, l, 64**-0.5, out); torch.save(out, {str(tmp_path / 'out.pt')!r})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "THINKEYS_KERNEL_NO_AMX": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "form avx512bf16\n" in proc.stdout
+    no_amx = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(no_amx.double(), expected, atol=BF16_ATOL, rtol=0)
+    torch.testing.assert_close(run_kernel(query, cache, table, qsl, lens, d=64).float(), no_amx.float(), atol=BF16_ATOL, rtol=0)

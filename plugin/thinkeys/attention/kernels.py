@@ -20,6 +20,8 @@ float16 run the AVX2 code as before. ``THINKEYS_KERNEL_ISA`` (``avx2`` or
 ``baseline``) caps that choice, e.g. to time the AVX2 form on an AVX512 machine. The build
 directory is named after the choice, so a cache directory shared by machines of different CPUs
 stays correct; ``torch.ops.thinkeys.kernel_isa()`` names the form a loaded library runs.
+``THINKEYS_KERNEL_NO_AMX=1`` (read once per process) keeps prefill tiles on vdpbf16ps, as on an
+AVX512-BF16 CPU without AMX.
 
 ``THINKEYS_ATTENTION_KERNEL`` picks the implementation: ``auto`` (default: the compiled kernel,
 falling back to the PyTorch path in ``paged.py`` with a warning when it cannot be built),

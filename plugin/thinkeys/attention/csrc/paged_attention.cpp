@@ -45,6 +45,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -704,8 +705,8 @@ inline void pv_page(const uint16_t* probs, int srow, int rows, const uint16_t* v
 // brgemm (AMX) for prefill tiles: compiled in when torch's CPUBlas has it, used when oneDNN can
 // pack bf16 here (a CPU with AMX).
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)
-bool amx_brgemm_supported() {
-  static const bool ok = at::native::cpublas::could_pack(at::kBFloat16);
+bool amx_brgemm_supported() {  // THINKEYS_KERNEL_NO_AMX=1 runs vdpbf16ps everywhere, as a CPU without AMX does
+  static const bool ok = at::native::cpublas::could_pack(at::kBFloat16) && std::getenv("THINKEYS_KERNEL_NO_AMX") == nullptr;
   return ok;
 }
 #else

@@ -136,14 +136,18 @@ class StockCase:
 class ThinCase:
     """Our backend's op: r-wide keys and d-wide values in [blocks, H_kv, block_size, r + d]."""
 
-    def __init__(self, q, keys, values, block_table, qsl, seq_lens, slots, num_blocks, block_size, scale, torch_path=False):
-        from thinkeys.attention.paged import build_metadata, paged_attention, paged_attention_torch, write_kv
+    def __init__(self, q, keys, values, block_table, qsl, seq_lens, slots, num_blocks, block_size, scale, torch_path=False,
+                 kv_format="plain"):
+        from thinkeys.attention.paged import CacheFormat, build_metadata, paged_attention, paged_attention_torch, write_kv
+        from thinkeys.attention.quant import KVCodec
 
         T, H, r = q.shape
         H_kv, d = values.shape[1], values.shape[2]
-        # head-major pages, the layout our backend asks vLLM for
-        self.cache = torch.zeros(num_blocks, H_kv, block_size, r + d, dtype=q.dtype)
-        write_kv(self.cache, keys, values, slots)
+        # head-major pages, the layout our backend asks vLLM for; 8-bit slots as the backend stores them
+        self.fmt = None if kv_format == "plain" else CacheFormat(KVCodec(kv_format, r, d))
+        width, storage = (r + d, q.dtype) if self.fmt is None else (self.fmt.codec.slot_width, torch.int8 if kv_format == "int8_per_token_head" else torch.uint8)
+        self.cache = torch.zeros(num_blocks, H_kv, block_size, width, dtype=storage)
+        write_kv(self.cache, keys, values, slots, self.fmt)
         self.meta = build_metadata(
             query_start_loc=qsl, seq_lens=seq_lens, block_table=block_table, block_size=block_size,
             num_actual_tokens=T, torch_path=torch_path,
@@ -153,7 +157,7 @@ class ThinCase:
         self.out = torch.empty(T, H, d, dtype=q.dtype)
 
     def __call__(self) -> None:
-        self.fn(self.q, self.cache, self.meta, self.scale, self.out)
+        self.fn(self.q, self.cache, self.meta, self.scale, self.out, self.fmt)
 
 
 class RebuildCase:
@@ -201,7 +205,7 @@ def make_case(batch: int, context: int, query_len: int, args, torch_path: bool):
     stock = StockCase(q, keys, values, *common)
     if args.rebuild:
         return stock, RebuildCase(q, keys[..., :r].contiguous(), values, *common), None
-    thin = ThinCase(q[..., :r].contiguous(), keys[..., :r].contiguous(), values, *common)
+    thin = ThinCase(q[..., :r].contiguous(), keys[..., :r].contiguous(), values, *common, kv_format=args.kv_format)
     slow = ThinCase(q[..., :r].contiguous(), keys[..., :r].contiguous(), values, *common, torch_path=True) if torch_path else None
     return stock, thin, slow
 
@@ -236,7 +240,7 @@ def run_case(name, batch, context, query_len, args) -> CaseResult:
 
 def print_table(results: list[CaseResult], args) -> None:
     print(f"\nattention op, one layer: H={args.heads} H_kv={args.kv_heads} d={args.head_dim} r={args.rank} "
-          f"{args.dtype} block {args.block_size}, {args.threads} thread(s); ms per call, medians of {args.rounds} rounds")
+          f"{args.dtype} block {args.block_size}, thin cache {args.kv_format}, {args.threads} thread(s); ms per call, medians of {args.rounds} rounds")
     head = f"{'case':<16}{'batch':>6}{'ctx':>6}{'q':>6} | {'stock':>9}{'thin':>9}{'ratio':>7} | {'stock cpu':>10}{'thin cpu':>9}{'ratio':>7}"
     if args.torch_path:
         head += f" | {'torch path':>10}"
@@ -265,7 +269,8 @@ def plot(results: list[CaseResult], args) -> None:
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(list(x), labels, fontsize=7)
     ax.set_ylabel("stock time / thin time (> 1: thin faster)")
-    ax.set_title(f"Attention op: thin keys (r={args.rank}) vs vLLM CPU_ATTN (d={args.head_dim}), {args.dtype}, "
+    cache = "" if args.kv_format == "plain" else f" ({args.kv_format} cache)"
+    ax.set_title(f"Attention op: thin keys (r={args.rank}){cache} vs vLLM CPU_ATTN (d={args.head_dim}), {args.dtype}, "
                  f"{args.threads} thread(s)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -282,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=16, help="r: thin key width")
     p.add_argument("--block-size", type=int, default=128, help="vLLM's CPU default is 128")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--kv-format", default="plain", choices=["plain", "int8_per_token_head", "fp8_per_token_head", "fp8"],
+                   help="thin cache slots: plain (the activations' dtype) or an 8-bit format (stock stays plain)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (a vLLM CPU engine on 2 cores uses 1)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--target-ms", type=float, default=60.0, help="time per timed run of one kernel")
@@ -318,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in tqdm(cases, desc="attention cases", file=sys.stderr):
         results.append(run_case(*case, args))
     print_table(results, args)
+    print(f"thin kernel form: {kernels.kernel_isa()}")
     if args.plot:
         plot(results, args)
     if args.json:
@@ -325,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "attention op, thin-key kernel vs vLLM CPU_ATTN",
             "command": "python scripts/bench_attention.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": machine_at_start | {"load_average_at_end": os.getloadavg()},
+            "thin_kernel_form": kernels.kernel_isa(),  # avx512bf16[+amx], avx2 or portable (THINKEYS_KERNEL_ISA caps it)
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("json", "plot")},
             "results": [asdict(r) | {"speedup": r.speedup, "speedup_cpu": r.speedup_cpu} for r in results],
         }

@@ -11,6 +11,8 @@ the backend would then silently run the slow path.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -231,3 +233,135 @@ def test_unknown_kernel_choice_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("THINKEYS_ATTENTION_KERNEL", "fast")
     with pytest.raises(ThinKeyError, match="auto, compiled, torch"):
         kernels.kernel_choice()
+
+
+# ---- the bf16 form for AVX512-BF16 / AMX CPUs (plain bf16 caches) ---------------------------------
+
+BF16_ATOL = 2e-2  # bf16 inputs and output, probabilities rounded to bf16 before P.V (as CPU_ATTN's AMX path)
+
+
+def test_kernel_form_follows_the_cpu():
+    """On a CPU with AVX512_BF16 the bf16 form is what runs (and brgemm's AMX tiles where torch can pack bf16)."""
+    if not torch.cpu._is_avx512_bf16_supported():
+        assert kernels.kernel_isa() in ("avx2", "portable")
+        return
+    assert kernels.cpu_isa() == "avx512bf16" or os.environ.get(kernels.ENV_ISA)
+    if kernels.cpu_isa() == "avx512bf16":
+        assert kernels.kernel_isa() == ("avx512bf16+amx" if torch.cpu._is_amx_tile_supported() else "avx512bf16")
+
+
+@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])
+@pytest.mark.parametrize("step", list(STEPS))
+def test_bf16_kernel_matches_reference(step, layout):
+    """Decodes (vdpbf16ps rows) and prefill tiles of >= 16 rows (brgemm on AMX) against float64."""
+    q_lens, seq_lens = STEPS[step]
+    query, cache, table, qsl, lens, expected = scenario(q_lens, seq_lens, heads=9, kv_heads=3, r=32, d=64, dtype=torch.bfloat16,
+                                                        layout=layout, block_size=16)
+    out = run_kernel(query, cache, table, qsl, lens, d=64)
+    torch.testing.assert_close(out.double(), expected, atol=BF16_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "r,d,heads,kv_heads,block_size",
+    [
+        (32, 64, 9, 3, 128),  # SmolLM2-135M at r = 32, vLLM's CPU block size: brgemm tiles of 48 rows
+        (48, 96, 4, 2, 32),  # two 16-pair key transposes, three value chunks
+        (16, 40, 8, 1, 16),  # MQA: 8-row decodes, 128-row prefill tiles; d = 40 masked loads
+        (12, 20, 6, 2, 7),  # widths and block size not multiples of 8 or 16
+        (5, 3, 3, 3, 5),  # tiny odd widths
+    ],
+)
+def test_bf16_kernel_shapes(r, d, heads, kv_heads, block_size):
+    query, cache, table, qsl, lens, expected = scenario(
+        [1, 3, 1, 40, 7], [300, 3, 9, 60, 190], heads=heads, kv_heads=kv_heads, r=r, d=d, block_size=block_size, seed=r,
+        dtype=torch.bfloat16,
+    )
+    out = run_kernel(query, cache, table, qsl, lens, d=d)
+    torch.testing.assert_close(out.double(), expected, atol=BF16_ATOL, rtol=0)
+
+
+def test_bf16_strided_views():
+    q_lens, seq_lens = [1, 20, 1], [33, 20, 130]
+    query, cache, table, qsl, lens, expected = scenario(q_lens, seq_lens, dtype=torch.bfloat16, layout="LBNHC")
+    T, H, r = query.shape
+    qkv = torch.randn(T, H * r + 40).bfloat16()
+    qkv[:, : H * r] = query.reshape(T, H * r)
+    query_view = qkv[:, : H * r].view(T, H, r)
+    out_wide = torch.full((T, H, 32 + 8), 5.0, dtype=torch.bfloat16)
+    kernels.paged_attention(query_view, cache, table, qsl, lens, 32**-0.5, out_wide[:, :, :32])
+    torch.testing.assert_close(out_wide[:, :, :32].double(), expected, atol=BF16_ATOL, rtol=0)
+    assert out_wide[:, :, 32:].eq(5.0).all(), "the kernel wrote outside the output view"
+
+
+def test_isa_selection_falls_back_without_avx512_bf16(monkeypatch):
+    """The AVX512-BF16 build is chosen only where torch reports it; THINKEYS_KERNEL_ISA caps it."""
+    from thinkeys.checkpoint import ThinKeyError
+
+    monkeypatch.delenv(kernels.ENV_ISA, raising=False)
+    cases = [("AVX2", True, "avx2"), ("AVX512", False, "avx2"), ("AVX512", True, "avx512bf16"), ("DEFAULT", True, "baseline")]
+    for capability, bf16, isa in cases:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda b=bf16: b)
+        assert kernels.cpu_isa() == isa, (capability, bf16)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setenv(kernels.ENV_ISA, "avx2")
+    assert kernels.cpu_isa() == "avx2" and kernels.isa_flags("avx2") == kernels.AVX2_FLAGS
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert kernels.cpu_isa() == "baseline"  # a cap never raises the detected set
+    monkeypatch.setenv(kernels.ENV_ISA, "avx1024")
+    with pytest.raises(ThinKeyError, match="THINKEYS_KERNEL_ISA"):
+        kernels.cpu_isa()
+
+
+def test_avx2_form_on_this_cpu_agrees(tmp_path):
+    """THINKEYS_KERNEL_ISA=avx2 builds the fp32-widening form (what AVX2-only CPUs run) in a fresh
+    process: same bf16 inputs, same reference, and the two forms agree."""
+    import subprocess
+    import sys
+
+    q_lens, seq_lens = [1, 1, 20, 3], [40, 200, 20, 70]
+    query, cache, table, qsl, lens, expected = scenario(q_lens, seq_lens, heads=9, kv_heads=3, r=32, d=64, dtype=torch.bfloat16,
+                                                        block_size=32)
+    torch.save((query, cache, table, qsl, lens), tmp_path / "inputs.pt")
+    code = (
+        "import torch; from thinkeys.attention import kernels\n"
+        f"q, c, t, s, l = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+        "assert kernels.available(); print('form', kernels.kernel_isa())\n"
+        "out = torch.empty(q.shape[0], q.shape[1], 64, dtype=q.dtype)\n"
+        f"kernels.paged_attention(q, c, t, s, l, 64**-0.5, out); torch.save(out, {str(tmp_path / 'out.pt')!r})\n"
+    )
+    env = {**os.environ, kernels.ENV_ISA: "avx2"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"form {'portable' if kernels.detected_isa() == 'baseline' else 'avx2'}" in proc.stdout
+    avx2 = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(avx2.double(), expected, atol=BF16_ATOL, rtol=0)
+    here = run_kernel(query, cache, table, qsl, lens, d=64)
+    torch.testing.assert_close(here.float(), avx2.float(), atol=BF16_ATOL, rtol=0)
+
+
+def test_bf16_form_without_amx_agrees(tmp_path):
+    """THINKEYS_KERNEL_NO_AMX=1: prefill tiles take vdpbf16ps, as on an AVX512-BF16 CPU without AMX (Zen 4)."""
+    import subprocess
+    import sys
+
+    if kernels.cpu_isa() != "avx512bf16":
+        pytest.skip("this CPU does not run the bf16 form")
+    q_lens, seq_lens = [1, 40, 7], [300, 40, 190]
+    query, cache, table, qsl, lens, expected = scenario(q_lens, seq_lens, heads=9, kv_heads=3, r=32, d=64, dtype=torch.bfloat16,
+                                                        block_size=128, layout="LBNHC")
+    torch.save((query, cache, table, qsl, lens), tmp_path / "inputs.pt")
+    code = (
+        "import torch; from thinkeys.attention import kernels\n"
+        f"q, c, t, s, l = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+        "assert kernels.available(); print('form', kernels.kernel_isa())\n"
+        "out = torch.empty(q.shape[0], q.shape[1], 64, dtype=q.dtype)\n"
+        f"kernels.paged_attention(q, c, t, s, l, 64**-0.5, out); torch.save(out, {str(tmp_path / 'out.pt')!r})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "THINKEYS_KERNEL_NO_AMX": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "form avx512bf16\n" in proc.stdout
+    no_amx = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(no_amx.double(), expected, atol=BF16_ATOL, rtol=0)
+    torch.testing.assert_close(run_kernel(query, cache, table, qsl, lens, d=64).float(), no_amx.float(), atol=BF16_ATOL, rtol=0)

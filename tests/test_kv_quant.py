@@ -162,6 +162,28 @@ def test_8bit_kernel_half_precision_activations(compiled_kernel, kind, dtype, at
     torch.testing.assert_close(out.double(), expected, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "r,d,heads,kv_heads,block_size,layout",
+    [
+        (32, 64, 9, 3, 128, "LBHNC"),  # decodes (vdpbf16ps) and 48-row prefill tiles (AMX brgemm where present)
+        (48, 40, 8, 1, 16, "LBNHC"),  # MQA, widths not multiples of 32 (masked loads)
+        (12, 20, 6, 2, 7, "LBHNC"),  # odd widths and block size: scalar code tails
+    ],
+)
+@pytest.mark.parametrize("kind", ["int8_per_token_head", "fp8", "fp8_per_token_head"])
+def test_8bit_kernel_bf16_activations_shapes(compiled_kernel, kind, r, d, heads, kv_heads, block_size, layout):
+    """bf16 queries over 8-bit slots on every path of the bf16 form (on AVX512-BF16 CPUs the codes are
+    widened to bf16, exactly, and their scales applied to scores and probabilities in fp32)."""
+    query, cache, meta, fmt, expected = scenario(
+        kind, [1, 40, 7, 1], [300, 40, 190, 3], r=r, d=d, heads=heads, kv_heads=kv_heads, block_size=block_size,
+        k_scale=0.5, v_scale=0.25, seed=r, dtype=torch.bfloat16, layout=layout,
+    )
+    out = torch.full((query.shape[0], heads, d), float("nan"), dtype=torch.bfloat16)
+    assert use_kernel(query, cache, meta, fmt)
+    paged_attention(query, cache, meta, d**-0.5, out, fmt)
+    torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=0)
+
+
 @pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", EIGHT_BIT_DTYPES)

@@ -10,8 +10,18 @@ scales, ``int8_per_token_head``, ``fp8_per_token_head`` with the scales inside e
 
 Instruction set: no ``-march=native``. ``-mavx2 -mfma -mf16c`` (the kernel's intrinsics path) is
 added only when torch's own runtime CPU detection (``torch.backends.cpu.get_cpu_capability()``)
-reports AVX2 or better; otherwise the portable loops are built. The build directory is named after
-that choice, so a cache directory shared by machines of different CPUs stays correct.
+reports AVX2 or better; otherwise the portable loops are built. When torch also reports AVX512_BF16
+(``torch.cpu._is_avx512_bf16_supported()``: Cooper Lake, Sapphire Rapids and later, Zen 4),
+``-DTHINKEYS_BF16_FORM`` compiles one more section of the .cpp for AVX512-BF16 (a target pragma;
+everything else is the same AVX2 code), and bf16 queries (plain bf16 or 8-bit caches) take
+the kernel's bf16 form: bf16 pair dot products (vdpbf16ps) for decodes, oneDNN's AMX brgemm for
+prefill tiles where the CPU has AMX, no widening of the cache to fp32 (see the .cpp); float32 and
+float16 run the AVX2 code as before. ``THINKEYS_KERNEL_ISA`` (``avx2`` or
+``baseline``) caps that choice, e.g. to time the AVX2 form on an AVX512 machine. The build
+directory is named after the choice, so a cache directory shared by machines of different CPUs
+stays correct; ``torch.ops.thinkeys.kernel_isa()`` names the form a loaded library runs.
+``THINKEYS_KERNEL_NO_AMX=1`` (read once per process) keeps prefill tiles on vdpbf16ps, as on an
+AVX512-BF16 CPU without AMX.
 
 ``THINKEYS_ATTENTION_KERNEL`` picks the implementation: ``auto`` (default: the compiled kernel,
 falling back to the PyTorch path in ``paged.py`` with a warning when it cannot be built),
@@ -43,6 +53,10 @@ CHOICES = ("auto", "compiled", "torch")
 # else builds with the compiler's baseline for the platform (the portable loops).
 AVX2_CAPABILITIES = {"AVX2", "AVX512", "AVX512_BF16", "AVX512_VNNI", "AMX", "AVX512_FP16"}
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+# the bf16 form's section of the .cpp compiles for AVX512 under a target pragma; the rest stays AVX2
+AVX512BF16_FLAGS = [*AVX2_FLAGS, "-DTHINKEYS_BF16_FORM"]
+ENV_ISA = "THINKEYS_KERNEL_ISA"
+ISAS = ("avx512bf16", "avx2", "baseline")  # best first
 
 
 def kernel_choice() -> str:
@@ -52,13 +66,32 @@ def kernel_choice() -> str:
     return choice
 
 
-def cpu_isa() -> str:
-    """``avx2`` when torch's runtime CPU detection reports AVX2 or better, else ``baseline``."""
+def detected_isa() -> str:
+    """What torch's runtime CPU detection allows: ``avx512bf16``, ``avx2`` or ``baseline``."""
     try:
         capability = str(torch.backends.cpu.get_cpu_capability()).upper()
     except Exception:  # noqa: BLE001 - older/other builds
         capability = "DEFAULT"
-    return "avx2" if capability in AVX2_CAPABILITIES else "baseline"
+    if capability not in AVX2_CAPABILITIES:
+        return "baseline"
+    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    return "avx512bf16" if capability != "AVX2" and bf16() else "avx2"
+
+
+def cpu_isa() -> str:
+    """The instruction set the kernels are built for: :func:`detected_isa`, capped by ``THINKEYS_KERNEL_ISA``."""
+    detected = detected_isa()
+    cap = os.environ.get(ENV_ISA, "").strip().lower()
+    if not cap:
+        return detected
+    if cap not in ISAS:
+        raise ThinKeyError(f"{ENV_ISA}={cap!r} is not one of {', '.join(ISAS)}: unset it or pick one of those")
+    return max(detected, cap, key=ISAS.index)  # the lesser of the two
+
+
+def isa_flags(isa: str) -> list[str]:
+    """Compiler flags for an instruction set of :data:`ISAS`."""
+    return {"avx512bf16": AVX512BF16_FLAGS, "avx2": AVX2_FLAGS}.get(isa, [])
 
 
 def build_dir(isa: str) -> Path:
@@ -71,7 +104,7 @@ def build_dir(isa: str) -> Path:
 def _load(choice: str) -> bool:
     """Build (first time) and load the kernel library; True when ``torch.ops.thinkeys`` has it."""
     isa = cpu_isa()
-    flags = ["-O3", "-fopenmp", "-DNDEBUG", *(AVX2_FLAGS if isa == "avx2" else [])]
+    flags = ["-O3", "-fopenmp", "-DNDEBUG", *isa_flags(isa)]
     directory = build_dir(isa)
     try:
         from torch.utils import cpp_extension
@@ -89,6 +122,7 @@ def _load(choice: str) -> bool:
             verbose=False,
         )
         logger.info("thin keys: CPU attention kernel ready in %.1f s", time.perf_counter() - started)
+        request_amx()
         return True
     except Exception as exc:  # noqa: BLE001 - no compiler, no headers, read-only cache, ...
         reason = _first_error_line(exc)
@@ -105,6 +139,14 @@ def _load(choice: str) -> bool:
         return False
 
 
+def request_amx() -> None:
+    """Ask Linux for the AMX tile state (``arch_prctl``), which a process needs before its first
+    AMX instruction: the kernel's prefill tiles run oneDNN's AMX brgemm on bf16 caches. vLLM's
+    engine gets it through oneDNN as well; a bare process (tests, benchmarks) would die on SIGILL."""
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        torch.cpu._init_amx()
+
+
 def _first_error_line(exc: Exception) -> str:
     """The compiler's first ``error:`` line if there is one, else the exception's last line."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -116,6 +158,11 @@ def available() -> bool:
     """Whether the compiled kernel is in use (builds it on the first call; False with ``torch``)."""
     choice = kernel_choice()
     return choice != "torch" and _load(choice)
+
+
+def kernel_isa() -> str:
+    """The form the loaded kernel runs: ``avx512bf16`` (bf16 plain caches by vdpbf16ps), ``avx2`` or ``portable``."""
+    return torch.ops.thinkeys.kernel_isa()
 
 
 def paged_attention(

@@ -33,7 +33,7 @@ def _load() -> bool:
     if choice == "torch":
         return False
     isa = kernels.cpu_isa()
-    flags = ["-O3", "-fopenmp", "-DNDEBUG", *(kernels.AVX2_FLAGS if isa == "avx2" else [])]
+    flags = ["-O3", "-fopenmp", "-DNDEBUG", *(kernels.AVX2_FLAGS if isa != "baseline" else [])]
     directory = kernels.build_dir(isa) / "rebuild"
     try:
         from torch.utils import cpp_extension

@@ -39,13 +39,18 @@
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(THINKEYS_BF16_FORM) && defined(__AVX2__)
+#include <ATen/native/CPUBlas.h>  // brgemm: oneDNN's AMX micro-kernel
+#endif
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace thinkeys {
@@ -474,7 +479,448 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
   }
 }
 
+// ---- bf16 caches on AVX512-BF16 CPUs: bf16 pair dot products, AMX tiles for prefill -----------------
+// With bf16 queries and a CPU that has AVX512_BF16 (kernels.py then builds with
+// -mavx512bf16), a work item takes whole pages and never widens the cache to fp32. Per page:
+//   pack    the keys are transposed, 16 tokens at a time, into pairs of channels, K^T as
+//           [R/2 pairs][tokens][2] bf16, and the values interleaved by token pairs,
+//           V as [tokens/2][D][2]: the "VNNI" layout both vdpbf16ps and AMX tiles read.
+//   scores  decode and short tiles: one vdpbf16ps with a broadcast pair of the (bf16, unscaled)
+//           query adds two channels' products to 16 token scores. Prefill tiles (>= kAmxRows
+//           rows) on a CPU with AMX: one at::native::cpublas::brgemm (oneDNN's AMX micro-kernel,
+//           what torch's CPU flash attention uses) for the tile's rows x the page's tokens.
+//           Products of two bf16 are exact in fp32, so scores match the fp32 path's.
+//   softmax online, per page, in fp32 (scale, causal mask, running max and sum as above).
+//   P.V     the probabilities are rounded to bf16 (as torch's flash attention and vLLM's AMX
+//           kernel do); vdpbf16ps with a broadcast pair of probabilities adds two tokens'
+//           p * v to 16 output channels held in registers, or one brgemm for the whole tile.
+// 8-bit slots (any cache_format) with bf16 queries: each page's codes are widened to bf16 first,
+// exactly (int8 integers and fp8 values have at most 8 significant bits), and each token's factor
+// (its slot's scale, or the tensor's, times the code's kMul) multiplies its score and its
+// probability in fp32 (the softmax's sum uses the unscaled probability).
+// Widths need not be multiples of 32: masked loads pad keys and values with zeros.
+// Only this section is compiled for AVX512 (a target pragma, with -DTHINKEYS_BF16_FORM from
+// kernels.py): the rest of the file is the same AVX2 code an AVX2-only CPU runs.
+#if defined(THINKEYS_BF16_FORM) && defined(__AVX2__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+#define THINKEYS_AVX512BF16 1
+
+constexpr int kAmxRows = 16;  // tiles with at least this many rows (query tokens x G) use brgemm
+
+// In-register transpose of a 16 x 16 matrix of 32-bit elements (row i of r becomes column i).
+inline void transpose16x16_epi32(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {  // u[4b + k], 128-bit lane L: rows 4b .. 4b + 3 of column 4L + k
+    t[k] = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88);
+    t[4 + k] = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xDD);
+    t[8 + k] = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88);
+    t[12 + k] = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xDD);
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = _mm512_shuffle_i32x4(t[k], t[8 + k], 0x88);
+    r[8 + k] = _mm512_shuffle_i32x4(t[k], t[8 + k], 0xDD);
+    r[4 + k] = _mm512_shuffle_i32x4(t[4 + k], t[12 + k], 0x88);
+    r[12 + k] = _mm512_shuffle_i32x4(t[4 + k], t[12 + k], 0xDD);
+  }
+}
+
+inline __m512 dp_bf16(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+
+// n <= 32 bf16 (16-bit) elements from p, zeros after them
+inline __m512i load_bf16_32(const uint16_t* p, int n) {
+  return n >= 32 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(__mmask32((uint64_t(1) << std::max(n, 0)) - 1), p);
+}
+
+// exp(x) for x <= 0, as exp_nonpositive8 (the 2^n through vscalefps)
+inline __m512 exp_nonpositive16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 y = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+struct ScratchBf16 {
+  std::vector<int32_t> kt, q;  // K^T [P][tokens] (bf16 pairs); query pairs [rows][P]
+  std::vector<uint16_t> vp;  // V by token pairs: [pairs][32 C][2] bf16 (brgemm's VNNI layout)
+  std::vector<float> scores, acc, row_max, row_sum;  // [rows][tokens], [rows][32 C], [rows]
+  std::vector<uint16_t> probs;  // [rows][tokens] bf16
+  std::vector<uint16_t> page;  // an 8-bit page's codes as bf16 [tokens][R + D]
+  std::vector<float> ks, vs;  // and their per-token factors [tokens]
+  void fit(int rows, int P, int C, int tokens) {
+    auto grow = [](auto& v, size_t n) {
+      if (v.size() < n) v.resize(n);
+    };
+    grow(kt, size_t(P) * tokens);
+    grow(q, size_t(rows) * P);
+    grow(vp, size_t(tokens / 2) * C * 64);
+    grow(scores, size_t(rows) * tokens);
+    grow(probs, size_t(rows) * tokens);
+    grow(acc, size_t(rows) * C * 32);
+    grow(row_max, rows);
+    grow(row_sum, rows);
+    grow(ks, tokens);
+    grow(vs, tokens);
+  }
+};
+
+ScratchBf16& thread_scratch_bf16() {
+  thread_local ScratchBf16 s;
+  return s;
+}
+
+// s[16 g0 : 16 (g0 + NB)] = q . keys of token groups g0 .. g0 + NB - 1 (K^T rows of nt tokens)
+template <int NB>
+inline void score_groups(const int32_t* __restrict qp, const int32_t* __restrict kt, int P, int nt, int g0, float* __restrict s) {
+  __m512 a[NB];
+  for (int b = 0; b < NB; ++b) a[b] = _mm512_setzero_ps();
+  for (int p = 0; p < P; ++p) {
+    const __m512i qv = _mm512_set1_epi32(qp[p]);
+    const int32_t* k = kt + int64_t(p) * nt + g0 * 16;
+    for (int b = 0; b < NB; ++b) a[b] = dp_bf16(a[b], _mm512_loadu_si512(k + 16 * b), qv);
+  }
+  for (int b = 0; b < NB; ++b) _mm512_storeu_ps(s + (g0 + b) * 16, a[b]);
+}
+
+// Online softmax step of one row over the page's raw scores sr[0 : vis): probabilities (bf16, zero
+// from vis up to `width`) into pr, running max / sum updated, accumulators rescaled. Returns alpha.
+// ks / vs (8-bit pages, else null): per-token factors of the scores and of the values.
+inline void softmax_row(const float* __restrict sr, int vis, int width, float scale, uint16_t* __restrict pr,
+                        float& row_max, float& row_sum, float* __restrict ar, int acc_width,
+                        const float* __restrict ks, const float* __restrict vs) {
+  const __mmask16 tail = __mmask16((1u << (vis & 15)) - 1);
+  const __m512 sv = _mm512_set1_ps(scale);
+  auto logits = [&](int j) {
+    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(sr + j), sv);
+    return ks ? _mm512_mul_ps(x, _mm512_loadu_ps(ks + j)) : x;
+  };
+  __m512 mv = _mm512_set1_ps(row_max);
+  int j = 0;
+  for (; j + 16 <= vis; j += 16) mv = _mm512_max_ps(mv, logits(j));
+  if (j < vis) mv = _mm512_mask_max_ps(mv, tail, mv, logits(j));
+  const float prev_max = row_max;
+  const float new_max = _mm512_reduce_max_ps(mv);
+  const __m512 nm = _mm512_set1_ps(new_max);
+  __m512 sum = _mm512_setzero_ps();
+  for (j = 0; j < vis; j += 16) {
+    __m512 e = exp_nonpositive16(_mm512_sub_ps(logits(j), nm));
+    if (j + 16 > vis) e = _mm512_maskz_mov_ps(tail, e);  // masked tokens get p = 0
+    sum = _mm512_add_ps(sum, e);
+    const __m512 pv = vs ? _mm512_mul_ps(e, _mm512_loadu_ps(vs + j)) : e;  // the value's factor rides on p
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), (__m256i)_mm512_cvtneps_pbh(pv));
+  }
+  if (j < width) std::memset(pr + j, 0, sizeof(uint16_t) * (width - j));
+  const float alpha = prev_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(prev_max - new_max);
+  row_sum = row_sum * alpha + _mm512_reduce_add_ps(sum);
+  row_max = new_max;
+  if (alpha != 1.0f) {
+    const __m512 av = _mm512_set1_ps(alpha);
+    for (int c = 0; c < acc_width; c += 16) _mm512_storeu_ps(ar + c, _mm512_mul_ps(_mm512_loadu_ps(ar + c), av));
+  }
+}
+
+// Position, in a row of pv_block's accumulators, of output channel c: vpunpck[lh]wd interleave
+// the low / high four channels of each 128-bit lane, so a 32-channel chunk's accumulators hold
+// channels 0-3, 8-11, 16-19, 24-27, then 4-7, 12-15, 20-23, 28-31.
+inline int pv_position(int c) {
+  const int chunk = c & ~31, w = c & 31, lane = w >> 3, k = w & 7;
+  return chunk + (k < 4 ? 0 : 16) + 4 * lane + (k & 3);
+}
+
+// RB rows x NC 32-channel chunks (from chunk c0) of acc += P V over `pairs` token pairs of a page,
+// values read in place (token 2j + 1 >= n reads as zeros), accumulators in registers.
+template <int RB, int NC>
+inline void pv_block(const uint16_t* __restrict probs, int srow, const uint16_t* __restrict values, int64_t row_elems, int pairs, int n,
+                     int D, int c0, float* __restrict acc, int acc_stride) {
+  __m512 a[RB][2 * NC];
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < 2 * NC; ++v) a[r][v] = _mm512_loadu_ps(acc + int64_t(r) * acc_stride + 32 * c0 + 16 * v);
+  int m[NC];
+  for (int k = 0; k < NC; ++k) m[k] = std::min(32, D - 32 * (c0 + k));
+  for (int j = 0; j < pairs; ++j) {
+    const uint16_t* v0 = values + int64_t(2 * j) * row_elems + 32 * c0;
+    const bool has1 = 2 * j + 1 < n;
+    __m512i lo[NC], hi[NC];
+    for (int k = 0; k < NC; ++k) {
+      const __m512i x0 = load_bf16_32(v0 + 32 * k, m[k]);
+      const __m512i x1 = has1 ? load_bf16_32(v0 + row_elems + 32 * k, m[k]) : _mm512_setzero_si512();
+      lo[k] = _mm512_unpacklo_epi16(x0, x1);
+      hi[k] = _mm512_unpackhi_epi16(x0, x1);
+    }
+    for (int r = 0; r < RB; ++r) {
+      const __m512i pb = _mm512_set1_epi32(reinterpret_cast<const int32_t*>(probs + int64_t(r) * srow)[j]);
+      for (int k = 0; k < NC; ++k) {
+        a[r][2 * k] = dp_bf16(a[r][2 * k], lo[k], pb);
+        a[r][2 * k + 1] = dp_bf16(a[r][2 * k + 1], hi[k], pb);
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < 2 * NC; ++v) _mm512_storeu_ps(acc + int64_t(r) * acc_stride + 32 * c0 + 16 * v, a[r][v]);
+}
+
+// acc[rows][32 C] += probs[rows][0 : vis rounded up to pairs] . values of the page, in blocks of
+// up to 4 rows x 2 chunks (16 accumulators)
+inline void pv_page(const uint16_t* probs, int srow, int rows, const uint16_t* values, int64_t row_elems, int vis, int n, int D, int C,
+                    float* acc) {
+  const int pairs = (vis + 1) / 2;
+  for (int r0 = 0; r0 < rows; r0 += 4) {
+    const int rb = std::min(4, rows - r0);
+    const uint16_t* pr = probs + int64_t(r0) * srow;
+    float* ar = acc + int64_t(r0) * C * 32;
+    for (int c0 = 0; c0 < C; c0 += 2) {
+      const bool two = c0 + 2 <= C;
+#define THINKEYS_PV(RB)                                                                         \
+  (two ? pv_block<RB, 2>(pr, srow, values, row_elems, pairs, n, D, c0, ar, C * 32)             \
+       : pv_block<RB, 1>(pr, srow, values, row_elems, pairs, n, D, c0, ar, C * 32))
+      switch (rb) {
+        case 4: THINKEYS_PV(4); break;
+        case 3: THINKEYS_PV(3); break;
+        case 2: THINKEYS_PV(2); break;
+        default: THINKEYS_PV(1); break;
+      }
+#undef THINKEYS_PV
+    }
+  }
+}
+
+// brgemm (AMX) for prefill tiles: compiled in when torch's CPUBlas has it, used when oneDNN can
+// pack bf16 here (a CPU with AMX).
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+bool amx_brgemm_supported() {  // THINKEYS_KERNEL_NO_AMX=1 runs vdpbf16ps everywhere, as a CPU without AMX does
+  static const bool ok = at::native::cpublas::could_pack(at::kBFloat16) && std::getenv("THINKEYS_KERNEL_NO_AMX") == nullptr;
+  return ok;
+}
+#else
+bool amx_brgemm_supported() { return false; }
+#endif
+
+// An 8-bit slot's codes to bf16, exactly (int8 integers and fp8 values have <= 8 significant bits),
+// and the factor that turns each code into its value (the slot's or the tensor's scale, times kMul).
+template <typename Slot>
+struct Bf16Codes;
+template <typename Code>
+inline void codes_to_bf16(const uint8_t* __restrict src, uint16_t* __restrict dst, int n) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), (__m128i)_mm256_cvtneps_pbh(Code::load8(src + i)));
+  for (; i < n; ++i) dst[i] = c10::BFloat16(Code::scalar(src[i])).x;
+}
+template <typename Code>
+struct Bf16Codes<PerTensorSlot<Code>> {
+  static void load(const uint8_t* row, uint16_t* dst, int R, int D, float k_scale, float v_scale, float& ks, float& vs) {
+    codes_to_bf16<Code>(row, dst, R + D);
+    ks = k_scale * Code::kMul;
+    vs = v_scale * Code::kMul;
+  }
+};
+template <typename Code>
+struct Bf16Codes<PerTokenHeadSlot<Code>> {
+  static void load(const uint8_t* row, uint16_t* dst, int R, int D, float, float, float& ks, float& vs) {
+    codes_to_bf16<Code>(row, dst, R + D);
+    float scales[2];
+    std::memcpy(scales, row + R + D, sizeof(scales));
+    ks = scales[0] * Code::kMul;
+    vs = scales[1] * Code::kMul;
+  }
+};
+
+template <typename Slot>
+void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, ScratchBf16& s, bool& used_brgemm) {
+  constexpr bool kPlain = std::is_same_v<Slot, PlainSlot<c10::BFloat16>>;
+  const int G = p.G, R = p.R, D = p.D, BS = p.block_size;
+  const int P = (R + 31) / 32 * 16;  // channel pairs of a key, padded to whole 32-channel loads
+  const int C = (D + 31) / 32;  // 32-channel chunks of a value
+  const int q_len = p.query_start_loc[w.req + 1] - p.query_start_loc[w.req];
+  const int kv_len = p.seq_lens[w.req];
+  const int context = kv_len - q_len;
+  const int nq = w.q_end - w.q_begin;
+  const int rows = nq * G;
+  const int64_t first_tok = int64_t(p.query_start_loc[w.req]) + w.q_begin;
+  const int srow = ((BS + 15) / 16 + 7) / 8 * 8 * 16;  // tokens of a page rounded up to 8 groups of 16
+  bool use_brgemm = rows >= kAmxRows && amx_brgemm_supported();
+  s.fit(rows, P, C, srow);
+  int32_t* __restrict kt = s.kt.data();
+  int32_t* __restrict q = s.q.data();
+  uint16_t* __restrict vp = s.vp.data();
+  float* __restrict scores = s.scores.data();
+  uint16_t* __restrict probs = s.probs.data();
+  float* __restrict acc = s.acc.data();
+  float* __restrict row_max = s.row_max.data();
+  float* __restrict row_sum = s.row_sum.data();
+
+  for (int i = 0; i < nq; ++i) {
+    for (int g = 0; g < G; ++g) {  // the query's bf16 channels as pairs, zero-padded to P pairs
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(p.query + (first_tok + i) * p.q_tok + int64_t(w.kv_head * G + g) * p.q_head);
+      uint16_t* dst = reinterpret_cast<uint16_t*>(q + (i * G + g) * P);
+      for (int c = 0; c < 2 * P; c += 32) _mm512_storeu_si512(dst + c, load_bf16_32(src + c, std::min(32, R - c)));
+    }
+  }
+  std::fill(acc, acc + int64_t(rows) * C * 32, 0.0f);
+  std::fill(row_max, row_max + rows, -std::numeric_limits<float>::infinity());
+  std::fill(row_sum, row_sum + rows, 0.0f);
+
+  // value interleave: tokens 2j and 2j + 1 per channel, channels in order
+  const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                          39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  const int kv_end = context + w.q_end;
+  const int32_t* blocks = p.block_table + int64_t(w.req) * p.bt_stride;
+  // bf16 elements from one token's slot to the next: in the cache, or in the decoded 8-bit page
+  const int64_t row_elems = kPlain ? p.c_tok / int64_t(sizeof(uint16_t)) : int64_t(R + D);
+  const float* ks = nullptr;
+  const float* vs = nullptr;
+  if constexpr (!kPlain) {
+    if (s.page.size() < size_t(srow) * (R + D)) s.page.resize(size_t(srow) * (R + D));
+    ks = s.ks.data();
+    vs = s.vs.data();
+  }
+  for (int page_start = 0, b = 0; page_start < kv_end; page_start += BS, ++b) {
+    const uint8_t* raw = p.cache + int64_t(blocks[b]) * p.c_block + int64_t(w.kv_head) * p.c_head;
+    const int n = std::min(BS, kv_end - page_start);
+    const uint16_t* page = reinterpret_cast<const uint16_t*>(raw);
+    if constexpr (!kPlain) {  // the page's codes as bf16 once, their factors in fp32 (zeros past n)
+      uint16_t* dst = s.page.data();
+      for (int j = 0; j < n; ++j)
+        Bf16Codes<Slot>::load(raw + int64_t(j) * p.c_tok, dst + int64_t(j) * (R + D), R, D, p.k_scale, p.v_scale, s.ks[j], s.vs[j]);
+      std::fill(s.ks.begin() + n, s.ks.begin() + srow, 0.0f);
+      std::fill(s.vs.begin() + n, s.vs.begin() + srow, 0.0f);
+      page = dst;
+    }
+    const int ng = (n + 15) / 16;  // groups of 16 tokens holding the page's tokens
+    const int ng_pad = ng >= 8 ? (ng + 7) / 8 * 8 : (ng + 3) / 4 * 4;  // scored in blocks of 8 (or 4)
+    const int nt = ng_pad * 16;  // K^T row length (tokens, zero-padded)
+    // keys: 16 tokens x 16 channel pairs at a time, transposed; tokens past n are zeros
+    for (int gi = 0; gi < ng_pad; ++gi) {
+      for (int c = 0; c < P; c += 16) {
+        __m512i r[16];
+        for (int t = 0; t < 16; ++t) {
+          const int tok = gi * 16 + t;
+          r[t] = tok < n ? load_bf16_32(page + tok * row_elems + 2 * c, std::min(32, R - 2 * c)) : _mm512_setzero_si512();
+        }
+        transpose16x16_epi32(r);
+        for (int k = 0; k < 16; ++k) _mm512_storeu_si512(kt + int64_t(c + k) * nt + gi * 16, r[k]);
+      }
+    }
+    // values: tokens 2j and 2j + 1 interleaved; a token past n is zeros
+    const int pairs = (n + 1) / 2;
+    for (int j = 0; use_brgemm && j < pairs; ++j) {
+      const uint16_t* v0 = page + (2 * j) * row_elems + R;
+      const uint16_t* v1 = v0 + row_elems;
+      const bool has1 = 2 * j + 1 < n;
+      for (int c = 0; c < C; ++c) {
+        const int m = std::min(32, D - 32 * c);
+        const __m512i x0 = load_bf16_32(v0 + 32 * c, m);
+        const __m512i x1 = has1 ? load_bf16_32(v1 + 32 * c, m) : _mm512_setzero_si512();
+        _mm512_storeu_si512(vp + (int64_t(j) * C + c) * 64, _mm512_permutex2var_epi16(x0, lo_idx, x1));
+        _mm512_storeu_si512(vp + (int64_t(j) * C + c) * 64 + 32, _mm512_permutex2var_epi16(x0, hi_idx, x1));
+      }
+    }
+
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+    if (use_brgemm) {  // rows x tokens scores, softmax per row, rows x D += P V
+      at::native::cpublas::brgemm(rows, ng * 16, 2 * P, 2 * P, nt, srow, false, reinterpret_cast<const at::BFloat16*>(q),
+                                  reinterpret_cast<const at::BFloat16*>(kt), scores);
+      for (int i = 0; i < nq; ++i) {
+        const int vis = std::min(n, context + w.q_begin + i + 1 - page_start);
+        for (int g = 0; g < G; ++g) {
+          const int row = i * G + g;
+          if (vis <= 0) {
+            std::memset(probs + int64_t(row) * srow, 0, sizeof(uint16_t) * 2 * pairs);
+            continue;
+          }
+          softmax_row(scores + int64_t(row) * srow, vis, 2 * pairs, p.scale, probs + int64_t(row) * srow, row_max[row], row_sum[row],
+                      acc + int64_t(row) * C * 32, C * 32, ks, vs);
+        }
+      }
+      at::native::cpublas::brgemm(rows, C * 32, 2 * pairs, srow, C * 32, C * 32, true, reinterpret_cast<const at::BFloat16*>(probs),
+                                  reinterpret_cast<const at::BFloat16*>(vp), acc);
+      used_brgemm = true;
+      continue;
+    }
+#endif
+    // vdpbf16ps: scores and softmax row by row, then P.V for all rows straight from the page
+    const int max_vis = std::min(n, context + w.q_end - page_start);  // the tile's last query
+    const int width = (max_vis + 1) / 2 * 2;  // probabilities P.V reads per row (zeros past a row's vis)
+    for (int i = 0; i < nq; ++i) {
+      const int vis = std::min(n, context + w.q_begin + i + 1 - page_start);  // causal limit in this page
+      const int vg = (vis + 15) / 16;
+      for (int g = 0; g < G; ++g) {
+        const int row = i * G + g;
+        uint16_t* pr = probs + int64_t(row) * srow;
+        if (vis <= 0) {
+          std::memset(pr, 0, sizeof(uint16_t) * width);
+          continue;
+        }
+        float* sr = scores + int64_t(row) * srow;
+        const int32_t* qp = q + row * P;
+        int g0 = 0;
+        for (; g0 + 8 <= vg || (g0 + 4 < vg && g0 + 8 <= ng_pad); g0 += 8) score_groups<8>(qp, kt, P, nt, g0, sr);
+        for (; g0 < vg; g0 += 4) score_groups<4>(qp, kt, P, nt, g0, sr);
+        softmax_row(sr, vis, width, p.scale, pr, row_max[row], row_sum[row], acc + int64_t(row) * C * 32, C * 32, ks, vs);
+      }
+    }
+    pv_page(probs, srow, rows, page + R, row_elems, max_vis, n, D, C, acc);
+  }
+  const bool permuted = !use_brgemm;  // pv_block's channel order
+
+  for (int i = 0; i < nq; ++i) {
+    for (int g = 0; g < G; ++g) {
+      const int row = i * G + g;
+      const float inv = 1.0f / row_sum[row];
+      c10::BFloat16* dst = p.out + (first_tok + i) * p.o_tok + int64_t(w.kv_head * G + g) * p.o_head;
+      const float* ar = acc + int64_t(row) * C * 32;
+      if (permuted) {
+        for (int c = 0; c < D; ++c) dst[c] = c10::BFloat16(ar[pv_position(c)] * inv);
+      } else {
+        for (int c = 0; c < D; ++c) dst[c] = c10::BFloat16(ar[c] * inv);
+      }
+    }
+  }
+}
+#pragma GCC pop_options
+#else
+#define THINKEYS_AVX512BF16 0
+#endif
+
 // ---- entry points -------------------------------------------------------------------------------
+
+// Whether this process runs the AVX512-BF16 form (compiled in, and the CPU has it).
+bool bf16_dot_supported() {
+#if THINKEYS_AVX512BF16
+  static const bool ok = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// The form of the hot loops this library runs: avx512bf16 (bf16 plain caches; the rest as avx2),
+// avx2, or portable.
+std::string kernel_isa() {
+#if THINKEYS_AVX512BF16
+  if (bf16_dot_supported()) return amx_brgemm_supported() ? "avx512bf16+amx" : "avx512bf16";
+#endif
+  return THINKEYS_AVX2 ? "avx2" : "portable";
+}
+
 
 // Calls fn(T{}) for the query/output dtype T in {float, bfloat16, half}.
 template <typename Fn>
@@ -590,6 +1036,21 @@ void paged_attention(
         int(H / H_kv), int(R), int(D), int(block_size), float(scale), float(k_scale), float(v_scale)};
     dispatch_format<scalar_t>(format, [&](auto slot_tag) {
       using Slot = decltype(slot_tag);
+#if THINKEYS_AVX512BF16
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (bf16_dot_supported()) {
+          at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
+            ScratchBf16& s = thread_scratch_bf16();
+            bool used_brgemm = false;
+            for (int64_t k = begin; k < end; ++k) attend_tile_bf16<Slot>(p, items[k], s, used_brgemm);
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+            if (used_brgemm) at::native::cpublas::brgemm_release();  // the thread's AMX tile state
+#endif
+          });
+          return;
+        }
+      }
+#endif
       at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
         Scratch& s = thread_scratch();
         for (int64_t k = begin; k < end; ++k) attend_tile<scalar_t, Slot>(p, items[k], s);
@@ -686,6 +1147,7 @@ void write_kv(
 }  // namespace thinkeys
 
 TORCH_LIBRARY(thinkeys, m) {
+  m.def("kernel_isa() -> str", &thinkeys::kernel_isa);
   m.def(
       "paged_attention(Tensor query, Tensor kv_cache, Tensor block_table, Tensor query_start_loc, Tensor seq_lens, "
       "float scale, Tensor(a!) output, str cache_format='plain', float k_scale=1.0, float v_scale=1.0) -> ()");

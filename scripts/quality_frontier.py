@@ -82,7 +82,10 @@ def cmd_table(args: argparse.Namespace) -> None:
     evals = {p.stem: json.loads(p.read_text()) for p in sorted((OUT / "evals").glob("*.json"))}
     served = json.loads(Path(args.served).read_text()) if args.served else {}
     base = evals.pop("original")
-    evals = {"original": base, **evals}
+    # original first, then by rank (widest first), rebuild before mixed, less recovery first
+    order = sorted(evals, key=lambda k: (-(thin_keys_of(evals[k]) or {"rank": 99})["rank"],
+                                         (thin_keys_of(evals[k]) or {}).get("rope") != "rebuild", len(k), k))
+    evals = {"original": base, **{k: evals[k] for k in order}}
     stock_tokens = make_plan("smollm2-135m", rank=64, kv_memory="1GiB", context=2048).capacity_tokens.stock
     rows = []
     for label, e in evals.items():
@@ -102,12 +105,15 @@ def cmd_table(args: argparse.Namespace) -> None:
         })
     (OUT / "frontier.json").write_text(json.dumps({"machine": machine(), "kv_memory": "1 GiB", "context": 2048,
                                                    "stock_kv_tokens_1gib": stock_tokens, "rows": rows}, indent=2) + "\n")
-    lines = ["| checkpoint | r | users x: bf16 / int8 / fp8 cache | Wikipedia | KJV | fortunes | chat answer PPL x | chat top-1 | loops |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| checkpoint | r | recovery | users x: bf16 / int8 / fp8 cache | Wikipedia | KJV | fortunes | chat answer PPL x | chat top-1 | loops |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         users = " / ".join(f"{r['users_x'][kv]:.2f}x" for kv in KV_DTYPES)
         cost = " | ".join(f"{r['ppl'][k]:.2f} ({r['ppl_cost'][k]:+.1%})" for k in TEXTS)
-        lines.append(f"| {r['label']} | {r['rank'] or 64} | {users} | {cost} | {r['chat_ratio']:.3f}x | "
+        recovery = ("-" if r["rank"] is None else "layer-wise + end-to-end" if r["label"].endswith("-lw-e2e")
+                    else "layer-wise" if r["label"].endswith("-lw") else "none")
+        name = f"**{r['label']}** (default)" if r["label"] == args.default else r["label"]
+        lines.append(f"| {name} | {r['rank'] or 64} | {recovery} | {users} | {cost} | {r['chat_ratio']:.3f}x | "
                      f"{r['chat_top1']:.1%} | {r['chat_loops']}/{r['chat_prompts']} |")
     (OUT / "frontier.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -151,6 +157,7 @@ def main() -> None:
     e.add_argument("--force", action="store_true")
     t = sub.add_parser("table")
     t.add_argument("--served", help="JSON {row label: served Wikipedia PPL} from scripts/kv_options_server.sh runs")
+    t.add_argument("--default", default="rebuild-r32-lw-e2e", help="label of the shipped default (marked in the table)")
     args = parser.parse_args()
     {"eval": cmd_eval, "table": cmd_table}[args.cmd](args)
 

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from thinkeys.checkpoint import REBUILD_TABLE_NAME, ThinKeyError
-from thinkeys.reference import thin_attention
+from thinkeys.reference import ThinQKNormAttention, thin_attention
 from thinkeys.rope import apply_thin_rope
 
 
@@ -100,9 +100,12 @@ def attention_rows(attn: nn.Module, x: torch.Tensor, v: torch.Tensor, rows: torc
     about ``Q / T`` of a full forward, so many more (and more varied) steps fit in the same time.
     """
     b, t, _ = x.shape
-    width = getattr(attn, "query_width", attn.rank)  # rebuild-at-read: the source's d-wide queries
-    q = attn.q_proj(x[:, rows]).view(b, len(rows), attn.num_heads, width)  # [B, Q, H, r]
-    k = attn.k_proj(x).view(b, t, attn.num_kv_heads, attn.rank)  # [B, T, Hkv, r]
+    if isinstance(attn, ThinQKNormAttention):  # Qwen3: d-wide projections, the norms, then the maps to r
+        q, k = attn.thin_query_key(x[:, rows])[0], attn.thin_query_key(x)[1]
+    else:
+        width = getattr(attn, "query_width", attn.rank)  # rebuild-at-read: the source's d-wide queries
+        q = attn.q_proj(x[:, rows]).view(b, len(rows), attn.num_heads, width)  # [B, Q, H, r]
+        k = attn.k_proj(x).view(b, t, attn.num_kv_heads, attn.rank)  # [B, T, Hkv, r]
     if getattr(attn, "rebuild", False):  # the d-wide pre-RoPE key rebuilt from its latent
         k = torch.einsum("btgr,gdr->btgd", k, getattr(attn, REBUILD_TABLE_NAME))
     q = apply_thin_rope(q, rows[None], attn.thin_rope_freqs)

@@ -2,6 +2,8 @@
 
 Rebuild-at-read checkpoints (``rope: rebuild``) keep the source's queries: there the latent key
 projection ``k_proj`` ``[Hkv r, D]`` and its expansion ``thin_rebuild`` ``[Hkv, d, r]`` train.
+QK-norm families (Qwen3) keep the source's d-wide projections and norms: their post-norm maps
+``thin_q_map`` / ``thin_k_map`` ``[Hkv, r, d]`` train.
 
 Everything else (embeddings, values, output projections, MLPs, norms) stays frozen, so the
 fine-tuned checkpoint differs from its source only in q/k (and ``thin_rope_freqs`` with
@@ -17,8 +19,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from thinkeys.checkpoint import REBUILD_TABLE_NAME, ThinKeyError
-from thinkeys.reference import ThinAttention, ThinGPT2Attention
+from thinkeys.checkpoint import KEY_MAP_NAME, QUERY_MAP_NAME, REBUILD_TABLE_NAME, ThinKeyError
+from thinkeys.reference import ThinAttention, ThinGPT2Attention, ThinQKNormAttention
 
 FREQS = "thin_rope_freqs"
 
@@ -42,7 +44,15 @@ def trainable_tensors(model: nn.Module, *, train_freqs: bool = False) -> dict[st
             table = getattr(attn, REBUILD_TABLE_NAME)
             table.requires_grad_(True)
             named[f"{prefix}.{REBUILD_TABLE_NAME}"] = table
-        for proj in ("k_proj",) if rebuild else ("q_proj", "k_proj"):
+        if isinstance(attn, ThinQKNormAttention):  # Qwen3: the source's projections and norms stay; the maps train
+            for name in (QUERY_MAP_NAME, KEY_MAP_NAME):
+                p = getattr(attn, name)
+                p.requires_grad_(True)
+                named[f"{prefix}.{name}"] = p
+            projections: tuple[str, ...] = ()
+        else:
+            projections = ("k_proj",) if rebuild else ("q_proj", "k_proj")
+        for proj in projections:
             for kind in ("weight", "bias"):
                 p = getattr(getattr(attn, proj), kind)
                 if p is not None:

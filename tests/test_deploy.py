@@ -94,7 +94,8 @@ def test_default_service_serves_the_default_model_on_cpu_on_loopback():
     make = (ROOT / "Makefile").read_text()
     # the same default model, rank and RoPE strategy as `make serve`
     assert env["THINKEYS_MODEL"] == "/models/SmolLM2-135M-Instruct" and "DEFAULT_SRC := $(MODELS)/SmolLM2-135M-Instruct" in make
-    assert f"RANK ?= {env['THINKEYS_RANK']}" in make and f"ROPE ?= {env['THINKEYS_ROPE']}" in make
+    assert f"DEFAULT_RANK := {env['THINKEYS_RANK']}" in make and f"DEFAULT_ROPE := {env['THINKEYS_ROPE']}" in make
+    assert "RANK ?= $(DEFAULT_RANK)" in make and "ROPE ?= $(DEFAULT_ROPE)" in make
     assert env["THINKEYS_KV_CACHE_MEMORY"] == "1G" and env["THINKEYS_MAX_MODEL_LEN"] == "2048"
     (port,) = svc["ports"]
     assert (port["host_ip"], str(port["published"]), port["target"]) == ("127.0.0.1", "8000", 8000)

@@ -25,6 +25,9 @@
 #include <cstring>
 #include <limits>
 
+// Hot helpers that must be inlined into their loops (a call would keep register arrays in memory)
+#define THINKEYS_ALWAYS_INLINE inline __attribute__((always_inline))
+
 namespace thinkeys {
 namespace {
 
@@ -239,7 +242,7 @@ inline void prefetch_rows(const uint8_t* first, int n, int64_t stride, int64_t w
 constexpr int kAmxRows = 16;  // tiles with at least this many rows (query tokens x G) use brgemm
 
 // In-register transpose of a 16 x 16 matrix of 32-bit elements (row i of r becomes column i).
-inline void transpose16x16_epi32(__m512i r[16]) {
+THINKEYS_ALWAYS_INLINE void transpose16x16_epi32(__m512i r[16]) {
   __m512i t[16], u[16];
   for (int i = 0; i < 16; i += 2) {
     t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
@@ -265,15 +268,15 @@ inline void transpose16x16_epi32(__m512i r[16]) {
   }
 }
 
-inline __m512 dp_bf16(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+THINKEYS_ALWAYS_INLINE __m512 dp_bf16(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
 
 // n <= 32 bf16 (16-bit) elements from p, zeros after them
-inline __m512i load_bf16_32(const uint16_t* p, int n) {
+THINKEYS_ALWAYS_INLINE __m512i load_bf16_32(const uint16_t* p, int n) {
   return n >= 32 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(__mmask32((uint64_t(1) << std::max(n, 0)) - 1), p);
 }
 
 // exp(x) for x <= 0, as exp_nonpositive8 (the 2^n through vscalefps)
-inline __m512 exp_nonpositive16(__m512 x) {
+THINKEYS_ALWAYS_INLINE __m512 exp_nonpositive16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -291,7 +294,7 @@ inline __m512 exp_nonpositive16(__m512 x) {
 
 // s[16 g0 : 16 (g0 + NB)] = q . keys of token groups g0 .. g0 + NB - 1 (K^T rows of nt tokens)
 template <int NB>
-inline void score_groups(const int32_t* __restrict qp, const int32_t* __restrict kt, int P, int nt, int g0, float* __restrict s) {
+THINKEYS_ALWAYS_INLINE void score_groups(const int32_t* __restrict qp, const int32_t* __restrict kt, int P, int nt, int g0, float* __restrict s) {
   __m512 a[NB];
   for (int b = 0; b < NB; ++b) a[b] = _mm512_setzero_ps();
   for (int p = 0; p < P; ++p) {
@@ -350,7 +353,7 @@ inline int pv_position(int c) {
 // RB rows x NC 32-channel chunks (from chunk c0) of acc += P V over `pairs` token pairs of a page,
 // values read in place (token 2j + 1 >= n reads as zeros), accumulators in registers.
 template <int RB, int NC>
-inline void pv_block(const uint16_t* __restrict probs, int srow, const uint16_t* __restrict values, int64_t row_elems, int pairs, int n,
+THINKEYS_ALWAYS_INLINE void pv_block(const uint16_t* __restrict probs, int srow, const uint16_t* __restrict values, int64_t row_elems, int pairs, int n,
                      int D, int c0, float* __restrict acc, int acc_stride) {
   __m512 a[RB][2 * NC];
   for (int r = 0; r < RB; ++r)
@@ -441,11 +444,16 @@ struct TileBf16 {
 // kt [P][nt], 16 tokens x 16 pairs at a time through an in-register transpose; tokens past n are
 // zeros. nt (returned): n rounded up to whole blocks of 8 (or 4) groups of 16 tokens, what
 // attend_page_bf16's scoring loops read.
-inline int pack_keys_bf16(const uint16_t* __restrict keys, int64_t stride, int width, int n, int P, int32_t* __restrict kt) {
+inline int packed_tokens(int n) {
   const int ng = (n + 15) / 16;
-  const int ng_pad = ng >= 8 ? (ng + 7) / 8 * 8 : (ng + 3) / 4 * 4;
-  const int nt = ng_pad * 16;
-  for (int gi = 0; gi < ng_pad; ++gi) {
+  return (ng >= 8 ? (ng + 7) / 8 * 8 : (ng + 3) / 4 * 4) * 16;
+}
+
+// Groups [g_begin, g_end) of 16 tokens of pack_keys_bf16 (keys points at the page's token 0; a
+// page can be packed piecewise as its keys are produced).
+inline void pack_key_groups(const uint16_t* __restrict keys, int64_t stride, int width, int n, int P, int nt, int g_begin, int g_end,
+                            int32_t* __restrict kt) {
+  for (int gi = g_begin; gi < g_end; ++gi) {
     for (int c = 0; c < P; c += 16) {
       __m512i r[16];
       for (int t = 0; t < 16; ++t) {
@@ -456,6 +464,11 @@ inline int pack_keys_bf16(const uint16_t* __restrict keys, int64_t stride, int w
       for (int k = 0; k < 16; ++k) _mm512_storeu_si512(kt + int64_t(c + k) * nt + gi * 16, r[k]);
     }
   }
+}
+
+inline int pack_keys_bf16(const uint16_t* __restrict keys, int64_t stride, int width, int n, int P, int32_t* __restrict kt) {
+  const int nt = packed_tokens(n);
+  pack_key_groups(keys, stride, width, n, P, nt, 0, nt / 16, kt);
   return nt;
 }
 

@@ -154,6 +154,98 @@ void expand_rows_avx512(const float* lat, int n, int R, const float* table, int 
   for (; c + 32 <= D; c += 32) expand_block_avx512<2>(lat, n, R, table, D, c, keys);
   for (; c < D; c += 16) expand_block_avx512<1>(lat, n, R, table, D, c, keys);
 }
+
+// For RB rows r: acc_r[0 : 16 NV] += sum_j p_r[j] values[j][0 : 16 NV] (value rows `stride` apart,
+// probability rows `srow` apart, accumulator rows `D` apart); the values loaded once for all rows,
+// accumulators in registers (a single row runs two token streams, so the FMA chains overlap).
+template <int RB, int NV>
+THINKEYS_ALWAYS_INLINE void pv_rows16(const float* __restrict p, int srow, const float* __restrict values, int n, int stride,
+                                      float* __restrict acc, int D) {
+  constexpr int U = RB == 1 ? 2 : 1;
+  __m512 a[U][RB][NV];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < NV; ++v) a[u][r][v] = u ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + int64_t(r) * D + 16 * v);
+  int j = 0;
+  for (; j + U <= n; j += U) {
+    for (int u = 0; u < U; ++u) {
+      __m512 x[NV];
+      for (int v = 0; v < NV; ++v) x[v] = _mm512_loadu_ps(values + int64_t(j + u) * stride + 16 * v);
+      for (int r = 0; r < RB; ++r) {
+        const __m512 pj = _mm512_set1_ps(p[int64_t(r) * srow + j + u]);
+        for (int v = 0; v < NV; ++v) a[u][r][v] = _mm512_fmadd_ps(pj, x[v], a[u][r][v]);
+      }
+    }
+  }
+  for (; j < n; ++j) {
+    for (int r = 0; r < RB; ++r) {
+      const __m512 pj = _mm512_set1_ps(p[int64_t(r) * srow + j]);
+      for (int v = 0; v < NV; ++v) a[0][r][v] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(values + int64_t(j) * stride + 16 * v), a[0][r][v]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v) {
+      __m512 sum = a[0][r][v];
+      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, a[u][r][v]);
+      _mm512_storeu_ps(acc + int64_t(r) * D + 16 * v, sum);
+    }
+}
+
+template <int RB>
+inline void pv_rows(const float* p, int srow, const float* values, int n, int D, float* acc) {
+  int c = 0;
+  for (; c + 64 <= D; c += 64) pv_rows16<RB, 4>(p, srow, values + c, n, D, acc + c, D);
+  for (; c + 32 <= D; c += 32) pv_rows16<RB, 2>(p, srow, values + c, n, D, acc + c, D);
+  for (; c < D; c += 16) pv_rows16<RB, 1>(p, srow, values + c, n, D, acc + c, D);
+}
+
+// The fp32 form's per-chunk step with 16-lane vectors (D a multiple of 16): for every row of the
+// tile that sees part of the chunk (n tokens from position n0; keys zero-padded to a multiple of
+// 8 rows), scores eight tokens at a time, the online softmax, and P.V.
+void attend_chunk_avx512(const float* __restrict q, const float* __restrict keys, const float* __restrict values, int n, int n0, int first_q,
+                         int nq, int G, int D, int srow, float* __restrict scores, float* __restrict acc, float* __restrict row_max,
+                         float* __restrict row_sum) {
+  for (int i = 0; i < nq; ++i) {
+    const int vis = std::min(n, first_q + i + 1 - n0);  // causal limit in this chunk
+    if (vis <= 0) continue;
+    for (int g = 0; g < G; ++g) {
+      const int row = i * G + g;
+      float* sr = scores + int64_t(row) * srow;
+      const float* qr = q + int64_t(row) * D;
+      for (int j = 0; j < vis; j += 8) {
+        __m512 a[8];
+        for (int t = 0; t < 8; ++t) a[t] = _mm512_setzero_ps();
+        for (int c = 0; c < D; c += 16) {
+          const __m512 qv = _mm512_loadu_ps(qr + c);
+          for (int t = 0; t < 8; ++t) a[t] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(keys + int64_t(j + t) * D + c), a[t]);
+        }
+        __m256 h[8];
+        for (int t = 0; t < 8; ++t) h[t] = _mm256_add_ps(_mm512_castps512_ps256(a[t]), _mm512_extractf32x8_ps(a[t], 1));
+        _mm256_storeu_ps(sr + j, hsum8(h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]));
+      }
+      const float prev_max = row_max[row];
+      const float new_max = row_max_of(sr, vis, prev_max);
+      const float sum = exp_and_sum(sr, vis, new_max);
+      const float alpha = prev_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(prev_max - new_max);
+      row_sum[row] = row_sum[row] * alpha + sum;
+      row_max[row] = new_max;
+      float* ar = acc + int64_t(row) * D;
+      if (alpha != 1.0f) {
+        const __m512 av = _mm512_set1_ps(alpha);
+        for (int c = 0; c < D; c += 16) _mm512_storeu_ps(ar + c, _mm512_mul_ps(_mm512_loadu_ps(ar + c), av));
+      }
+    }
+    // P.V for the token's G rows (same visible keys), up to three rows per pass over the values
+    for (int g = 0; g < G; g += 3) {
+      const int rb = std::min(3, G - g), row = i * G + g;
+      const float* pr = scores + int64_t(row) * srow;
+      float* ar = acc + int64_t(row) * D;
+      if (rb == 3) pv_rows<3>(pr, srow, values, vis, D, ar);
+      else if (rb == 2) pv_rows<2>(pr, srow, values, vis, D, ar);
+      else pv_rows<1>(pr, srow, values, vis, D, ar);
+    }
+  }
+}
 #pragma GCC pop_options
 #endif
 
@@ -176,19 +268,24 @@ inline void expand_rows(const float* lat, int n8, int R, const float* table, int
   expand_rows_generic(lat, n8, R, table, D, keys);
 }
 
-// NeoX rotation of key rows [n][D] at positions pos0 .. pos0 + n - 1 (dim f pairs with f + half)
+// NeoX rotation of key rows [n][D] at positions pos0 + t0 .. pos0 + t0 + n - 1 (dim f pairs with
+// f + half), pos0 a page's first position: angles by angle addition from the table's row pos0 and
+// its rows t0 .. t0 + n - 1 (see rope_to_bf16), so a long decode reads one table row per page.
 inline void rope_rows(float* __restrict keys, int n, int D, const float* __restrict cos, const float* __restrict sin, int64_t cs_row,
-                      int64_t cs_off, int pos0) {
+                      int64_t cs_off, int pos0, int t0) {
   const int half = D / 2;
+  const float* cp = cos + int64_t(pos0) * cs_row + cs_off;
+  const float* sp = sin + int64_t(pos0) * cs_row + cs_off;
   for (int j = 0; j < n; ++j) {
     float* k = keys + int64_t(j) * D;
-    const float* cs = cos + int64_t(pos0 + j) * cs_row + cs_off;
-    const float* sn = sin + int64_t(pos0 + j) * cs_row + cs_off;
+    const float* cb = cos + int64_t(t0 + j) * cs_row + cs_off;
+    const float* sb = sin + int64_t(t0 + j) * cs_row + cs_off;
 #pragma omp simd
     for (int f = 0; f < half; ++f) {
+      const float c = cp[f] * cb[f] - sp[f] * sb[f], s = sp[f] * cb[f] + cp[f] * sb[f];
       const float x1 = k[f], x2 = k[f + half];
-      k[f] = x1 * cs[f] - x2 * sn[f];
-      k[f + half] = x2 * cs[f] + x1 * sn[f];
+      k[f] = x1 * c - x2 * s;
+      k[f + half] = x2 * c + x1 * s;
     }
   }
 }
@@ -246,6 +343,8 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
   const int64_t cs_row = int64_t(p.cs_heads) * (D / 2), cs_off = (p.cs_heads == 1 ? 0 : int64_t(w.head)) * (D / 2);
   const int kv_end = ctx + w.q1;  // keys the last token of the tile sees: 0 .. kv_end - 1
   const int32_t* blocks = p.block_table + int64_t(w.req) * p.bt_stride;
+  const bool wide = D % 16 == 0 && bf16_dot_supported();  // AVX-512 scores and P.V (an AVX512-BF16 CPU has AVX512F)
+  (void)wide;
   const int64_t slot_bytes = int64_t(R + D) * sizeof(T);
   for (int page_start = 0, b = 0; page_start < kv_end; page_start += bs, ++b) {
     const T* page = p.cache + int64_t(blocks[b]) * p.c_block + int64_t(w.head) * p.c_head;
@@ -268,8 +367,14 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
       }
       std::fill(lat + int64_t(n) * R, lat + int64_t(n8) * R, 0.0f);  // zero keys past n: finite padding for row_scores
       expand_rows(lat, n8, R, table, D, keys);
-      rope_rows(keys, n, D, p.cos, p.sin, cs_row, cs_off, n0);
+      rope_rows(keys, n, D, p.cos, p.sin, cs_row, cs_off, page_start, c0);
 
+#if THINKEYS_AVX512BF16
+      if (wide) {
+        attend_chunk_avx512(q, keys, values, n, n0, ctx + w.q0, nq, G, D, kChunk, scores, acc, row_max, row_sum);
+        continue;
+      }
+#endif
       for (int i = 0; i < nq; ++i) {
         const int vis = std::min(n, ctx + w.q0 + i + 1 - n0);  // causal limit in this chunk
         if (vis <= 0) continue;
@@ -340,26 +445,27 @@ ScratchBf16& thread_scratch_bf16() {
 }
 
 // k32[t][0 : Dv] = latents of token t (R bf16 at lat + t * stride) x the VNNI table [Rp/2][Dv] pairs,
-// four tokens x NB 16-channel blocks in registers; a latent pair past R (odd R) reads as zero.
-template <int NB>
-inline void expand_bf16_block(const uint16_t* __restrict lat, int64_t stride, int n, int R, const int32_t* __restrict tbl, int Dv, int b0,
+// four tokens x NB 16-channel blocks in registers (each latent pair a broadcast load); with odd R
+// the last pair's second element (the slot's first value channel) is masked off.
+template <int NB, bool kOddR>
+THINKEYS_ALWAYS_INLINE void expand_bf16_block(const uint16_t* __restrict lat, int64_t stride, int n, int R, const int32_t* __restrict tbl, int Dv, int b0,
                               float* __restrict k32) {
   const int pairs = (R + 1) / 2;
-  const uint32_t last_mask = R % 2 ? 0xFFFFu : 0xFFFFFFFFu;
   for (int t0 = 0; t0 < n; t0 += 4) {
     const int nt = std::min(4, n - t0);
     __m512 a[4][NB];
     for (int i = 0; i < 4; ++i)
       for (int b = 0; b < NB; ++b) a[i][b] = _mm512_setzero_ps();
+    const int32_t* l[4];
+    for (int i = 0; i < 4; ++i) l[i] = reinterpret_cast<const int32_t*>(lat + int64_t(t0 + std::min(i, nt - 1)) * stride);
     for (int pp = 0; pp < pairs; ++pp) {
       __m512i tv[NB];
       for (int b = 0; b < NB; ++b) tv[b] = _mm512_loadu_si512(tbl + int64_t(pp) * Dv + 16 * (b0 + b));
-      const uint32_t m = pp + 1 == pairs ? last_mask : 0xFFFFFFFFu;
-      for (int i = 0; i < 4; ++i) {
-        if (i >= nt) break;
-        uint32_t bits;
-        std::memcpy(&bits, lat + int64_t(t0 + i) * stride + 2 * pp, sizeof(bits));
-        const __m512i cv = _mm512_set1_epi32(int32_t(bits & m));
+      for (int i = 0; i < 4; ++i) {  // rows past nt repeat the last token (not stored)
+        int32_t bits;
+        std::memcpy(&bits, l[i] + pp, sizeof(bits));
+        if (kOddR && pp + 1 == pairs) bits &= 0xFFFF;
+        const __m512i cv = _mm512_set1_epi32(bits);
         for (int b = 0; b < NB; ++b) a[i][b] = dp_bf16(a[i][b], tv[b], cv);
       }
     }
@@ -368,6 +474,16 @@ inline void expand_bf16_block(const uint16_t* __restrict lat, int64_t stride, in
   }
 }
 
+template <bool kOddR>
+inline void expand_bf16(const uint16_t* lat, int64_t stride, int n, int R, const int32_t* t, int Dv, float* k32) {
+  int b = 0;
+  const int nb = Dv / 16;
+  for (; b + 4 <= nb; b += 4) expand_bf16_block<4, kOddR>(lat, stride, n, R, t, Dv, b, k32);
+  for (; b + 2 <= nb; b += 2) expand_bf16_block<2, kOddR>(lat, stride, n, R, t, Dv, b, k32);
+  for (; b < nb; ++b) expand_bf16_block<1, kOddR>(lat, stride, n, R, t, Dv, b, k32);
+}
+
+// k32 [n][Dv] fp32 = the n latents (read in place, `stride` elements apart) x the table in pairs
 inline void expand_page_bf16(const uint16_t* lat, int64_t stride, int n, int R, const uint16_t* tbl, int Dv, float* k32, bool amx) {
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)
   if (amx && R % 2 == 0) {  // [n, R] (read in place from the page) x [R, Dv] -> fp32
@@ -377,33 +493,51 @@ inline void expand_page_bf16(const uint16_t* lat, int64_t stride, int n, int R, 
   }
 #endif
   const int32_t* t = reinterpret_cast<const int32_t*>(tbl);
-  int b = 0;
-  const int nb = Dv / 16;
-  for (; b + 4 <= nb; b += 4) expand_bf16_block<4>(lat, stride, n, R, t, Dv, b, k32);
-  for (; b + 2 <= nb; b += 2) expand_bf16_block<2>(lat, stride, n, R, t, Dv, b, k32);
-  for (; b < nb; ++b) expand_bf16_block<1>(lat, stride, n, R, t, Dv, b, k32);
+  if (R % 2) {
+    expand_bf16<true>(lat, stride, n, R, t, Dv, k32);
+  } else {
+    expand_bf16<false>(lat, stride, n, R, t, Dv, k32);
+  }
 }
 
-// kb[t][0 : D] = bf16(RoPE(k32[t])) at positions pos0 + t (NeoX pairs f, f + half)
+// kb[t][0 : D] = bf16(RoPE(k32[t])) at positions pos0 + t0 + t (NeoX pairs f, f + half), pos0 the
+// page's first position and t0 + t the offset in the page. The angles come by angle addition,
+// cos((pos0 + o) w) = cos(pos0 w) cos(o w) - sin(pos0 w) sin(o w) (likewise sin), from the table's
+// row pos0 and its rows 0 .. block_size - 1: a decode over a long context then reads one row of the
+// big table per page instead of one per token, and the offset rows stay in the caches.
+THINKEYS_ALWAYS_INLINE void rope_one(const float* k, const float* cb, const float* sb, __m512 ca, __m512 sa, int half, int f, __mmask16 m,
+                                     uint16_t* o) {
+  const __m512 x1 = _mm512_maskz_loadu_ps(m, k + f), x2 = _mm512_maskz_loadu_ps(m, k + half + f);
+  const __m512 cbv = _mm512_maskz_loadu_ps(m, cb + f), sbv = _mm512_maskz_loadu_ps(m, sb + f);
+  const __m512 c = _mm512_fmsub_ps(ca, cbv, _mm512_mul_ps(sa, sbv));
+  const __m512 s = _mm512_fmadd_ps(sa, cbv, _mm512_mul_ps(ca, sbv));
+  const __m512 y1 = _mm512_fmsub_ps(x1, c, _mm512_mul_ps(x2, s));
+  const __m512 y2 = _mm512_fmadd_ps(x2, c, _mm512_mul_ps(x1, s));
+  if (m == __mmask16(0xFFFF)) {  // plain stores: masked stores are slow on some CPUs
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + f), (__m256i)_mm512_cvtneps_pbh(y1));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + half + f), (__m256i)_mm512_cvtneps_pbh(y2));
+  } else {
+    _mm256_mask_storeu_epi16(o + f, m, (__m256i)_mm512_cvtneps_pbh(y1));
+    _mm256_mask_storeu_epi16(o + half + f, m, (__m256i)_mm512_cvtneps_pbh(y2));
+  }
+}
+
 inline void rope_to_bf16(const float* __restrict k32, int Dv, int n, int D, const float* __restrict cos, const float* __restrict sin,
-                         int64_t cs_row, int64_t cs_off, int pos0, uint16_t* __restrict kb, int kb_stride) {
+                         int64_t cs_row, int64_t cs_off, int pos0, int t0, uint16_t* __restrict kb, int kb_stride) {
   const int half = D / 2;
-  for (int t = 0; t < n; ++t) {
-    const float* k = k32 + int64_t(t) * Dv;
-    const float* cs = cos + int64_t(pos0 + t) * cs_row + cs_off;
-    const float* sn = sin + int64_t(pos0 + t) * cs_row + cs_off;
-    uint16_t* o = kb + int64_t(t) * kb_stride;
-    for (int f = 0; f < half; f += 16) {
-      const __mmask16 m = half - f >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (half - f)) - 1);
-      const __m512 x1 = _mm512_maskz_loadu_ps(m, k + f), x2 = _mm512_maskz_loadu_ps(m, k + half + f);
-      const __m512 c = _mm512_maskz_loadu_ps(m, cs + f), s = _mm512_maskz_loadu_ps(m, sn + f);
-      const __m512 y1 = _mm512_fmsub_ps(x1, c, _mm512_mul_ps(x2, s));
-      const __m512 y2 = _mm512_fmadd_ps(x2, c, _mm512_mul_ps(x1, s));
-      _mm256_mask_storeu_epi16(o + f, m, (__m256i)_mm512_cvtneps_pbh(y1));
-      _mm256_mask_storeu_epi16(o + half + f, m, (__m256i)_mm512_cvtneps_pbh(y2));
+  const float* cp = cos + int64_t(pos0) * cs_row + cs_off;  // the page's angle
+  const float* sp = sin + int64_t(pos0) * cs_row + cs_off;
+  for (int f = 0; f < half; f += 16) {
+    const __mmask16 m = half - f >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (half - f)) - 1);
+    const __m512 ca = _mm512_maskz_loadu_ps(m, cp + f), sa = _mm512_maskz_loadu_ps(m, sp + f);
+    for (int t = 0; t < n; ++t) {
+      const int64_t off = int64_t(t0 + t) * cs_row + cs_off;  // the token's offset angle
+      rope_one(k32 + int64_t(t) * Dv, cos + off, sin + off, ca, sa, half, f, m, kb + int64_t(t0 + t) * kb_stride);
     }
   }
 }
+
+constexpr int kRebuildChunk = 32;  // tokens expanded, rotated and packed at a time (two groups of 16; scratch stays in L1)
 
 void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, ScratchBf16& s, bool& used_brgemm) {
   const int G = p.G, R = p.R, D = p.D, BS = p.block_size;
@@ -452,22 +586,42 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
     const int slot = keep ? b : 0;
     int32_t* kt = s.kt.data() + slot * kt_page;
     uint16_t* vp = s.vp.data() + slot * vp_page;
-    if (!keep || s.nt[b] == 0) {  // rebuild: every token the request has on this page
-      if (page_start + BS < kv_end) {  // the next page's latents and values, while this one is rebuilt
-        const uint8_t* next = reinterpret_cast<const uint8_t*>(p.cache + int64_t(blocks[b + 1]) * p.c_block + int64_t(w.head) * p.c_head);
-        prefetch_rows(next, std::min(BS, kv_end - page_start - BS), stride * 2, int64_t(R + D) * 2);
-      }
+    if (!keep || s.nt[b] == 0) {  // rebuild: every token the request has on this page, a chunk at a time
       const int n_all = keep ? std::min(BS, kv_len - page_start) : n;
-      expand_page_bf16(page, stride, n_all, R, tbl, Dv, s.k32.data(), amx);
-      rope_to_bf16(s.k32.data(), Dv, n_all, D, p.cos, p.sin, cs_row, cs_off, page_start, s.kb.data(), C * 32);
-      s.nt[b] = pack_keys_bf16(s.kb.data(), C * 32, D, n_all, P, kt);
+      const int nt = packed_tokens(n_all);
+      for (int c0 = 0; c0 < n_all; c0 += kRebuildChunk) {
+        const int m = std::min(kRebuildChunk, n_all - c0);
+        // ask for the next chunk's slots (on this page or the next) while this one is rebuilt
+#ifndef PROF_NO_PREFETCH
+        if (c0 + kRebuildChunk < n_all) {
+          prefetch_rows(reinterpret_cast<const uint8_t*>(page + (c0 + kRebuildChunk) * stride), std::min(kRebuildChunk, n_all - c0 - kRebuildChunk),
+                        stride * 2, int64_t(R + D) * 2);
+        } else if (page_start + BS < kv_end) {
+          const uint8_t* next = reinterpret_cast<const uint8_t*>(p.cache + int64_t(blocks[b + 1]) * p.c_block + int64_t(w.head) * p.c_head);
+          prefetch_rows(next, std::min(kRebuildChunk, kv_end - page_start - BS), stride * 2, int64_t(R + D) * 2);
+        }
+#endif
+#ifndef PROF_SKIP_EXPAND
+        expand_page_bf16(page + c0 * stride, stride, m, R, tbl, Dv, s.k32.data(), amx);
+#endif
+#ifndef PROF_SKIP_ROPE
+        rope_to_bf16(s.k32.data(), Dv, m, D, p.cos, p.sin, cs_row, cs_off, page_start, c0, s.kb.data(), C * 32);
+#endif
+#ifndef PROF_SKIP_PACK
+        pack_key_groups(s.kb.data(), C * 32, D, n_all, P, nt, c0 / 16, (c0 + m + 15) / 16, kt);
+#endif
+      }
+      pack_key_groups(s.kb.data(), C * 32, D, n_all, P, nt, (n_all + 15) / 16, nt / 16, kt);  // zero groups up to nt
+      s.nt[b] = nt;
       s.vp_done[b] = 0;
     }
     if (t.use_brgemm && !s.vp_done[b]) {
       pack_values_vnni(page + R, stride, keep ? std::min(BS, kv_len - page_start) : n, D, C, vp);
       s.vp_done[b] = keep;
     }
+#ifndef PROF_SKIP_ATTEND
     attend_page_bf16(t, kt, s.nt[b], n, page_start, page + R, stride, vp, nullptr, nullptr);
+#endif
   }
   used_brgemm = used_brgemm || t.use_brgemm || amx;
 

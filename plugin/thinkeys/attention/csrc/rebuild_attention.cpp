@@ -128,8 +128,11 @@ inline void expand_block_avx2(const float* __restrict lat, int n, int R, const f
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 // Four rows x 16 NV channels (from c0) in zmm registers (n a multiple of 4).
 template <int NV>
-inline void expand_block_avx512(const float* __restrict lat, int n, int R, const float* __restrict table, int D, int c0, float* __restrict keys) {
+inline void expand_block_avx512(const float* __restrict lat, int n, int R, const float* __restrict table, int D, int c0, float* __restrict keys,
+                                const uint8_t* pf = nullptr, int pf_n = 0, int64_t pf_stride = 0, int64_t slot_bytes = 0) {
   for (int j = 0; j < n; j += 4) {
+    for (int i = j; i < std::min(j + 4, pf_n); ++i)  // the next chunk's slots, spread over this one's expansion
+      for (int64_t o = 0; o < slot_bytes; o += 64) __builtin_prefetch(pf + i * pf_stride + o, 0, 3);
     __m512 a[4][NV];
     for (int i = 0; i < 4; ++i)
       for (int v = 0; v < NV; ++v) a[i][v] = _mm512_setzero_ps();
@@ -148,11 +151,12 @@ inline void expand_block_avx512(const float* __restrict lat, int n, int R, const
   }
 }
 
-void expand_rows_avx512(const float* lat, int n, int R, const float* table, int D, float* keys) {
+void expand_rows_avx512(const float* lat, int n, int R, const float* table, int D, float* keys, const uint8_t* pf, int pf_n, int64_t pf_stride,
+                        int64_t slot_bytes) {
   int c = 0;
-  for (; c + 64 <= D; c += 64) expand_block_avx512<4>(lat, n, R, table, D, c, keys);
-  for (; c + 32 <= D; c += 32) expand_block_avx512<2>(lat, n, R, table, D, c, keys);
-  for (; c < D; c += 16) expand_block_avx512<1>(lat, n, R, table, D, c, keys);
+  for (; c + 64 <= D; c += 64) expand_block_avx512<4>(lat, n, R, table, D, c, keys, c ? nullptr : pf, c ? 0 : pf_n, pf_stride, slot_bytes);
+  for (; c + 32 <= D; c += 32) expand_block_avx512<2>(lat, n, R, table, D, c, keys, c ? nullptr : pf, c ? 0 : pf_n, pf_stride, slot_bytes);
+  for (; c < D; c += 16) expand_block_avx512<1>(lat, n, R, table, D, c, keys, c ? nullptr : pf, c ? 0 : pf_n, pf_stride, slot_bytes);
 }
 
 // For RB rows r: acc_r[0 : 16 NV] += sum_j p_r[j] values[j][0 : 16 NV] (value rows `stride` apart,
@@ -249,23 +253,28 @@ void attend_chunk_avx512(const float* __restrict q, const float* __restrict keys
 #pragma GCC pop_options
 #endif
 
-// keys [n8][D] = lat [n8][R] x table [R][D], n8 = n rounded up to 8 (the rows past n are zero latents)
-inline void expand_rows(const float* lat, int n8, int R, const float* table, int D, float* keys) {
+// keys [n8][D] = lat [n8][R] x table [R][D], n8 = n rounded up to 8 (the rows past n are zero latents).
+// The AVX-512 form also prefetches pf_n slots of slot_bytes from pf (pf_stride apart) as it goes;
+// the others leave that to the caller (returns false).
+inline bool expand_rows(const float* lat, int n8, int R, const float* table, int D, float* keys, const uint8_t* pf, int pf_n,
+                        int64_t pf_stride, int64_t slot_bytes) {
 #if THINKEYS_AVX512BF16
   if (D % 16 == 0 && bf16_dot_supported()) {  // an AVX512-BF16 CPU has AVX512F
-    expand_rows_avx512(lat, n8, R, table, D, keys);
-    return;
+    expand_rows_avx512(lat, n8, R, table, D, keys, pf, pf_n, pf_stride, slot_bytes);
+    return true;
   }
 #endif
+  (void)pf, (void)pf_n, (void)pf_stride, (void)slot_bytes;
 #if THINKEYS_AVX2
   if (D % 8 == 0) {
     int c = 0;
     for (; c + 32 <= D; c += 32) expand_block_avx2<4>(lat, n8, R, table, D, c, keys);
     for (; c < D; c += 8) expand_block_avx2<1>(lat, n8, R, table, D, c, keys);
-    return;
+    return false;
   }
 #endif
   expand_rows_generic(lat, n8, R, table, D, keys);
+  return false;
 }
 
 // NeoX rotation of key rows [n][D] at positions pos0 + t0 .. pos0 + t0 + n - 1 (dim f pairs with
@@ -352,12 +361,15 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
     for (int c0 = 0; c0 < page_len; c0 += kChunk) {
       const int n = std::min(kChunk, page_len - c0);
       const int n0 = page_start + c0;  // position of the chunk's first token
-      if (c0 + kChunk < page_len) {  // ask for the next chunk while this one is computed
-        prefetch_rows(reinterpret_cast<const uint8_t*>(page + int64_t(c0 + kChunk) * p.c_tok), std::min(kChunk, page_len - c0 - kChunk),
-                      p.c_tok * sizeof(T), slot_bytes);
+      // the next chunk's slots (on this page or the next), prefetched a few at a time during the
+      // expansion where it can (a burst would fill the miss buffers)
+      const uint8_t* pf = nullptr;
+      int pf_n = 0;
+      if (c0 + kChunk < page_len) {
+        pf = reinterpret_cast<const uint8_t*>(page + int64_t(c0 + kChunk) * p.c_tok), pf_n = std::min(kChunk, page_len - c0 - kChunk);
       } else if (page_start + bs < kv_end) {
-        const T* next = p.cache + int64_t(blocks[b + 1]) * p.c_block + int64_t(w.head) * p.c_head;
-        prefetch_rows(reinterpret_cast<const uint8_t*>(next), std::min(kChunk, kv_end - page_start - bs), p.c_tok * sizeof(T), slot_bytes);
+        pf = reinterpret_cast<const uint8_t*>(p.cache + int64_t(blocks[b + 1]) * p.c_block + int64_t(w.head) * p.c_head);
+        pf_n = std::min(kChunk, kv_end - page_start - bs);
       }
       const int n8 = (n + 7) / 8 * 8;
       for (int j = 0; j < n; ++j) {
@@ -366,7 +378,8 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
         load_f32(slot + R, values + int64_t(j) * D, D);
       }
       std::fill(lat + int64_t(n) * R, lat + int64_t(n8) * R, 0.0f);  // zero keys past n: finite padding for row_scores
-      expand_rows(lat, n8, R, table, D, keys);
+      if (!expand_rows(lat, n8, R, table, D, keys, pf, pf_n, p.c_tok * int64_t(sizeof(T)), slot_bytes) && pf)
+        prefetch_rows(pf, pf_n, p.c_tok * int64_t(sizeof(T)), slot_bytes);
       rope_rows(keys, n, D, p.cos, p.sin, cs_row, cs_off, page_start, c0);
 
 #if THINKEYS_AVX512BF16
@@ -537,6 +550,76 @@ inline void rope_to_bf16(const float* __restrict k32, int Dv, int n, int D, cons
   }
 }
 
+// expand_bf16 and rope_to_bf16 in one pass for D = 16 NB (D a multiple of 32): TB tokens x NB
+// 16-channel blocks accumulate in registers, are rotated there (channel blocks b and b + NB / 2 are
+// RoPE pairs) and stored as bf16; the fp32 keys never go to memory. Tokens t0 .. t0 + n - 1 of the
+// page, latents at lat + t * stride (t from 0).
+template <int NB, int TB, bool kOddR>
+inline void expand_rope_bf16(const uint16_t* __restrict lat, int64_t stride, int n, int R, const int32_t* __restrict tbl,
+                             const float* __restrict cos, const float* __restrict sin, int64_t cs_row, int64_t cs_off, int pos0, int t0,
+                             uint16_t* __restrict kb, int kb_stride, const uint16_t* pf, int pf_n, int slot_bytes) {
+  constexpr int D = 16 * NB, half = D / 2, HB = NB / 2;
+  const int pairs = (R + 1) / 2;
+  __m512 ca[HB], sa[HB];  // the page's angle
+  for (int b = 0; b < HB; ++b) {
+    ca[b] = _mm512_loadu_ps(cos + int64_t(pos0) * cs_row + cs_off + 16 * b);
+    sa[b] = _mm512_loadu_ps(sin + int64_t(pos0) * cs_row + cs_off + 16 * b);
+  }
+  for (int j0 = 0; j0 < n; j0 += TB) {
+    const int nt = std::min(TB, n - j0);
+    // the slots of the next chunk a few at a time, spread over this one (a burst would fill the miss buffers)
+    for (int i = j0; i < std::min(j0 + TB, pf_n); ++i)
+      for (int o = 0; o < slot_bytes; o += 64) __builtin_prefetch(reinterpret_cast<const char*>(pf + int64_t(i) * stride) + o, 0, 3);
+    __m512 a[TB][NB];
+    for (int i = 0; i < TB; ++i)
+      for (int b = 0; b < NB; ++b) a[i][b] = _mm512_setzero_ps();
+    const int32_t* l[TB];
+    for (int i = 0; i < TB; ++i) l[i] = reinterpret_cast<const int32_t*>(lat + int64_t(j0 + std::min(i, nt - 1)) * stride);
+    for (int pp = 0; pp < pairs; ++pp) {
+      __m512i tv[NB];
+      for (int b = 0; b < NB; ++b) tv[b] = _mm512_loadu_si512(tbl + int64_t(pp) * D + 16 * b);
+      for (int i = 0; i < TB; ++i) {
+        int32_t bits;
+        std::memcpy(&bits, l[i] + pp, sizeof(bits));
+        if (kOddR && pp + 1 == pairs) bits &= 0xFFFF;
+        const __m512i cv = _mm512_set1_epi32(bits);
+        for (int b = 0; b < NB; ++b) a[i][b] = dp_bf16(a[i][b], tv[b], cv);
+      }
+    }
+    for (int i = 0; i < nt; ++i) {
+      const int64_t off = int64_t(t0 + j0 + i) * cs_row + cs_off;  // the token's offset in the page
+      uint16_t* o = kb + int64_t(t0 + j0 + i) * kb_stride;
+      for (int b = 0; b < HB; ++b) {
+        const __m512 cb = _mm512_loadu_ps(cos + off + 16 * b), sb = _mm512_loadu_ps(sin + off + 16 * b);
+        const __m512 c = _mm512_fmsub_ps(ca[b], cb, _mm512_mul_ps(sa[b], sb));
+        const __m512 s = _mm512_fmadd_ps(sa[b], cb, _mm512_mul_ps(ca[b], sb));
+        const __m512 x1 = a[i][b], x2 = a[i][b + HB];
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * b), (__m256i)_mm512_cvtneps_pbh(_mm512_fmsub_ps(x1, c, _mm512_mul_ps(x2, s))));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + half + 16 * b),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(x2, c, _mm512_mul_ps(x1, s))));
+      }
+    }
+  }
+}
+
+// Whether expand_rope_page_bf16 handles D (the fused pass), else expansion then rope_to_bf16.
+inline bool fused_rope(int D) { return D == 32 || D == 64 || D == 128; }
+
+inline void expand_rope_page_bf16(const uint16_t* lat, int64_t stride, int n, int R, const uint16_t* tbl, int D, const float* cos,
+                                  const float* sin, int64_t cs_row, int64_t cs_off, int pos0, int t0, uint16_t* kb, int kb_stride,
+                                  const uint16_t* pf, int pf_n, int slot_bytes) {
+  const int32_t* t = reinterpret_cast<const int32_t*>(tbl);
+#define THINKEYS_FUSED(NB, TB)                                                                                          \
+  (R % 2 ? expand_rope_bf16<NB, TB, true>(lat, stride, n, R, t, cos, sin, cs_row, cs_off, pos0, t0, kb, kb_stride, pf, pf_n, slot_bytes)  \
+         : expand_rope_bf16<NB, TB, false>(lat, stride, n, R, t, cos, sin, cs_row, cs_off, pos0, t0, kb, kb_stride, pf, pf_n, slot_bytes))
+  switch (D) {
+    case 32: THINKEYS_FUSED(2, 8); break;
+    case 64: THINKEYS_FUSED(4, 4); break;
+    default: THINKEYS_FUSED(8, 2); break;
+  }
+#undef THINKEYS_FUSED
+}
+
 constexpr int kRebuildChunk = 32;  // tokens expanded, rotated and packed at a time (two groups of 16; scratch stays in L1)
 
 void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, ScratchBf16& s, bool& used_brgemm) {
@@ -548,6 +631,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
   const int nq = w.q1 - w.q0, rows = nq * G;
   const int srow = ((BS + 15) / 16 + 7) / 8 * 8 * 16;  // tokens of a page rounded up to 8 groups of 16
   const bool amx = amx_brgemm_supported();
+  const bool fused = fused_rope(D);
   s.fit(rows, P, C, Dv, srow);
   const TileBf16 t{nq, G, rows, P, C, D, srow, kv_len - q_len, w.q0, p.scale, rows >= kAmxRows && amx,
                    s.q.data(), s.scores.data(), s.probs.data(), s.acc.data(), s.row_max.data(), s.row_sum.data()};
@@ -591,25 +675,25 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
       const int nt = packed_tokens(n_all);
       for (int c0 = 0; c0 < n_all; c0 += kRebuildChunk) {
         const int m = std::min(kRebuildChunk, n_all - c0);
-        // ask for the next chunk's slots (on this page or the next) while this one is rebuilt
-#ifndef PROF_NO_PREFETCH
+        // the next chunk's slots (on this page or the next): prefetched while this one is rebuilt
+        const uint16_t* pf = nullptr;
+        int pf_n = 0;
         if (c0 + kRebuildChunk < n_all) {
-          prefetch_rows(reinterpret_cast<const uint8_t*>(page + (c0 + kRebuildChunk) * stride), std::min(kRebuildChunk, n_all - c0 - kRebuildChunk),
-                        stride * 2, int64_t(R + D) * 2);
+          pf = page + (c0 + kRebuildChunk) * stride, pf_n = std::min(kRebuildChunk, n_all - c0 - kRebuildChunk);
         } else if (page_start + BS < kv_end) {
-          const uint8_t* next = reinterpret_cast<const uint8_t*>(p.cache + int64_t(blocks[b + 1]) * p.c_block + int64_t(w.head) * p.c_head);
-          prefetch_rows(next, std::min(kRebuildChunk, kv_end - page_start - BS), stride * 2, int64_t(R + D) * 2);
+          pf = reinterpret_cast<const uint16_t*>(p.cache + int64_t(blocks[b + 1]) * p.c_block + int64_t(w.head) * p.c_head);
+          pf_n = std::min(kRebuildChunk, kv_end - page_start - BS);
         }
-#endif
-#ifndef PROF_SKIP_EXPAND
-        expand_page_bf16(page + c0 * stride, stride, m, R, tbl, Dv, s.k32.data(), amx);
-#endif
-#ifndef PROF_SKIP_ROPE
-        rope_to_bf16(s.k32.data(), Dv, m, D, p.cos, p.sin, cs_row, cs_off, page_start, c0, s.kb.data(), C * 32);
-#endif
-#ifndef PROF_SKIP_PACK
+        const int slot_bytes = (R + D) * 2;
+        if (!(fused && !amx) && pf) prefetch_rows(reinterpret_cast<const uint8_t*>(pf), pf_n, stride * 2, slot_bytes);
+        if (fused && !amx) {  // vdpbf16ps expansion with RoPE in registers
+          expand_rope_page_bf16(page + c0 * stride, stride, m, R, tbl, D, p.cos, p.sin, cs_row, cs_off, page_start, c0, s.kb.data(), C * 32,
+                                pf, pf_n, slot_bytes);
+        } else {  // expansion (AMX brgemm or vdpbf16ps) into fp32, then RoPE
+          expand_page_bf16(page + c0 * stride, stride, m, R, tbl, Dv, s.k32.data(), amx);
+          rope_to_bf16(s.k32.data(), Dv, m, D, p.cos, p.sin, cs_row, cs_off, page_start, c0, s.kb.data(), C * 32);
+        }
         pack_key_groups(s.kb.data(), C * 32, D, n_all, P, nt, c0 / 16, (c0 + m + 15) / 16, kt);
-#endif
       }
       pack_key_groups(s.kb.data(), C * 32, D, n_all, P, nt, (n_all + 15) / 16, nt / 16, kt);  // zero groups up to nt
       s.nt[b] = nt;
@@ -619,9 +703,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
       pack_values_vnni(page + R, stride, keep ? std::min(BS, kv_len - page_start) : n, D, C, vp);
       s.vp_done[b] = keep;
     }
-#ifndef PROF_SKIP_ATTEND
     attend_page_bf16(t, kt, s.nt[b], n, page_start, page + R, stride, vp, nullptr, nullptr);
-#endif
   }
   used_brgemm = used_brgemm || t.use_brgemm || amx;
 

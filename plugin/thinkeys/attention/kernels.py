@@ -23,6 +23,10 @@ stays correct; ``torch.ops.thinkeys.kernel_isa()`` names the form a loaded libra
 ``THINKEYS_KERNEL_NO_AMX=1`` (read once per process) keeps prefill tiles on vdpbf16ps, as on an
 AVX512-BF16 CPU without AMX.
 
+The hot loops both this kernel and the rebuild-at-read kernel (``rebuild_kernel.py``) use live in
+``csrc/attention_common.h``; :func:`build_and_load` builds either with the same flags
+(:func:`build_flags`, which include the header's digest, so editing the header alone rebuilds).
+
 ``THINKEYS_ATTENTION_KERNEL`` picks the implementation: ``auto`` (default: the compiled kernel,
 falling back to the PyTorch path in ``paged.py`` with a warning when it cannot be built),
 ``compiled`` (fail with a clear error instead of falling back) or ``torch`` (always the fallback).

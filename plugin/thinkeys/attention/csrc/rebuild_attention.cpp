@@ -203,12 +203,63 @@ inline void pv_rows(const float* p, int srow, const float* values, int n, int D,
   for (; c < D; c += 16) pv_rows16<RB, 1>(p, srow, values + c, n, D, acc + c, D);
 }
 
+// kt [D][32] = keys [32][D] transposed (D a multiple of 16), 16 x 16 blocks in registers
+inline void transpose_keys32(const float* __restrict keys, int D, float* __restrict kt) {
+  for (int t0 = 0; t0 < 32; t0 += 16)
+    for (int c0 = 0; c0 < D; c0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(_mm512_loadu_ps(keys + int64_t(t0 + i) * D + c0));
+      transpose16x16_epi32(r);
+      for (int k = 0; k < 16; ++k) _mm512_storeu_ps(kt + int64_t(c0 + k) * 32 + t0, _mm512_castsi512_ps(r[k]));
+    }
+}
+
+// scores[r][0 : 32] = q_r . keys of the chunk for RB rows (q rows D apart), from kt [D][32]: a
+// broadcast query channel times 16 tokens per FMA, no horizontal sums
+template <int RB>
+THINKEYS_ALWAYS_INLINE void score_rows_kt(const float* __restrict q, int D, const float* __restrict kt, float* __restrict scores, int srow) {
+  __m512 a[RB][2];
+  for (int r = 0; r < RB; ++r) a[r][0] = a[r][1] = _mm512_setzero_ps();
+  for (int f = 0; f < D; ++f) {
+    const __m512 k0 = _mm512_loadu_ps(kt + int64_t(f) * 32), k1 = _mm512_loadu_ps(kt + int64_t(f) * 32 + 16);
+    for (int r = 0; r < RB; ++r) {
+      const __m512 qb = _mm512_set1_ps(q[int64_t(r) * D + f]);
+      a[r][0] = _mm512_fmadd_ps(qb, k0, a[r][0]);
+      a[r][1] = _mm512_fmadd_ps(qb, k1, a[r][1]);
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    _mm512_storeu_ps(scores + int64_t(r) * srow, a[r][0]);
+    _mm512_storeu_ps(scores + int64_t(r) * srow + 16, a[r][1]);
+  }
+}
+
 // The fp32 form's per-chunk step with 16-lane vectors (D a multiple of 16): for every row of the
 // tile that sees part of the chunk (n tokens from position n0; keys zero-padded to a multiple of
 // 8 rows), scores eight tokens at a time, the online softmax, and P.V.
 void attend_chunk_avx512(const float* __restrict q, const float* __restrict keys, const float* __restrict values, int n, int n0, int first_q,
                          int nq, int G, int D, int srow, float* __restrict scores, float* __restrict acc, float* __restrict row_max,
-                         float* __restrict row_sum) {
+                         float* __restrict row_sum, float* __restrict kt) {
+  // Prefill tiles (12+ rows, 32-token chunks): transpose the chunk's keys once, then score six rows
+  // at a time against all 32 tokens (the causal mask applies in the softmax below). Decodes score
+  // eight tokens at a time from the token-major keys (a transpose would cost more than it saves).
+  const int rows = nq * G;
+  const bool by_kt = rows >= 12 && srow == 32;
+  if (by_kt) {
+    transpose_keys32(keys, D, kt);
+    for (int r = std::max(0, n0 - first_q) * G; r < rows; r += 6) {  // rows whose token sees part of the chunk
+      const float* qr = q + int64_t(r) * D;
+      float* sr = scores + int64_t(r) * srow;
+      switch (std::min(6, rows - r)) {
+        case 6: score_rows_kt<6>(qr, D, kt, sr, srow); break;
+        case 5: score_rows_kt<5>(qr, D, kt, sr, srow); break;
+        case 4: score_rows_kt<4>(qr, D, kt, sr, srow); break;
+        case 3: score_rows_kt<3>(qr, D, kt, sr, srow); break;
+        case 2: score_rows_kt<2>(qr, D, kt, sr, srow); break;
+        default: score_rows_kt<1>(qr, D, kt, sr, srow); break;
+      }
+    }
+  }
   for (int i = 0; i < nq; ++i) {
     const int vis = std::min(n, first_q + i + 1 - n0);  // causal limit in this chunk
     if (vis <= 0) continue;
@@ -216,7 +267,7 @@ void attend_chunk_avx512(const float* __restrict q, const float* __restrict keys
       const int row = i * G + g;
       float* sr = scores + int64_t(row) * srow;
       const float* qr = q + int64_t(row) * D;
-      for (int j = 0; j < vis; j += 8) {
+      for (int j = 0; !by_kt && j < vis; j += 8) {
         __m512 a[8];
         for (int t = 0; t < 8; ++t) a[t] = _mm512_setzero_ps();
         for (int c = 0; c < D; c += 16) {
@@ -300,7 +351,7 @@ inline void rope_rows(float* __restrict keys, int n, int D, const float* __restr
 }
 
 struct Scratch {
-  std::vector<float> q, scores, acc, lat, keys, values, row_max, row_sum;
+  std::vector<float> q, scores, acc, lat, keys, values, row_max, row_sum, kt;
   void fit(int rows, int R, int D, int chunk) {
     auto grow = [](auto& v, size_t n) {
       if (v.size() < n) v.resize(n, 0);
@@ -310,6 +361,7 @@ struct Scratch {
     grow(acc, size_t(rows) * D);
     grow(lat, size_t(chunk) * R);
     grow(keys, size_t(chunk) * D);
+    grow(kt, size_t(chunk) * D);
     grow(values, size_t(chunk) * D);
     grow(row_max, rows);
     grow(row_sum, rows);
@@ -384,7 +436,7 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
 
 #if THINKEYS_AVX512BF16
       if (wide) {
-        attend_chunk_avx512(q, keys, values, n, n0, ctx + w.q0, nq, G, D, kChunk, scores, acc, row_max, row_sum);
+        attend_chunk_avx512(q, keys, values, n, n0, ctx + w.q0, nq, G, D, kChunk, scores, acc, row_max, row_sum, s.kt.data());
         continue;
       }
 #endif

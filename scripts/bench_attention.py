@@ -325,7 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     for case in tqdm(cases, desc="attention cases", file=sys.stderr):
         results.append(run_case(*case, args))
     print_table(results, args)
-    print(f"thin kernel form: {kernels.kernel_isa()}")
+    if args.rebuild:
+        from thinkeys.attention import rebuild_kernel
+
+        form = rebuild_kernel.kernel_isa()
+    else:
+        form = kernels.kernel_isa()
+    print(f"thin kernel form: {form}")
     if args.plot:
         plot(results, args)
     if args.json:
@@ -333,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "attention op, thin-key kernel vs vLLM CPU_ATTN",
             "command": "python scripts/bench_attention.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": machine_at_start | {"load_average_at_end": os.getloadavg()},
-            "thin_kernel_form": kernels.kernel_isa(),  # avx512bf16[+amx], avx2 or portable (THINKEYS_KERNEL_ISA caps it)
+            "thin_kernel_form": form,  # avx512bf16[+amx], avx2 or portable (THINKEYS_KERNEL_ISA caps it); the rebuild kernel's with --rebuild
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("json", "plot")},
             "results": [asdict(r) | {"speedup": r.speedup, "speedup_cpu": r.speedup_cpu} for r in results],
         }

@@ -113,3 +113,132 @@ def test_torch_path_reads_8bit_latents():
     out = run_torch(query, quant, expand, freqs, table, qsl, lens, kv_cache_dtype="int8_per_token_head")
     err = (out.double() - expected).abs().max()
     assert 0 < err < 0.05, err
+
+
+# ---- the forms: bf16 on AVX512-BF16 / AMX CPUs, the AVX2 form, no AMX ---------------------------------
+
+BF16_ATOL = 3e-2  # bf16 inputs and output, keys rebuilt with a bf16 table and rounded to bf16, probabilities in bf16
+
+
+def test_kernel_form_follows_the_cpu():
+    """The rebuild kernel is built like the main one: the bf16 form where torch reports AVX512_BF16."""
+    from thinkeys.attention import kernels
+
+    form = rebuild_kernel.kernel_isa()
+    if kernels.cpu_isa() == "avx512bf16":
+        assert form == ("avx512bf16+amx" if torch.cpu._is_amx_tile_supported() else "avx512bf16")
+    else:
+        assert form in ("avx2", "portable")
+
+
+@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])
+@pytest.mark.parametrize("step", list(STEPS))
+def test_bf16_kernel_matches_reference(step, layout):
+    """SmolLM2's group (9 heads, 3 KV heads, d = 64) at r = 32: decodes, prefill tiles, chunks after a prefix."""
+    case = scenario(*STEPS[step], heads=9, kv_heads=3, r=32, d=64, dtype=torch.bfloat16, layout=layout)
+    torch.testing.assert_close(run_kernel(*case[:-1]).double(), case[-1], atol=BF16_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "r,d,heads,kv_heads,block_size",
+    [
+        (32, 64, 9, 3, 128),  # the default served model, vLLM's CPU block size: tiles of 96 rows
+        (16, 64, 9, 3, 32),
+        (64, 64, 4, 4, 16),  # full rank, MHA
+        (5, 40, 8, 1, 16),  # odd r (no brgemm expansion; the last latent pair masked), d / 2 = 20: masked RoPE
+        (4, 12, 6, 1, 7),  # MQA, tiny widths, odd block size
+    ],
+)
+def test_bf16_kernel_shapes(r, d, heads, kv_heads, block_size):
+    """Long prefills (several 32-token tiles sharing the rebuilt pages), chunks, decodes and padding requests."""
+    case = scenario([1, 3, 1, 70, 100], [300, 3, 9, 150, 100], heads=heads, kv_heads=kv_heads, r=r, d=d, block_size=block_size,
+                    dtype=torch.bfloat16, seed=r, padding_requests=1)
+    torch.testing.assert_close(run_kernel(*case[:-1]).double(), case[-1], atol=BF16_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, ATOL / 10), (torch.bfloat16, BF16_ATOL)])
+def test_kernel_with_two_threads_matches_one(dtype, atol):
+    """Work items split over threads (each keeps its own rebuilt pages): same numbers as one thread."""
+    case = scenario([1, 130, 40, 1], [200, 130, 300, 77], heads=9, kv_heads=3, r=32, d=64, block_size=32, dtype=dtype)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_kernel(*case[:-1])
+        torch.set_num_threads(2)
+        two = run_kernel(*case[:-1])
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(one.double(), case[-1], atol=atol, rtol=0)
+    torch.testing.assert_close(two, one, atol=0, rtol=0)
+
+
+def test_per_head_rope_frequencies():
+    """Frequencies that differ between KV heads keep a table per head (the shared table is one row)."""
+    query, cache, expand, freqs, table, qsl, lens, _ = scenario(*STEPS["mixed"], heads=6, kv_heads=2, r=8, d=32)
+    freqs = freqs.clone()
+    freqs[1] *= 0.5
+    cos, _ = rebuild_kernel.rope_tables(freqs, 64)
+    assert cos.shape[1] == 2
+    expected = run_torch(query, cache, expand, freqs, table, qsl, lens).double()
+    torch.testing.assert_close(run_kernel(query, cache, expand, freqs, table, qsl, lens).double(), expected, atol=ATOL / 10, rtol=0)
+    shared, _ = rebuild_kernel.rope_tables(freqs[:1].repeat(2, 1), 64)
+    assert shared.shape[1] == 1
+
+
+def test_prepared_tables_follow_in_place_updates():
+    """The per-layer fp32 / bf16-pair tables are cached on the table tensor and redone when it changes."""
+    expand = torch.randn(2, 32, 8)
+    first, pairs = rebuild_kernel.prepared_tables(expand)
+    assert rebuild_kernel.prepared_tables(expand)[0] is first
+    assert pairs.shape == (2, 4, 32, 2) and pairs.dtype == torch.bfloat16
+    torch.testing.assert_close(pairs.float().transpose(2, 3).reshape(2, 8, 32), expand.transpose(1, 2).bfloat16().float())
+    expand.mul_(2)
+    again, _ = rebuild_kernel.prepared_tables(expand)
+    torch.testing.assert_close(again, expand.transpose(1, 2))
+
+
+def _run_in_subprocess(tmp_path, env, case, dtype_name):
+    """The kernel in a fresh process with ``env`` (a form chosen at load); returns (its form, its output)."""
+    import os
+    import subprocess
+    import sys
+
+    torch.save(case[:-1], tmp_path / "inputs.pt")
+    code = (
+        "import torch; from thinkeys.attention import rebuild_kernel\n"
+        f"q, c, e, f, t, s, l = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+        "assert rebuild_kernel.available(); print('form', rebuild_kernel.kernel_isa())\n"
+        "out = torch.empty_like(q)\n"
+        f"rebuild_kernel.paged_attention(q, c, e, f, t, s, l, q.shape[-1] ** -0.5, out); torch.save(out, {str(tmp_path / 'out.pt')!r})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    form = proc.stdout.split("form ", 1)[1].split()[0]
+    return form, torch.load(tmp_path / "out.pt")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_avx2_form_on_this_cpu_agrees(tmp_path, dtype):
+    """THINKEYS_KERNEL_ISA=avx2: the fp32-widening form AVX2-only CPUs run (AVX2 expansion), same reference."""
+    from thinkeys.attention import kernels
+
+    case = scenario([1, 1, 40, 3], [40, 200, 40, 70], heads=9, kv_heads=3, r=32, d=64, block_size=32, dtype=dtype)
+    form, out = _run_in_subprocess(tmp_path, {kernels.ENV_ISA: "avx2"}, case, str(dtype))
+    assert form == ("portable" if kernels.detected_isa() == "baseline" else "avx2")
+    atol = BF16_ATOL if dtype == torch.bfloat16 else ATOL / 10
+    torch.testing.assert_close(out.double(), case[-1], atol=atol, rtol=0)
+    torch.testing.assert_close(run_kernel(*case[:-1]).float(), out.float(), atol=atol, rtol=0)
+
+
+def test_bf16_form_without_amx_agrees(tmp_path):
+    """THINKEYS_KERNEL_NO_AMX=1: expansion, scores and P.V by vdpbf16ps, as on an AVX512-BF16 CPU without AMX."""
+    from thinkeys.attention import kernels
+
+    if kernels.cpu_isa() != "avx512bf16":
+        pytest.skip("this CPU does not run the bf16 form")
+    case = scenario([1, 40, 7, 1], [300, 40, 190, 5], heads=9, kv_heads=3, r=32, d=64, block_size=128, dtype=torch.bfloat16,
+                    layout="LBNHC")
+    form, out = _run_in_subprocess(tmp_path, {"THINKEYS_KERNEL_NO_AMX": "1"}, case, "bfloat16")
+    assert form == "avx512bf16"
+    torch.testing.assert_close(out.double(), case[-1], atol=BF16_ATOL, rtol=0)
+    torch.testing.assert_close(run_kernel(*case[:-1]).float(), out.float(), atol=BF16_ATOL, rtol=0)

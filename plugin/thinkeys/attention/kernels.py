@@ -23,6 +23,10 @@ stays correct; ``torch.ops.thinkeys.kernel_isa()`` names the form a loaded libra
 ``THINKEYS_KERNEL_NO_AMX=1`` (read once per process) keeps prefill tiles on vdpbf16ps, as on an
 AVX512-BF16 CPU without AMX.
 
+The hot loops both this kernel and the rebuild-at-read kernel (``rebuild_kernel.py``) use live in
+``csrc/attention_common.h``; :func:`build_and_load` builds either with the same flags
+(:func:`build_flags`, which include the header's digest, so editing the header alone rebuilds).
+
 ``THINKEYS_ATTENTION_KERNEL`` picks the implementation: ``auto`` (default: the compiled kernel,
 falling back to the PyTorch path in ``paged.py`` with a warning when it cannot be built),
 ``compiled`` (fail with a clear error instead of falling back) or ``torch`` (always the fallback).
@@ -33,6 +37,7 @@ runs the fallback even in a process that loaded the kernel before.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import time
@@ -100,29 +105,44 @@ def build_dir(isa: str) -> Path:
     return Path(root) / f"torch-{torch_tag}-{isa}"
 
 
+HEADER = SOURCE.with_name("attention_common.h")  # shared by paged_attention.cpp and rebuild_attention.cpp
+
+
+def build_flags(isa: str) -> list[str]:
+    """Compiler flags for a kernel of ``csrc/``: optimisation, OpenMP, the instruction set's flags, and the
+    shared header's digest (so an edit of the header alone gives a new build, not a stale library)."""
+    digest = hashlib.sha1(HEADER.read_bytes()).hexdigest()[:12]
+    return ["-O3", "-fopenmp", "-DNDEBUG", *isa_flags(isa), f"-DTHINKEYS_COMMON_DIGEST={digest}"]
+
+
+def build_and_load(name: str, source: Path, directory: Path, isa: str) -> None:
+    """Compile (first time) and load ``source`` as the library ``{name}_{isa}`` in ``directory``; then ask for
+    the AMX tile state (:func:`request_amx`), which the bf16 forms' brgemm calls need."""
+    from torch.utils import cpp_extension
+
+    directory.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=f"{name}_{isa}",
+        sources=[str(source)],
+        extra_cflags=build_flags(isa),
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+        is_python_module=False,
+        verbose=False,
+    )
+    request_amx()
+
+
 @functools.lru_cache(maxsize=2)
 def _load(choice: str) -> bool:
     """Build (first time) and load the kernel library; True when ``torch.ops.thinkeys`` has it."""
     isa = cpu_isa()
-    flags = ["-O3", "-fopenmp", "-DNDEBUG", *isa_flags(isa)]
     directory = build_dir(isa)
     try:
-        from torch.utils import cpp_extension
-
-        directory.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         logger.info("thin keys: loading the CPU attention kernel (%s; compiled once into %s, ~1 min)", isa, directory)
-        cpp_extension.load(
-            name=f"thinkeys_attention_{isa}",
-            sources=[str(SOURCE)],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(directory),
-            is_python_module=False,
-            verbose=False,
-        )
+        build_and_load("thinkeys_attention", SOURCE, directory, isa)
         logger.info("thin keys: CPU attention kernel ready in %.1f s", time.perf_counter() - started)
-        request_amx()
         return True
     except Exception as exc:  # noqa: BLE001 - no compiler, no headers, read-only cache, ...
         reason = _first_error_line(exc)

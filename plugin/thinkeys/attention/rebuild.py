@@ -19,8 +19,9 @@ Two read paths share the metadata of ``paged.py``:
 
 - the compiled kernel (``rebuild_kernel.py``, ``csrc/rebuild_attention.cpp``) for plain float
   caches: per (request, KV head) it expands and rotates each cached page once for all query
-  heads of the group and all query tokens of the request, then runs the dot products and an
-  online softmax;
+  heads of the group and all query tokens of a tile (of the whole request in the bf16 form of
+  AVX512-BF16 CPUs, where the expansion is a bf16 product on AMX or vdpbf16ps), then runs the
+  dot products and an online softmax;
 - the PyTorch path (``paged.paged_attention_torch`` with ``CacheFormat.key_expansion``), the
   fallback and the path of 8-bit caches (the latent and the value are dequantized by
   ``quant.KVCodec``, then expanded).

@@ -1,13 +1,22 @@
 """The compiled CPU kernel of rebuild-at-read attention (``csrc/rebuild_attention.cpp``): built on first use, cached.
 
 A separate extension from ``kernels.py``'s (own library name, own build folder under the same
-cache root, same instruction-set choice and ``THINKEYS_ATTENTION_KERNEL`` switch), registering
-``torch.ops.thinkeys_rebuild.paged_attention``.
+cache root), built the same way (:func:`kernels.build_and_load`: the instruction set
+:func:`kernels.cpu_isa` picks, ``THINKEYS_KERNEL_ISA`` caps it, the ``THINKEYS_ATTENTION_KERNEL``
+switch, the AMX tile state requested at load), registering
+``torch.ops.thinkeys_rebuild.paged_attention`` and ``torch.ops.thinkeys_rebuild.kernel_isa``. On
+an AVX512-BF16 CPU bf16 runs the kernel's bf16 form (AMX brgemm expansion unless
+``THINKEYS_KERNEL_NO_AMX=1``); see the .cpp.
+
+Per layer, once (cached on the table tensor, redone if it is modified in place): the expansion
+table as float32 ``[H_kv, r, d]`` (the fp32 form) and as bf16 channel pairs
+``[H_kv, ceil(r / 2), d rounded up to 16, 2]`` (the bf16 form's VNNI layout).
 
 RoPE cos/sin tables are computed here, in float32 exactly as ``thinkeys.rope.apply_thin_rope``
 computes its angles (``position * freq``), once per frequency table and grown (doubling) as
 longer sequences arrive; every layer of a model shares one table since all carry the source's
-frequencies.
+frequencies, and when every KV head has the same frequencies the table has one head
+(``[P, 1, d / 2]``, what the kernel broadcasts), so it stays small enough for the caches.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import functools
 import logging
 import threading
 import time
+import weakref
 
 import torch
 
@@ -33,22 +43,10 @@ def _load() -> bool:
     if choice == "torch":
         return False
     isa = kernels.cpu_isa()
-    flags = ["-O3", "-fopenmp", "-DNDEBUG", *(kernels.AVX2_FLAGS if isa != "baseline" else [])]
     directory = kernels.build_dir(isa) / "rebuild"
     try:
-        from torch.utils import cpp_extension
-
-        directory.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        cpp_extension.load(
-            name=f"thinkeys_rebuild_attention_{isa}",
-            sources=[str(SOURCE)],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(directory),
-            is_python_module=False,
-            verbose=False,
-        )
+        kernels.build_and_load("thinkeys_rebuild_attention", SOURCE, directory, isa)
         logger.info("thin keys: rebuild attention kernel ready in %.1f s", time.perf_counter() - started)
         return True
     except Exception as exc:  # noqa: BLE001 - no compiler, no headers, read-only cache, ...
@@ -67,22 +65,81 @@ def available() -> bool:
     return _load()
 
 
-_tables: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+def kernel_isa() -> str:
+    """The form the loaded rebuild kernel runs for bf16: ``avx512bf16+amx``, ``avx512bf16``, ``avx2`` or ``portable``."""
+    return torch.ops.thinkeys_rebuild.kernel_isa()
+
+
 _lock = threading.Lock()
+_tables: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+class _PerTensor:
+    """Values derived from a tensor, kept while it lives and valid while its version is unchanged (keyed by
+    identity: a WeakKeyDictionary would compare tensors with ``==`` when ids are reused)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, int, object]] = {}
+
+    def get(self, tensor: torch.Tensor):
+        entry = self._entries.get(id(tensor))
+        if entry is None or entry[0]() is not tensor or entry[1] != tensor._version:
+            return None
+        return entry[2]
+
+    def put(self, tensor: torch.Tensor, value) -> None:
+        key = id(tensor)
+
+        def forget(ref, key=key, entries=self._entries):
+            if entries.get(key, (None,))[0] is ref:
+                entries.pop(key, None)
+
+        self._entries[key] = (weakref.ref(tensor, forget), tensor._version, value)
+
+
+_freq_keys = _PerTensor()  # per frequency tensor: (the key of _tables, whether all heads share one row)
+_prepared = _PerTensor()  # per expansion table: (float32 [H_kv, r, d], bf16 pairs [H_kv, ceil(r/2), ceil16(d), 2])
 
 
 def rope_tables(freqs: torch.Tensor, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin ``[>= positions, H_kv, half]`` float32 for ``freqs`` ``[H_kv, half]`` (cached, grown by doubling)."""
-    freqs = freqs.detach().to(device="cpu", dtype=torch.float32)
-    key = freqs.numpy().tobytes() + bytes(str(tuple(freqs.shape)), "ascii")
+    """cos, sin ``[>= positions, H, half]`` float32 for ``freqs`` ``[H_kv, half]`` (cached, grown by doubling);
+    ``H`` is 1 when every KV head has the same frequencies, else ``H_kv``."""
     with _lock:
+        known = _freq_keys.get(freqs)
+        if known is None:
+            f = freqs.detach().to(device="cpu", dtype=torch.float32)
+            shared = bool((f == f[:1]).all())
+            if shared:
+                f = f[:1]
+            known = (f.numpy().tobytes() + bytes(str(tuple(f.shape)), "ascii"), shared)
+            _freq_keys.put(freqs, known)
+        key = known[0]
         cached = _tables.get(key)
         if cached is None or cached[0].shape[0] < positions:
+            f = freqs.detach().to(device="cpu", dtype=torch.float32)
+            f = f[:1] if known[1] else f
             size = max(positions, 2 * cached[0].shape[0] if cached is not None else 1024)
-            angles = torch.arange(size, dtype=torch.float32)[:, None, None] * freqs  # [P, H_kv, half]
+            angles = torch.arange(size, dtype=torch.float32)[:, None, None] * f  # [P, H, half]
             cached = (angles.cos().contiguous(), angles.sin().contiguous())
             _tables[key] = cached
         return cached
+
+
+def prepared_tables(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The expansion table ``[H_kv, d, r]`` as the kernel reads it: float32 ``[H_kv, r, d]`` and bf16 VNNI pairs
+    ``[H_kv, ceil(r / 2), d rounded up to 16, 2]`` (zero padded). Cached per table tensor."""
+    with _lock:
+        hit = _prepared.get(table)
+        if hit is not None:
+            return hit
+    expand_t = table.detach().to(device="cpu", dtype=torch.float32).transpose(1, 2).contiguous()  # [H_kv, r, d]
+    h, r, d = expand_t.shape
+    padded = torch.zeros(h, r + r % 2, -(-d // 16) * 16, dtype=torch.float32)
+    padded[:, :r, :d] = expand_t
+    pairs = padded.view(h, -1, 2, padded.shape[-1]).transpose(2, 3).to(torch.bfloat16).contiguous()  # [H_kv, r/2, d16, 2]
+    with _lock:
+        _prepared.put(table, (expand_t, pairs))
+    return expand_t, pairs
 
 
 def paged_attention(
@@ -101,9 +158,9 @@ def paged_attention(
     ``table`` ``[H_kv, d, r]`` (expansion A^T), ``freqs`` ``[H_kv, d / 2]`` (the source's RoPE);
     ``block_table``, ``query_start_loc``, ``seq_lens``: int32 host tensors as in ``kernels.paged_attention``.
     """
-    expand_t = table.detach().to(torch.float32).transpose(1, 2).contiguous()  # [H_kv, r, d]
+    expand_t, pairs = prepared_tables(table)
     cos, sin = rope_tables(freqs, int(seq_lens.max()) if seq_lens.numel() else 1)
     torch.ops.thinkeys_rebuild.paged_attention(
-        query, kv_cache, expand_t, cos, sin, block_table, query_start_loc, seq_lens, float(scale), output
+        query, kv_cache, expand_t, pairs, cos, sin, block_table, query_start_loc, seq_lens, float(scale), output
     )
     return output

@@ -2,20 +2,31 @@
 // thin pre-RoPE latent c (R wide) and the value (D wide) in vLLM's logical view
 // [num_blocks, H_kv, block_size, R + D]; the key is rebuilt at read time as k = A^T c (D wide) with
 // the layer's expansion table [H_kv, D, R] and rotated at its position (NeoX layout, the source's
-// RoPE; cos/sin come precomputed as [max_pos, H_kv, D / 2] tables), then attended by the source's
-// own D-wide query (which arrives rotated).
+// RoPE; cos/sin come precomputed as [max_pos, H_cs, D / 2] tables, H_cs = 1 when every KV head has
+// the same frequencies), then attended by the source's own D-wide query (which arrives rotated).
 //
-// Work items are (request, KV head, tile of <= kQueryTile query tokens), spread over ATen's
-// intra-op thread pool. For every block the item needs, it expands and rotates the whole page ONCE
-// for all G = H / H_kv query heads of the group and all query tokens of its tile (a small
-// [n, R] x [R, D] product), converts the values to fp32 once, then runs the dot products and an
-// online (flash-style) softmax. One code path covers decode, prefill, chunked prefill and
-// prefix-cache hits: with kv_len cached tokens (new ones included) and q_len new queries, query i
-// sees keys 0 .. kv_len - q_len + i.
+// Work items are (request, KV head, tile of query tokens), spread over ATen's intra-op thread pool.
+// One code path per form covers decode, prefill, chunked prefill and prefix-cache hits: with kv_len
+// cached tokens (new ones included) and q_len new queries, query i sees keys 0 .. kv_len - q_len + i.
+// A page's keys are rebuilt once for all G = H / H_kv query heads of the group and all query tokens
+// of the tile.
 //
-// The loops are written for the compiler's auto-vectorizer (`omp simd`, contiguous inner dims);
-// rebuild_kernel.py adds -mavx2 -mfma when torch reports AVX2. Dtypes: float32, bfloat16, float16
-// (query, cache and output share one dtype); tables are float32; all arithmetic is fp32.
+// Two forms (rebuild_kernel.py builds the one kernels.cpu_isa() picks, like the main kernel):
+//
+// * fp32 (float32 and float16 everywhere, bfloat16 on CPUs without AVX512-BF16): chunks of 32
+//   tokens; latents and values widened to fp32, keys expanded as a [32, R] x [R, D] product
+//   (register-blocked AVX-512 FMAs on CPUs that have them, AVX2 otherwise) and rotated, then the
+//   main kernel's fp32 hot loops (attention_common.h: eight-token scores, online softmax, P.V).
+//   All arithmetic in fp32.
+// * bf16 (bfloat16 on AVX512-BF16 CPUs; -DTHINKEYS_BF16_FORM): the cache is never widened. Per
+//   page the latents are expanded as one [tokens, R] x [R, D] bf16 product into fp32, read in place
+//   from the page by oneDNN's AMX brgemm (at::native::cpublas::brgemm) where the CPU has AMX, by
+//   vdpbf16ps otherwise (table in the VNNI pair layout, prepared once per layer by
+//   rebuild_kernel.py); rotated in fp32 and rounded to bf16 once; packed into channel pairs; then
+//   the main kernel's bf16 page step (attention_common.h: vdpbf16ps scores and P.V straight from
+//   the page for decodes, brgemm for prefill tiles of >= 16 rows, fp32 online softmax). A thread
+//   keeps the pages it rebuilt for the (request, KV head) it is working on, so the tiles of a
+//   prefill rebuild each page once, not once per tile.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -23,46 +34,338 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "attention_common.h"  // conversions, the fp32 hot loops, the AVX512-BF16 page step
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
+#include <type_traits>
 #include <vector>
 
-namespace thinkeys_rebuild {
+namespace thinkeys {
 namespace {
 
-constexpr int kQueryTile = 64;  // query tokens per work item in a prefill
-
-inline float to_f32(float x) { return x; }
-inline float to_f32(c10::BFloat16 x) { return static_cast<float>(x); }
-inline float to_f32(c10::Half x) { return static_cast<float>(x); }
+constexpr int kQueryTile = 64;  // query tokens per work item in a prefill, fp32 form
+constexpr int kQueryTileBf16 = 32;  // bf16 form (rows = tile * G; pages are rebuilt once per request anyway)
+constexpr int kChunk = 32;  // tokens per inner step of the fp32 form (a multiple of 8)
 
 template <typename T>
 struct Problem {
   const T* query;  // [T, H, D]
   int64_t q_tok, q_head;
-  const T* cache;  // [num_blocks, H_kv, block_size, R + D]
+  const T* cache;  // [num_blocks, H_kv, block_size, R + D] (element strides)
   int64_t c_block, c_head, c_tok;
   T* out;  // [T, H, D]
   int64_t o_tok, o_head;
   const float* expand_t;  // [H_kv, R, D]: the expansion table transposed (contiguous over D)
-  const float* cos;  // [max_pos, H_kv, D / 2]
+  const uint16_t* expand_pairs;  // [H_kv, Rp / 2, Dv, 2] bf16: the same in VNNI pairs (Rp, Dv: R, D rounded up to 2, 16)
+  const float* cos;  // [max_pos, H_cs, D / 2]
   const float* sin;
+  int cs_heads;  // H_cs: 1 (shared by all KV heads) or H_kv
   const int32_t* block_table;
   int64_t bt_stride;
   const int32_t* qsl;
   const int32_t* lens;
   int H_kv, G, R, D, block_size;
   float scale;
+  int64_t call;  // this call's number (keys of the rebuilt-page caches)
 };
 
 struct WorkItem {
   int req, head, q0, q1;
 };
 
+std::atomic<int64_t> g_calls{0};
+
+// ---- fp32 form ----------------------------------------------------------------------------------
+
+// keys[j][0 : D] = sum_e lat[j][e] * table[e][0 : D] for j < n (n a multiple of 2; lat rows [R], keys rows [D])
+inline void expand_rows_generic(const float* __restrict lat, int n, int R, const float* __restrict table, int D, float* __restrict keys) {
+  for (int j = 0; j < n; ++j) {
+    float* k = keys + int64_t(j) * D;
+#pragma omp simd
+    for (int f = 0; f < D; ++f) k[f] = 0.0f;
+    for (int e = 0; e < R; ++e) {
+      const float c = lat[int64_t(j) * R + e];
+      const float* row = table + int64_t(e) * D;
+#pragma omp simd
+      for (int f = 0; f < D; ++f) k[f] += c * row[f];
+    }
+  }
+}
+
+#if THINKEYS_AVX2
+// Two rows x 8 NV channels (from c0) held in registers over the R latent channels.
+template <int NV>
+inline void expand_block_avx2(const float* __restrict lat, int n, int R, const float* __restrict table, int D, int c0, float* __restrict keys) {
+  for (int j = 0; j < n; j += 2) {
+    __m256 a0[NV], a1[NV];
+    for (int v = 0; v < NV; ++v) a0[v] = a1[v] = _mm256_setzero_ps();
+    const float* l0 = lat + int64_t(j) * R;
+    const float* l1 = l0 + R;
+    for (int e = 0; e < R; ++e) {
+      const __m256 b0 = _mm256_broadcast_ss(l0 + e), b1 = _mm256_broadcast_ss(l1 + e);
+      const float* row = table + int64_t(e) * D + c0;
+      for (int v = 0; v < NV; ++v) {
+        const __m256 t = _mm256_loadu_ps(row + 8 * v);
+        a0[v] = _mm256_fmadd_ps(b0, t, a0[v]);
+        a1[v] = _mm256_fmadd_ps(b1, t, a1[v]);
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      _mm256_storeu_ps(keys + int64_t(j) * D + c0 + 8 * v, a0[v]);
+      _mm256_storeu_ps(keys + int64_t(j + 1) * D + c0 + 8 * v, a1[v]);
+    }
+  }
+}
+#endif
+
+#if THINKEYS_AVX512BF16
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+// Four rows x 16 NV channels (from c0) in zmm registers (n a multiple of 4).
+template <int NV>
+inline void expand_block_avx512(const float* __restrict lat, int n, int R, const float* __restrict table, int D, int c0, float* __restrict keys,
+                                const uint8_t* pf = nullptr, int pf_n = 0, int64_t pf_stride = 0, int64_t slot_bytes = 0) {
+  for (int j = 0; j < n; j += 4) {
+    for (int i = j; i < std::min(j + 4, pf_n); ++i)  // the next chunk's slots, spread over this one's expansion
+      for (int64_t o = 0; o < slot_bytes; o += 64) __builtin_prefetch(pf + i * pf_stride + o, 0, 3);
+    __m512 a[4][NV];
+    for (int i = 0; i < 4; ++i)
+      for (int v = 0; v < NV; ++v) a[i][v] = _mm512_setzero_ps();
+    const float* l = lat + int64_t(j) * R;
+    for (int e = 0; e < R; ++e) {
+      const float* row = table + int64_t(e) * D + c0;
+      __m512 t[NV];
+      for (int v = 0; v < NV; ++v) t[v] = _mm512_loadu_ps(row + 16 * v);
+      for (int i = 0; i < 4; ++i) {
+        const __m512 b = _mm512_set1_ps(l[int64_t(i) * R + e]);
+        for (int v = 0; v < NV; ++v) a[i][v] = _mm512_fmadd_ps(b, t[v], a[i][v]);
+      }
+    }
+    for (int i = 0; i < 4; ++i)
+      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(keys + int64_t(j + i) * D + c0 + 16 * v, a[i][v]);
+  }
+}
+
+void expand_rows_avx512(const float* lat, int n, int R, const float* table, int D, float* keys, const uint8_t* pf, int pf_n, int64_t pf_stride,
+                        int64_t slot_bytes) {
+  int c = 0;
+  for (; c + 64 <= D; c += 64) expand_block_avx512<4>(lat, n, R, table, D, c, keys, c ? nullptr : pf, c ? 0 : pf_n, pf_stride, slot_bytes);
+  for (; c + 32 <= D; c += 32) expand_block_avx512<2>(lat, n, R, table, D, c, keys, c ? nullptr : pf, c ? 0 : pf_n, pf_stride, slot_bytes);
+  for (; c < D; c += 16) expand_block_avx512<1>(lat, n, R, table, D, c, keys, c ? nullptr : pf, c ? 0 : pf_n, pf_stride, slot_bytes);
+}
+
+// For RB rows r: acc_r[0 : 16 NV] += sum_j p_r[j] values[j][0 : 16 NV] (value rows `stride` apart,
+// probability rows `srow` apart, accumulator rows `D` apart); the values loaded once for all rows,
+// accumulators in registers (a single row runs two token streams, so the FMA chains overlap).
+template <int RB, int NV>
+THINKEYS_ALWAYS_INLINE void pv_rows16(const float* __restrict p, int srow, const float* __restrict values, int n, int stride,
+                                      float* __restrict acc, int D) {
+  constexpr int U = RB == 1 ? 2 : 1;
+  __m512 a[U][RB][NV];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < NV; ++v) a[u][r][v] = u ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + int64_t(r) * D + 16 * v);
+  int j = 0;
+  for (; j + U <= n; j += U) {
+    for (int u = 0; u < U; ++u) {
+      __m512 x[NV];
+      for (int v = 0; v < NV; ++v) x[v] = _mm512_loadu_ps(values + int64_t(j + u) * stride + 16 * v);
+      for (int r = 0; r < RB; ++r) {
+        const __m512 pj = _mm512_set1_ps(p[int64_t(r) * srow + j + u]);
+        for (int v = 0; v < NV; ++v) a[u][r][v] = _mm512_fmadd_ps(pj, x[v], a[u][r][v]);
+      }
+    }
+  }
+  for (; j < n; ++j) {
+    for (int r = 0; r < RB; ++r) {
+      const __m512 pj = _mm512_set1_ps(p[int64_t(r) * srow + j]);
+      for (int v = 0; v < NV; ++v) a[0][r][v] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(values + int64_t(j) * stride + 16 * v), a[0][r][v]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v) {
+      __m512 sum = a[0][r][v];
+      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, a[u][r][v]);
+      _mm512_storeu_ps(acc + int64_t(r) * D + 16 * v, sum);
+    }
+}
+
+template <int RB>
+inline void pv_rows(const float* p, int srow, const float* values, int n, int D, float* acc) {
+  int c = 0;
+  for (; c + 64 <= D; c += 64) pv_rows16<RB, 4>(p, srow, values + c, n, D, acc + c, D);
+  for (; c + 32 <= D; c += 32) pv_rows16<RB, 2>(p, srow, values + c, n, D, acc + c, D);
+  for (; c < D; c += 16) pv_rows16<RB, 1>(p, srow, values + c, n, D, acc + c, D);
+}
+
+// kt [D][32] = keys [32][D] transposed (D a multiple of 16), 16 x 16 blocks in registers
+inline void transpose_keys32(const float* __restrict keys, int D, float* __restrict kt) {
+  for (int t0 = 0; t0 < 32; t0 += 16)
+    for (int c0 = 0; c0 < D; c0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(_mm512_loadu_ps(keys + int64_t(t0 + i) * D + c0));
+      transpose16x16_epi32(r);
+      for (int k = 0; k < 16; ++k) _mm512_storeu_ps(kt + int64_t(c0 + k) * 32 + t0, _mm512_castsi512_ps(r[k]));
+    }
+}
+
+// scores[r][0 : 32] = q_r . keys of the chunk for RB rows (q rows D apart), from kt [D][32]: a
+// broadcast query channel times 16 tokens per FMA, no horizontal sums
+template <int RB>
+THINKEYS_ALWAYS_INLINE void score_rows_kt(const float* __restrict q, int D, const float* __restrict kt, float* __restrict scores, int srow) {
+  __m512 a[RB][2];
+  for (int r = 0; r < RB; ++r) a[r][0] = a[r][1] = _mm512_setzero_ps();
+  for (int f = 0; f < D; ++f) {
+    const __m512 k0 = _mm512_loadu_ps(kt + int64_t(f) * 32), k1 = _mm512_loadu_ps(kt + int64_t(f) * 32 + 16);
+    for (int r = 0; r < RB; ++r) {
+      const __m512 qb = _mm512_set1_ps(q[int64_t(r) * D + f]);
+      a[r][0] = _mm512_fmadd_ps(qb, k0, a[r][0]);
+      a[r][1] = _mm512_fmadd_ps(qb, k1, a[r][1]);
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    _mm512_storeu_ps(scores + int64_t(r) * srow, a[r][0]);
+    _mm512_storeu_ps(scores + int64_t(r) * srow + 16, a[r][1]);
+  }
+}
+
+// The fp32 form's per-chunk step with 16-lane vectors (D a multiple of 16): for every row of the
+// tile that sees part of the chunk (n tokens from position n0; keys zero-padded to a multiple of
+// 8 rows), scores eight tokens at a time, the online softmax, and P.V.
+void attend_chunk_avx512(const float* __restrict q, const float* __restrict keys, const float* __restrict values, int n, int n0, int first_q,
+                         int nq, int G, int D, int srow, float* __restrict scores, float* __restrict acc, float* __restrict row_max,
+                         float* __restrict row_sum, float* __restrict kt) {
+  // Prefill tiles (12+ rows, 32-token chunks): transpose the chunk's keys once, then score six rows
+  // at a time against all 32 tokens (the causal mask applies in the softmax below). Decodes score
+  // eight tokens at a time from the token-major keys (a transpose would cost more than it saves).
+  const int rows = nq * G;
+  const bool by_kt = rows >= 12 && srow == 32;
+  if (by_kt) {
+    transpose_keys32(keys, D, kt);
+    for (int r = std::max(0, n0 - first_q) * G; r < rows; r += 6) {  // rows whose token sees part of the chunk
+      const float* qr = q + int64_t(r) * D;
+      float* sr = scores + int64_t(r) * srow;
+      switch (std::min(6, rows - r)) {
+        case 6: score_rows_kt<6>(qr, D, kt, sr, srow); break;
+        case 5: score_rows_kt<5>(qr, D, kt, sr, srow); break;
+        case 4: score_rows_kt<4>(qr, D, kt, sr, srow); break;
+        case 3: score_rows_kt<3>(qr, D, kt, sr, srow); break;
+        case 2: score_rows_kt<2>(qr, D, kt, sr, srow); break;
+        default: score_rows_kt<1>(qr, D, kt, sr, srow); break;
+      }
+    }
+  }
+  for (int i = 0; i < nq; ++i) {
+    const int vis = std::min(n, first_q + i + 1 - n0);  // causal limit in this chunk
+    if (vis <= 0) continue;
+    for (int g = 0; g < G; ++g) {
+      const int row = i * G + g;
+      float* sr = scores + int64_t(row) * srow;
+      const float* qr = q + int64_t(row) * D;
+      for (int j = 0; !by_kt && j < vis; j += 8) {
+        __m512 a[8];
+        for (int t = 0; t < 8; ++t) a[t] = _mm512_setzero_ps();
+        for (int c = 0; c < D; c += 16) {
+          const __m512 qv = _mm512_loadu_ps(qr + c);
+          for (int t = 0; t < 8; ++t) a[t] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(keys + int64_t(j + t) * D + c), a[t]);
+        }
+        __m256 h[8];
+        for (int t = 0; t < 8; ++t) h[t] = _mm256_add_ps(_mm512_castps512_ps256(a[t]), _mm512_extractf32x8_ps(a[t], 1));
+        _mm256_storeu_ps(sr + j, hsum8(h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]));
+      }
+      const float prev_max = row_max[row];
+      const float new_max = row_max_of(sr, vis, prev_max);
+      const float sum = exp_and_sum(sr, vis, new_max);
+      const float alpha = prev_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(prev_max - new_max);
+      row_sum[row] = row_sum[row] * alpha + sum;
+      row_max[row] = new_max;
+      float* ar = acc + int64_t(row) * D;
+      if (alpha != 1.0f) {
+        const __m512 av = _mm512_set1_ps(alpha);
+        for (int c = 0; c < D; c += 16) _mm512_storeu_ps(ar + c, _mm512_mul_ps(_mm512_loadu_ps(ar + c), av));
+      }
+    }
+    // P.V for the token's G rows (same visible keys), up to three rows per pass over the values
+    for (int g = 0; g < G; g += 3) {
+      const int rb = std::min(3, G - g), row = i * G + g;
+      const float* pr = scores + int64_t(row) * srow;
+      float* ar = acc + int64_t(row) * D;
+      if (rb == 3) pv_rows<3>(pr, srow, values, vis, D, ar);
+      else if (rb == 2) pv_rows<2>(pr, srow, values, vis, D, ar);
+      else pv_rows<1>(pr, srow, values, vis, D, ar);
+    }
+  }
+}
+#pragma GCC pop_options
+#endif
+
+// keys [n8][D] = lat [n8][R] x table [R][D], n8 = n rounded up to 8 (the rows past n are zero latents).
+// The AVX-512 form also prefetches pf_n slots of slot_bytes from pf (pf_stride apart) as it goes;
+// the others leave that to the caller (returns false).
+inline bool expand_rows(const float* lat, int n8, int R, const float* table, int D, float* keys, const uint8_t* pf, int pf_n,
+                        int64_t pf_stride, int64_t slot_bytes) {
+#if THINKEYS_AVX512BF16
+  if (D % 16 == 0 && bf16_dot_supported()) {  // an AVX512-BF16 CPU has AVX512F
+    expand_rows_avx512(lat, n8, R, table, D, keys, pf, pf_n, pf_stride, slot_bytes);
+    return true;
+  }
+#endif
+  (void)pf, (void)pf_n, (void)pf_stride, (void)slot_bytes;
+#if THINKEYS_AVX2
+  if (D % 8 == 0) {
+    int c = 0;
+    for (; c + 32 <= D; c += 32) expand_block_avx2<4>(lat, n8, R, table, D, c, keys);
+    for (; c < D; c += 8) expand_block_avx2<1>(lat, n8, R, table, D, c, keys);
+    return false;
+  }
+#endif
+  expand_rows_generic(lat, n8, R, table, D, keys);
+  return false;
+}
+
+// NeoX rotation of key rows [n][D] at positions pos0 + t0 .. pos0 + t0 + n - 1 (dim f pairs with
+// f + half), pos0 a page's first position: angles by angle addition from the table's row pos0 and
+// its rows t0 .. t0 + n - 1 (see rope_to_bf16), so a long decode reads one table row per page.
+inline void rope_rows(float* __restrict keys, int n, int D, const float* __restrict cos, const float* __restrict sin, int64_t cs_row,
+                      int64_t cs_off, int pos0, int t0) {
+  const int half = D / 2;
+  const float* cp = cos + int64_t(pos0) * cs_row + cs_off;
+  const float* sp = sin + int64_t(pos0) * cs_row + cs_off;
+  for (int j = 0; j < n; ++j) {
+    float* k = keys + int64_t(j) * D;
+    const float* cb = cos + int64_t(t0 + j) * cs_row + cs_off;
+    const float* sb = sin + int64_t(t0 + j) * cs_row + cs_off;
+#pragma omp simd
+    for (int f = 0; f < half; ++f) {
+      const float c = cp[f] * cb[f] - sp[f] * sb[f], s = sp[f] * cb[f] + cp[f] * sb[f];
+      const float x1 = k[f], x2 = k[f + half];
+      k[f] = x1 * c - x2 * s;
+      k[f + half] = x2 * c + x1 * s;
+    }
+  }
+}
+
 struct Scratch {
-  std::vector<float> q, acc, m, l, k, v, s;
+  std::vector<float> q, scores, acc, lat, keys, values, row_max, row_sum, kt;
+  void fit(int rows, int R, int D, int chunk) {
+    auto grow = [](auto& v, size_t n) {
+      if (v.size() < n) v.resize(n, 0);
+    };
+    grow(q, size_t(rows) * D);
+    grow(scores, size_t(rows) * chunk);
+    grow(acc, size_t(rows) * D);
+    grow(lat, size_t(chunk) * R);
+    grow(keys, size_t(chunk) * D);
+    grow(kt, size_t(chunk) * D);
+    grow(values, size_t(chunk) * D);
+    grow(row_max, rows);
+    grow(row_sum, rows);
+  }
 };
 
 Scratch& thread_scratch() {
@@ -72,97 +375,404 @@ Scratch& thread_scratch() {
 
 template <typename T>
 void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
-  const int G = p.G, R = p.R, D = p.D, half = D / 2, bs = p.block_size;
+  const int G = p.G, R = p.R, D = p.D, bs = p.block_size;
   const int q_start = p.qsl[w.req], q_len = p.qsl[w.req + 1] - q_start, kv_len = p.lens[w.req];
   const int ctx = kv_len - q_len;
-  const int n_tok = w.q1 - w.q0, rows = n_tok * G;
-  s.q.resize(size_t(rows) * D);
-  s.acc.assign(size_t(rows) * D, 0.f);
-  s.m.assign(rows, -std::numeric_limits<float>::infinity());
-  s.l.assign(rows, 0.f);
-  s.k.resize(size_t(bs) * D);
-  s.v.resize(size_t(bs) * D);
-  s.s.resize(bs);
-  // rows: token-major, head within the group minor (row = t * G + j)
-  for (int t = 0; t < n_tok; ++t)
-    for (int j = 0; j < G; ++j) {
-      const T* src = p.query + int64_t(q_start + w.q0 + t) * p.q_tok + int64_t(w.head * G + j) * p.q_head;
-      float* dst = s.q.data() + size_t(t * G + j) * D;
-      for (int e = 0; e < D; ++e) dst[e] = to_f32(src[e]) * p.scale;
+  const int nq = w.q1 - w.q0, rows = nq * G;
+  s.fit(rows, R, D, kChunk);
+  float* __restrict q = s.q.data();  // [rows, D], pre-scaled; row = token * G + head in the group
+  float* __restrict scores = s.scores.data();  // [rows, kChunk]
+  float* __restrict acc = s.acc.data();  // [rows, D]
+  float* __restrict lat = s.lat.data();  // [kChunk, R]: a chunk's latents in fp32 (zero rows past n)
+  float* __restrict keys = s.keys.data();  // [kChunk, D]: rebuilt and rotated keys (zero rows past n)
+  float* __restrict values = s.values.data();  // [kChunk, D]
+  float* __restrict row_max = s.row_max.data();
+  float* __restrict row_sum = s.row_sum.data();
+  for (int i = 0; i < nq; ++i)
+    for (int g = 0; g < G; ++g) {
+      const T* src = p.query + int64_t(q_start + w.q0 + i) * p.q_tok + int64_t(w.head * G + g) * p.q_head;
+      float* dst = q + int64_t(i * G + g) * D;
+      load_f32(src, dst, D);
+#pragma omp simd
+      for (int e = 0; e < D; ++e) dst[e] *= p.scale;
     }
+  std::fill(acc, acc + int64_t(rows) * D, 0.0f);
+  std::fill(row_max, row_max + rows, -std::numeric_limits<float>::infinity());
+  std::fill(row_sum, row_sum + rows, 0.0f);
+
   const float* table = p.expand_t + int64_t(w.head) * R * D;  // [R, D]
+  const int64_t cs_row = int64_t(p.cs_heads) * (D / 2), cs_off = (p.cs_heads == 1 ? 0 : int64_t(w.head)) * (D / 2);
   const int kv_end = ctx + w.q1;  // keys the last token of the tile sees: 0 .. kv_end - 1
   const int32_t* blocks = p.block_table + int64_t(w.req) * p.bt_stride;
-  for (int b0 = 0; b0 < kv_end; b0 += bs) {
-    const int n = std::min(bs, kv_end - b0);
-    const T* page = p.cache + int64_t(blocks[b0 / bs]) * p.c_block + int64_t(w.head) * p.c_head;
-    // expand: K[i] = sum_e c_i[e] * table[e]  ([n, R] x [R, D]), values to fp32
-    for (int i = 0; i < n; ++i) {
-      const T* slot = page + int64_t(i) * p.c_tok;
-      float* k = s.k.data() + size_t(i) * D;
-      float* v = s.v.data() + size_t(i) * D;
-#pragma omp simd
-      for (int e = 0; e < D; ++e) k[e] = 0.f;
-      for (int e = 0; e < R; ++e) {
-        const float c = to_f32(slot[e]);
-        const float* row = table + size_t(e) * D;
-#pragma omp simd
-        for (int f = 0; f < D; ++f) k[f] += c * row[f];
+  const bool wide = D % 16 == 0 && bf16_dot_supported();  // AVX-512 scores and P.V (an AVX512-BF16 CPU has AVX512F)
+  (void)wide;
+  const int64_t slot_bytes = int64_t(R + D) * sizeof(T);
+  for (int page_start = 0, b = 0; page_start < kv_end; page_start += bs, ++b) {
+    const T* page = p.cache + int64_t(blocks[b]) * p.c_block + int64_t(w.head) * p.c_head;
+    const int page_len = std::min(bs, kv_end - page_start);
+    for (int c0 = 0; c0 < page_len; c0 += kChunk) {
+      const int n = std::min(kChunk, page_len - c0);
+      const int n0 = page_start + c0;  // position of the chunk's first token
+      // the next chunk's slots (on this page or the next), prefetched a few at a time during the
+      // expansion where it can (a burst would fill the miss buffers)
+      const uint8_t* pf = nullptr;
+      int pf_n = 0;
+      if (c0 + kChunk < page_len) {
+        pf = reinterpret_cast<const uint8_t*>(page + int64_t(c0 + kChunk) * p.c_tok), pf_n = std::min(kChunk, page_len - c0 - kChunk);
+      } else if (page_start + bs < kv_end) {
+        pf = reinterpret_cast<const uint8_t*>(p.cache + int64_t(blocks[b + 1]) * p.c_block + int64_t(w.head) * p.c_head);
+        pf_n = std::min(kChunk, kv_end - page_start - bs);
       }
-      // rotate at position b0 + i (NeoX: dim f pairs with f + half)
-      const size_t rope = (size_t(b0 + i) * p.H_kv + w.head) * half;
-      const float* cs = p.cos + rope;
-      const float* sn = p.sin + rope;
-#pragma omp simd
-      for (int f = 0; f < half; ++f) {
-        const float x1 = k[f], x2 = k[f + half];
-        k[f] = x1 * cs[f] - x2 * sn[f];
-        k[f + half] = x2 * cs[f] + x1 * sn[f];
+      const int n8 = (n + 7) / 8 * 8;
+      for (int j = 0; j < n; ++j) {
+        const T* slot = page + int64_t(c0 + j) * p.c_tok;
+        load_f32(slot, lat + int64_t(j) * R, R);
+        load_f32(slot + R, values + int64_t(j) * D, D);
       }
+      std::fill(lat + int64_t(n) * R, lat + int64_t(n8) * R, 0.0f);  // zero keys past n: finite padding for row_scores
+      if (!expand_rows(lat, n8, R, table, D, keys, pf, pf_n, p.c_tok * int64_t(sizeof(T)), slot_bytes) && pf)
+        prefetch_rows(pf, pf_n, p.c_tok * int64_t(sizeof(T)), slot_bytes);
+      rope_rows(keys, n, D, p.cos, p.sin, cs_row, cs_off, page_start, c0);
+
+#if THINKEYS_AVX512BF16
+      if (wide) {
+        attend_chunk_avx512(q, keys, values, n, n0, ctx + w.q0, nq, G, D, kChunk, scores, acc, row_max, row_sum, s.kt.data());
+        continue;
+      }
+#endif
+      for (int i = 0; i < nq; ++i) {
+        const int vis = std::min(n, ctx + w.q0 + i + 1 - n0);  // causal limit in this chunk
+        if (vis <= 0) continue;
+        for (int g = 0; g < G; ++g) {
+          const int row = i * G + g;
+          float* sr = scores + int64_t(row) * kChunk;
+          row_scores(q + int64_t(row) * D, keys, vis, D, sr);
+          const float prev_max = row_max[row];
+          const float new_max = row_max_of(sr, vis, prev_max);
+          const float sum = exp_and_sum(sr, vis, new_max);
+          const float alpha = prev_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(prev_max - new_max);
+          row_sum[row] = row_sum[row] * alpha + sum;
+          row_max[row] = new_max;
+          float* ar = acc + int64_t(row) * D;
+          if (alpha != 1.0f) {
 #pragma omp simd
-      for (int f = 0; f < D; ++f) v[f] = to_f32(slot[R + f]);
-    }
-    // scores, online softmax and P.V for every row of the tile
-    for (int t = 0; t < n_tok; ++t) {
-      const int visible = std::min(n, ctx + w.q0 + t + 1 - b0);  // keys b0 .. b0 + visible - 1
-      if (visible <= 0) continue;
-      for (int j = 0; j < G; ++j) {
-        const int row = t * G + j;
-        const float* q = s.q.data() + size_t(row) * D;
-        float mx = s.m[row];
-        for (int i = 0; i < visible; ++i) {
-          const float* k = s.k.data() + size_t(i) * D;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int f = 0; f < D; ++f) dot += q[f] * k[f];
-          s.s[i] = dot;
-          mx = std::max(mx, dot);
+            for (int c = 0; c < D; ++c) ar[c] *= alpha;
+          }
+          row_pv(sr, values, vis, D, ar);
         }
-        const float correction = std::exp(s.m[row] - mx);  // exp(-inf) = 0 on the first block
-        float* acc = s.acc.data() + size_t(row) * D;
-        float sum = s.l[row] * correction;
-#pragma omp simd
-        for (int f = 0; f < D; ++f) acc[f] *= correction;
-        for (int i = 0; i < visible; ++i) {
-          const float pr = std::exp(s.s[i] - mx);
-          sum += pr;
-          const float* v = s.v.data() + size_t(i) * D;
-#pragma omp simd
-          for (int f = 0; f < D; ++f) acc[f] += pr * v[f];
-        }
-        s.m[row] = mx;
-        s.l[row] = sum;
       }
     }
   }
-  for (int t = 0; t < n_tok; ++t)
-    for (int j = 0; j < G; ++j) {
-      const int row = t * G + j;
-      const float inv = 1.f / s.l[row];
-      T* dst = p.out + int64_t(q_start + w.q0 + t) * p.o_tok + int64_t(w.head * G + j) * p.o_head;
-      const float* acc = s.acc.data() + size_t(row) * D;
-      for (int f = 0; f < D; ++f) dst[f] = static_cast<T>(acc[f] * inv);
+  for (int i = 0; i < nq; ++i)
+    for (int g = 0; g < G; ++g) {
+      const int row = i * G + g;
+      const float inv = 1.f / row_sum[row];  // > 0: every query sees at least its own key
+      T* dst = p.out + int64_t(q_start + w.q0 + i) * p.o_tok + int64_t(w.head * G + g) * p.o_head;
+      const float* ar = acc + int64_t(row) * D;
+      for (int c = 0; c < D; ++c) dst[c] = from_f32<T>(ar[c] * inv);
     }
+}
+
+// ---- bf16 form ----------------------------------------------------------------------------------
+#if THINKEYS_AVX512BF16
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+
+struct ScratchBf16 {
+  std::vector<int32_t> q;  // the tile's query pairs [rows][P]
+  std::vector<float> scores, acc, row_max, row_sum, k32;  // [rows][srow], [rows][32 C], [rows], a page's keys [srow][Dv]
+  std::vector<uint16_t> probs, kb;  // [rows][srow]; a page's rotated keys [srow][32 C] bf16
+  // the pages rebuilt for (call, req, head): K^T pairs [page][P][srow] and values [page][pairs][32 C][2]
+  int64_t call = -1;
+  int req = -1, head = -1;
+  std::vector<int32_t> kt;
+  std::vector<uint16_t> vp;
+  std::vector<int> nt;  // per page: packed token count (0: not rebuilt yet)
+  std::vector<char> vp_done;
+  void fit(int rows, int P, int C, int Dv, int srow) {
+    auto grow = [](auto& v, size_t n) {
+      if (v.size() < n) v.resize(n);
+    };
+    grow(q, size_t(rows) * P);
+    grow(scores, size_t(rows) * srow);
+    grow(probs, size_t(rows) * srow);
+    grow(acc, size_t(rows) * C * 32);
+    grow(row_max, rows);
+    grow(row_sum, rows);
+    grow(k32, size_t(srow) * Dv);
+    grow(kb, size_t(srow) * C * 32);
+  }
+};
+
+ScratchBf16& thread_scratch_bf16() {
+  thread_local ScratchBf16 s;
+  return s;
+}
+
+// k32[t][0 : Dv] = latents of token t (R bf16 at lat + t * stride) x the VNNI table [Rp/2][Dv] pairs,
+// four tokens x NB 16-channel blocks in registers (each latent pair a broadcast load); with odd R
+// the last pair's second element (the slot's first value channel) is masked off.
+template <int NB, bool kOddR>
+THINKEYS_ALWAYS_INLINE void expand_bf16_block(const uint16_t* __restrict lat, int64_t stride, int n, int R, const int32_t* __restrict tbl, int Dv, int b0,
+                              float* __restrict k32) {
+  const int pairs = (R + 1) / 2;
+  for (int t0 = 0; t0 < n; t0 += 4) {
+    const int nt = std::min(4, n - t0);
+    __m512 a[4][NB];
+    for (int i = 0; i < 4; ++i)
+      for (int b = 0; b < NB; ++b) a[i][b] = _mm512_setzero_ps();
+    const int32_t* l[4];
+    for (int i = 0; i < 4; ++i) l[i] = reinterpret_cast<const int32_t*>(lat + int64_t(t0 + std::min(i, nt - 1)) * stride);
+    for (int pp = 0; pp < pairs; ++pp) {
+      __m512i tv[NB];
+      for (int b = 0; b < NB; ++b) tv[b] = _mm512_loadu_si512(tbl + int64_t(pp) * Dv + 16 * (b0 + b));
+      for (int i = 0; i < 4; ++i) {  // rows past nt repeat the last token (not stored)
+        int32_t bits;
+        std::memcpy(&bits, l[i] + pp, sizeof(bits));
+        if (kOddR && pp + 1 == pairs) bits &= 0xFFFF;
+        const __m512i cv = _mm512_set1_epi32(bits);
+        for (int b = 0; b < NB; ++b) a[i][b] = dp_bf16(a[i][b], tv[b], cv);
+      }
+    }
+    for (int i = 0; i < nt; ++i)
+      for (int b = 0; b < NB; ++b) _mm512_storeu_ps(k32 + int64_t(t0 + i) * Dv + 16 * (b0 + b), a[i][b]);
+  }
+}
+
+template <bool kOddR>
+inline void expand_bf16(const uint16_t* lat, int64_t stride, int n, int R, const int32_t* t, int Dv, float* k32) {
+  int b = 0;
+  const int nb = Dv / 16;
+  for (; b + 4 <= nb; b += 4) expand_bf16_block<4, kOddR>(lat, stride, n, R, t, Dv, b, k32);
+  for (; b + 2 <= nb; b += 2) expand_bf16_block<2, kOddR>(lat, stride, n, R, t, Dv, b, k32);
+  for (; b < nb; ++b) expand_bf16_block<1, kOddR>(lat, stride, n, R, t, Dv, b, k32);
+}
+
+// k32 [n][Dv] fp32 = the n latents (read in place, `stride` elements apart) x the table in pairs
+inline void expand_page_bf16(const uint16_t* lat, int64_t stride, int n, int R, const uint16_t* tbl, int Dv, float* k32, bool amx) {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  if (amx && R % 2 == 0) {  // [n, R] (read in place from the page) x [R, Dv] -> fp32
+    at::native::cpublas::brgemm(n, Dv, R, stride, Dv, Dv, false, reinterpret_cast<const at::BFloat16*>(lat),
+                                reinterpret_cast<const at::BFloat16*>(tbl), k32);
+    return;
+  }
+#endif
+  const int32_t* t = reinterpret_cast<const int32_t*>(tbl);
+  if (R % 2) {
+    expand_bf16<true>(lat, stride, n, R, t, Dv, k32);
+  } else {
+    expand_bf16<false>(lat, stride, n, R, t, Dv, k32);
+  }
+}
+
+// kb[t][0 : D] = bf16(RoPE(k32[t])) at positions pos0 + t0 + t (NeoX pairs f, f + half), pos0 the
+// page's first position and t0 + t the offset in the page. The angles come by angle addition,
+// cos((pos0 + o) w) = cos(pos0 w) cos(o w) - sin(pos0 w) sin(o w) (likewise sin), from the table's
+// row pos0 and its rows 0 .. block_size - 1: a decode over a long context then reads one row of the
+// big table per page instead of one per token, and the offset rows stay in the caches.
+THINKEYS_ALWAYS_INLINE void rope_one(const float* k, const float* cb, const float* sb, __m512 ca, __m512 sa, int half, int f, __mmask16 m,
+                                     uint16_t* o) {
+  const __m512 x1 = _mm512_maskz_loadu_ps(m, k + f), x2 = _mm512_maskz_loadu_ps(m, k + half + f);
+  const __m512 cbv = _mm512_maskz_loadu_ps(m, cb + f), sbv = _mm512_maskz_loadu_ps(m, sb + f);
+  const __m512 c = _mm512_fmsub_ps(ca, cbv, _mm512_mul_ps(sa, sbv));
+  const __m512 s = _mm512_fmadd_ps(sa, cbv, _mm512_mul_ps(ca, sbv));
+  const __m512 y1 = _mm512_fmsub_ps(x1, c, _mm512_mul_ps(x2, s));
+  const __m512 y2 = _mm512_fmadd_ps(x2, c, _mm512_mul_ps(x1, s));
+  if (m == __mmask16(0xFFFF)) {  // plain stores: masked stores are slow on some CPUs
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + f), (__m256i)_mm512_cvtneps_pbh(y1));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + half + f), (__m256i)_mm512_cvtneps_pbh(y2));
+  } else {
+    _mm256_mask_storeu_epi16(o + f, m, (__m256i)_mm512_cvtneps_pbh(y1));
+    _mm256_mask_storeu_epi16(o + half + f, m, (__m256i)_mm512_cvtneps_pbh(y2));
+  }
+}
+
+inline void rope_to_bf16(const float* __restrict k32, int Dv, int n, int D, const float* __restrict cos, const float* __restrict sin,
+                         int64_t cs_row, int64_t cs_off, int pos0, int t0, uint16_t* __restrict kb, int kb_stride) {
+  const int half = D / 2;
+  const float* cp = cos + int64_t(pos0) * cs_row + cs_off;  // the page's angle
+  const float* sp = sin + int64_t(pos0) * cs_row + cs_off;
+  for (int f = 0; f < half; f += 16) {
+    const __mmask16 m = half - f >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (half - f)) - 1);
+    const __m512 ca = _mm512_maskz_loadu_ps(m, cp + f), sa = _mm512_maskz_loadu_ps(m, sp + f);
+    for (int t = 0; t < n; ++t) {
+      const int64_t off = int64_t(t0 + t) * cs_row + cs_off;  // the token's offset angle
+      rope_one(k32 + int64_t(t) * Dv, cos + off, sin + off, ca, sa, half, f, m, kb + int64_t(t0 + t) * kb_stride);
+    }
+  }
+}
+
+// expand_bf16 and rope_to_bf16 in one pass for D = 16 NB (D a multiple of 32): TB tokens x NB
+// 16-channel blocks accumulate in registers, are rotated there (channel blocks b and b + NB / 2 are
+// RoPE pairs) and stored as bf16; the fp32 keys never go to memory. Tokens t0 .. t0 + n - 1 of the
+// page, latents at lat + t * stride (t from 0).
+template <int NB, int TB, bool kOddR>
+inline void expand_rope_bf16(const uint16_t* __restrict lat, int64_t stride, int n, int R, const int32_t* __restrict tbl,
+                             const float* __restrict cos, const float* __restrict sin, int64_t cs_row, int64_t cs_off, int pos0, int t0,
+                             uint16_t* __restrict kb, int kb_stride, const uint16_t* pf, int pf_n, int slot_bytes) {
+  constexpr int D = 16 * NB, half = D / 2, HB = NB / 2;
+  const int pairs = (R + 1) / 2;
+  __m512 ca[HB], sa[HB];  // the page's angle
+  for (int b = 0; b < HB; ++b) {
+    ca[b] = _mm512_loadu_ps(cos + int64_t(pos0) * cs_row + cs_off + 16 * b);
+    sa[b] = _mm512_loadu_ps(sin + int64_t(pos0) * cs_row + cs_off + 16 * b);
+  }
+  for (int j0 = 0; j0 < n; j0 += TB) {
+    const int nt = std::min(TB, n - j0);
+    // the slots of the next chunk a few at a time, spread over this one (a burst would fill the miss buffers)
+    for (int i = j0; i < std::min(j0 + TB, pf_n); ++i)
+      for (int o = 0; o < slot_bytes; o += 64) __builtin_prefetch(reinterpret_cast<const char*>(pf + int64_t(i) * stride) + o, 0, 3);
+    __m512 a[TB][NB];
+    for (int i = 0; i < TB; ++i)
+      for (int b = 0; b < NB; ++b) a[i][b] = _mm512_setzero_ps();
+    const int32_t* l[TB];
+    for (int i = 0; i < TB; ++i) l[i] = reinterpret_cast<const int32_t*>(lat + int64_t(j0 + std::min(i, nt - 1)) * stride);
+    for (int pp = 0; pp < pairs; ++pp) {
+      __m512i tv[NB];
+      for (int b = 0; b < NB; ++b) tv[b] = _mm512_loadu_si512(tbl + int64_t(pp) * D + 16 * b);
+      for (int i = 0; i < TB; ++i) {
+        int32_t bits;
+        std::memcpy(&bits, l[i] + pp, sizeof(bits));
+        if (kOddR && pp + 1 == pairs) bits &= 0xFFFF;
+        const __m512i cv = _mm512_set1_epi32(bits);
+        for (int b = 0; b < NB; ++b) a[i][b] = dp_bf16(a[i][b], tv[b], cv);
+      }
+    }
+    for (int i = 0; i < nt; ++i) {
+      const int64_t off = int64_t(t0 + j0 + i) * cs_row + cs_off;  // the token's offset in the page
+      uint16_t* o = kb + int64_t(t0 + j0 + i) * kb_stride;
+      for (int b = 0; b < HB; ++b) {
+        const __m512 cb = _mm512_loadu_ps(cos + off + 16 * b), sb = _mm512_loadu_ps(sin + off + 16 * b);
+        const __m512 c = _mm512_fmsub_ps(ca[b], cb, _mm512_mul_ps(sa[b], sb));
+        const __m512 s = _mm512_fmadd_ps(sa[b], cb, _mm512_mul_ps(ca[b], sb));
+        const __m512 x1 = a[i][b], x2 = a[i][b + HB];
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * b), (__m256i)_mm512_cvtneps_pbh(_mm512_fmsub_ps(x1, c, _mm512_mul_ps(x2, s))));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + half + 16 * b),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(x2, c, _mm512_mul_ps(x1, s))));
+      }
+    }
+  }
+}
+
+// Whether expand_rope_page_bf16 handles D (the fused pass), else expansion then rope_to_bf16.
+inline bool fused_rope(int D) { return D == 32 || D == 64 || D == 128; }
+
+inline void expand_rope_page_bf16(const uint16_t* lat, int64_t stride, int n, int R, const uint16_t* tbl, int D, const float* cos,
+                                  const float* sin, int64_t cs_row, int64_t cs_off, int pos0, int t0, uint16_t* kb, int kb_stride,
+                                  const uint16_t* pf, int pf_n, int slot_bytes) {
+  const int32_t* t = reinterpret_cast<const int32_t*>(tbl);
+#define THINKEYS_FUSED(NB, TB)                                                                                          \
+  (R % 2 ? expand_rope_bf16<NB, TB, true>(lat, stride, n, R, t, cos, sin, cs_row, cs_off, pos0, t0, kb, kb_stride, pf, pf_n, slot_bytes)  \
+         : expand_rope_bf16<NB, TB, false>(lat, stride, n, R, t, cos, sin, cs_row, cs_off, pos0, t0, kb, kb_stride, pf, pf_n, slot_bytes))
+  switch (D) {
+    case 32: THINKEYS_FUSED(2, 8); break;
+    case 64: THINKEYS_FUSED(4, 4); break;
+    default: THINKEYS_FUSED(8, 2); break;
+  }
+#undef THINKEYS_FUSED
+}
+
+constexpr int kRebuildChunk = 32;  // tokens expanded, rotated and packed at a time (two groups of 16; scratch stays in L1)
+
+void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, ScratchBf16& s, bool& used_brgemm) {
+  const int G = p.G, R = p.R, D = p.D, BS = p.block_size;
+  const int P = (D + 31) / 32 * 16;  // channel pairs of a rebuilt key, padded to whole 32-channel loads
+  const int C = (D + 31) / 32;
+  const int Dv = (D + 15) / 16 * 16;  // the expansion's output width
+  const int q_start = p.qsl[w.req], q_len = p.qsl[w.req + 1] - q_start, kv_len = p.lens[w.req];
+  const int nq = w.q1 - w.q0, rows = nq * G;
+  const int srow = ((BS + 15) / 16 + 7) / 8 * 8 * 16;  // tokens of a page rounded up to 8 groups of 16
+  const bool amx = amx_brgemm_supported();
+  const bool fused = fused_rope(D);
+  s.fit(rows, P, C, Dv, srow);
+  const TileBf16 t{nq, G, rows, P, C, D, srow, kv_len - q_len, w.q0, p.scale, rows >= kAmxRows && amx,
+                   s.q.data(), s.scores.data(), s.probs.data(), s.acc.data(), s.row_max.data(), s.row_sum.data()};
+  for (int i = 0; i < nq; ++i)
+    for (int g = 0; g < G; ++g) {  // the query's bf16 channels as pairs, zero-padded to P pairs
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(p.query + int64_t(q_start + w.q0 + i) * p.q_tok + int64_t(w.head * G + g) * p.q_head);
+      uint16_t* dst = reinterpret_cast<uint16_t*>(s.q.data() + int64_t(i * G + g) * P);
+      for (int c = 0; c < 2 * P; c += 32) _mm512_storeu_si512(dst + c, load_bf16_32(src + c, std::min(32, D - c)));
+    }
+  std::fill(t.acc, t.acc + int64_t(rows) * C * 32, 0.0f);
+  std::fill(t.row_max, t.row_max + rows, -std::numeric_limits<float>::infinity());
+  std::fill(t.row_sum, t.row_sum + rows, 0.0f);
+
+  // the rebuilt pages of this (call, request, KV head): kept across the request's tiles
+  const int num_pages = (kv_len + BS - 1) / BS;
+  const int64_t kt_page = int64_t(P) * srow, vp_page = int64_t(srow / 2) * C * 64;
+  if (s.call != p.call || s.req != w.req || s.head != w.head) {
+    s.call = p.call, s.req = w.req, s.head = w.head;
+    s.nt.assign(num_pages, 0);
+    s.vp_done.assign(num_pages, 0);
+    // a decode reads each page once: one page's room, reused
+    const int room = q_len > nq ? num_pages : 1;
+    if (s.kt.size() < size_t(room) * kt_page) s.kt.resize(size_t(room) * kt_page);
+    if (s.vp.size() < size_t(room) * vp_page) s.vp.resize(size_t(room) * vp_page);
+  }
+  const bool keep = q_len > nq;  // more than one tile: keep every page
+
+  const uint16_t* tbl = p.expand_pairs + int64_t(w.head) * ((R + 1) / 2) * Dv * 2;
+  const int64_t cs_row = int64_t(p.cs_heads) * (D / 2), cs_off = (p.cs_heads == 1 ? 0 : int64_t(w.head)) * (D / 2);
+  const int64_t stride = p.c_tok;  // bf16 elements from one token's slot to the next
+  const int kv_end = t.context + w.q1;
+  const int32_t* blocks = p.block_table + int64_t(w.req) * p.bt_stride;
+  for (int page_start = 0, b = 0; page_start < kv_end; page_start += BS, ++b) {
+    const uint16_t* page = reinterpret_cast<const uint16_t*>(p.cache + int64_t(blocks[b]) * p.c_block + int64_t(w.head) * p.c_head);
+    const int n = std::min(BS, kv_end - page_start);
+    const int slot = keep ? b : 0;
+    int32_t* kt = s.kt.data() + slot * kt_page;
+    uint16_t* vp = s.vp.data() + slot * vp_page;
+    if (!keep || s.nt[b] == 0) {  // rebuild: every token the request has on this page, a chunk at a time
+      const int n_all = keep ? std::min(BS, kv_len - page_start) : n;
+      const int nt = packed_tokens(n_all);
+      for (int c0 = 0; c0 < n_all; c0 += kRebuildChunk) {
+        const int m = std::min(kRebuildChunk, n_all - c0);
+        // the next chunk's slots (on this page or the next): prefetched while this one is rebuilt
+        const uint16_t* pf = nullptr;
+        int pf_n = 0;
+        if (c0 + kRebuildChunk < n_all) {
+          pf = page + (c0 + kRebuildChunk) * stride, pf_n = std::min(kRebuildChunk, n_all - c0 - kRebuildChunk);
+        } else if (page_start + BS < kv_end) {
+          pf = reinterpret_cast<const uint16_t*>(p.cache + int64_t(blocks[b + 1]) * p.c_block + int64_t(w.head) * p.c_head);
+          pf_n = std::min(kRebuildChunk, kv_end - page_start - BS);
+        }
+        const int slot_bytes = (R + D) * 2;
+        if (!(fused && !amx) && pf) prefetch_rows(reinterpret_cast<const uint8_t*>(pf), pf_n, stride * 2, slot_bytes);
+        if (fused && !amx) {  // vdpbf16ps expansion with RoPE in registers
+          expand_rope_page_bf16(page + c0 * stride, stride, m, R, tbl, D, p.cos, p.sin, cs_row, cs_off, page_start, c0, s.kb.data(), C * 32,
+                                pf, pf_n, slot_bytes);
+        } else {  // expansion (AMX brgemm or vdpbf16ps) into fp32, then RoPE
+          expand_page_bf16(page + c0 * stride, stride, m, R, tbl, Dv, s.k32.data(), amx);
+          rope_to_bf16(s.k32.data(), Dv, m, D, p.cos, p.sin, cs_row, cs_off, page_start, c0, s.kb.data(), C * 32);
+        }
+        pack_key_groups(s.kb.data(), C * 32, D, n_all, P, nt, c0 / 16, (c0 + m + 15) / 16, kt);
+      }
+      pack_key_groups(s.kb.data(), C * 32, D, n_all, P, nt, (n_all + 15) / 16, nt / 16, kt);  // zero groups up to nt
+      s.nt[b] = nt;
+      s.vp_done[b] = 0;
+    }
+    if (t.use_brgemm && !s.vp_done[b]) {
+      pack_values_vnni(page + R, stride, keep ? std::min(BS, kv_len - page_start) : n, D, C, vp);
+      s.vp_done[b] = keep;
+    }
+    attend_page_bf16(t, kt, s.nt[b], n, page_start, page + R, stride, vp, nullptr, nullptr);
+  }
+  used_brgemm = used_brgemm || t.use_brgemm || amx;
+
+  for (int i = 0; i < nq; ++i)
+    for (int g = 0; g < G; ++g)
+      store_row_bf16(t, i * G + g, p.out + int64_t(q_start + w.q0 + i) * p.o_tok + int64_t(w.head * G + g) * p.o_head);
+}
+#pragma GCC pop_options
+#endif
+
+// ---- entry points -------------------------------------------------------------------------------
+
+std::string kernel_isa() {
+#if THINKEYS_AVX512BF16
+  if (bf16_dot_supported()) return amx_brgemm_supported() ? "avx512bf16+amx" : "avx512bf16";
+#endif
+  return THINKEYS_AVX2 ? "avx2" : "portable";
 }
 
 void check_host_index(const at::Tensor& t, const char* name, int64_t dim) {
@@ -186,7 +796,8 @@ void paged_attention(
     const at::Tensor& query,  // [T, H, D]
     const at::Tensor& kv_cache,  // [num_blocks, H_kv, block_size, R + D]
     const at::Tensor& expand_t,  // [H_kv, R, D] float32, contiguous (the expansion table A^T, transposed)
-    const at::Tensor& cos,  // [max_pos, H_kv, D / 2] float32, contiguous
+    const at::Tensor& expand_pairs,  // [H_kv, ceil(R / 2), ceil16(D), 2] bfloat16, contiguous (the same, VNNI pairs)
+    const at::Tensor& cos,  // [max_pos, H_cs, D / 2] float32, contiguous; H_cs = 1 or H_kv
     const at::Tensor& sin,
     const at::Tensor& block_table,  // [num_reqs, max_blocks] int32
     const at::Tensor& query_start_loc,  // [num_reqs + 1] int32
@@ -194,7 +805,7 @@ void paged_attention(
     double scale,
     const at::Tensor& output) {  // [T, H, D]
   TORCH_CHECK(query.dim() == 3 && kv_cache.dim() == 4 && output.dim() == 3 && expand_t.dim() == 3 && cos.dim() == 3,
-              "expected query [T, H, D], kv_cache [blocks, H_kv, block_size, R + D], expand_t [H_kv, R, D], cos/sin [P, H_kv, D/2], output [T, H, D]");
+              "expected query [T, H, D], kv_cache [blocks, H_kv, block_size, R + D], expand_t [H_kv, R, D], cos/sin [P, H_cs, D/2], output [T, H, D]");
   TORCH_CHECK(query.scalar_type() == kv_cache.scalar_type() && output.scalar_type() == kv_cache.scalar_type(),
               "query, kv_cache and output must share one dtype");
   TORCH_CHECK(expand_t.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
@@ -210,12 +821,22 @@ void paged_attention(
   TORCH_CHECK(D % 2 == 0, "D must be even (RoPE pairs)");
   TORCH_CHECK(kv_cache.size(3) == R + D, "kv_cache rows hold ", kv_cache.size(3), " channels, expected R + D = ", R + D);
   TORCH_CHECK(expand_t.size(0) == H_kv && expand_t.size(2) == D, "expand_t must be [H_kv, R, D]");
-  TORCH_CHECK(cos.size(1) == H_kv && cos.size(2) == D / 2, "cos/sin must be [P, H_kv, D / 2]");
+  TORCH_CHECK(cos.size(1) == H_kv || cos.size(1) == 1, "cos/sin must be [P, H_kv or 1, D / 2]");
+  TORCH_CHECK(cos.size(2) == D / 2, "cos/sin must be [P, H_cs, D / 2]");
   TORCH_CHECK(H % H_kv == 0, H, " query heads cannot share ", H_kv, " KV heads");
   TORCH_CHECK(output.size(1) == H && output.size(2) == D, "output must be [T, H, D]");
+  const bool pairs_given = expand_pairs.numel() > 0;
+  if (pairs_given) {
+    TORCH_CHECK(expand_pairs.scalar_type() == at::kBFloat16 && expand_pairs.is_contiguous() && expand_pairs.dim() == 4 &&
+                    expand_pairs.size(0) == H_kv && expand_pairs.size(1) == (R + 1) / 2 && expand_pairs.size(2) == (D + 15) / 16 * 16 &&
+                    expand_pairs.size(3) == 2,
+                "expand_pairs must be a contiguous bfloat16 [H_kv, ceil(R / 2), D rounded up to 16, 2]");
+  }
   const int64_t num_reqs = seq_lens.size(0);
   TORCH_CHECK(query_start_loc.size(0) == num_reqs + 1 && block_table.size(0) >= num_reqs, "query_start_loc / block_table do not match ", num_reqs, " requests");
 
+  const bool bf16_form = THINKEYS_AVX512BF16 && kv_cache.scalar_type() == at::kBFloat16 && bf16_dot_supported();
+  TORCH_CHECK(!bf16_form || pairs_given, "the bf16 form needs expand_pairs (see rebuild_kernel.prepared_tables)");
   const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int64_t max_blocks = block_table.size(1);
@@ -227,11 +848,12 @@ void paged_attention(
     TORCH_CHECK(lens[i] >= q_len, "request ", i, ": seq_len ", lens[i], " < query length ", q_len);
     TORCH_CHECK((lens[i] + block_size - 1) / block_size <= max_blocks, "request ", i, ": seq_len ", lens[i], " needs more than ", max_blocks, " blocks");
     TORCH_CHECK(lens[i] <= cos.size(0), "request ", i, ": seq_len ", lens[i], " exceeds the ", cos.size(0), " positions of the cos/sin tables");
-    const int tile = q_len == 1 ? 1 : kQueryTile;
+    const int tile = q_len == 1 ? 1 : (bf16_form ? kQueryTileBf16 : kQueryTile);
     for (int64_t h = 0; h < H_kv; ++h)
       for (int q0 = 0; q0 < q_len; q0 += tile) items.push_back({int(i), int(h), q0, std::min(q_len, q0 + tile)});
   }
   if (items.empty()) return;
+  const int64_t call = g_calls.fetch_add(1) + 1;
 
   dispatch_dtype(kv_cache.scalar_type(), "thinkeys_rebuild::paged_attention", [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -239,10 +861,26 @@ void paged_attention(
         query.data_ptr<scalar_t>(), query.stride(0), query.stride(1),
         kv_cache.data_ptr<scalar_t>(), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         output.data_ptr<scalar_t>(), output.stride(0), output.stride(1),
-        expand_t.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
+        expand_t.data_ptr<float>(), pairs_given ? reinterpret_cast<const uint16_t*>(expand_pairs.data_ptr()) : nullptr,
+        cos.data_ptr<float>(), sin.data_ptr<float>(), int(cos.size(1)),
         block_table.data_ptr<int32_t>(), block_table.stride(0),
         qsl, lens,
-        int(H_kv), int(H / H_kv), int(R), int(D), int(block_size), float(scale)};
+        int(H_kv), int(H / H_kv), int(R), int(D), int(block_size), float(scale), call};
+#if THINKEYS_AVX512BF16
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (bf16_form) {
+        at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
+          ScratchBf16& s = thread_scratch_bf16();
+          bool used_brgemm = false;
+          for (int64_t k = begin; k < end; ++k) attend_tile_bf16(p, items[k], s, used_brgemm);
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+          if (used_brgemm) at::native::cpublas::brgemm_release();  // the thread's AMX tile state
+#endif
+        });
+        return;
+      }
+    }
+#endif
     at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
       Scratch& s = thread_scratch();
       for (int64_t k = begin; k < end; ++k) attend_tile(p, items[k], s);
@@ -251,12 +889,13 @@ void paged_attention(
 }
 
 }  // namespace
-}  // namespace thinkeys_rebuild
+}  // namespace thinkeys
 
 TORCH_LIBRARY(thinkeys_rebuild, m) {
-  m.def("paged_attention(Tensor query, Tensor kv_cache, Tensor expand_t, Tensor cos, Tensor sin, Tensor block_table, Tensor query_start_loc, Tensor seq_lens, float scale, Tensor(a!) output) -> ()");
+  m.def("kernel_isa() -> str", &thinkeys::kernel_isa);
+  m.def("paged_attention(Tensor query, Tensor kv_cache, Tensor expand_t, Tensor expand_pairs, Tensor cos, Tensor sin, Tensor block_table, Tensor query_start_loc, Tensor seq_lens, float scale, Tensor(a!) output) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(thinkeys_rebuild, CPU, m) {
-  m.impl("paged_attention", &thinkeys_rebuild::paged_attention);
+  m.impl("paged_attention", &thinkeys::paged_attention);
 }

@@ -5,6 +5,11 @@ layouts, GQA, decodes mixed with fresh and chunked prefills (cached-prefix offse
 requests; float32, bfloat16 and float16. The reference rebuilds every key as ``A^T c`` in float64,
 rotates it with the source's RoPE at its position (``thinkeys.rope.apply_thin_rope``) and runs
 causal attention with the d-wide query. Fails rather than skips when the kernel cannot be built.
+
+The forms (see csrc/rebuild_attention.cpp): the bf16 form on AVX512-BF16 CPUs (vdpbf16ps or AMX
+expansion, pages kept across a prefill's tiles, the fused RoPE for d in 32 / 64 / 128), the fp32
+form (AVX-512 scores and P.V, transposed-key scoring for prefill tiles), the AVX2 form
+(THINKEYS_KERNEL_ISA=avx2, in a subprocess) and the bf16 form without AMX (THINKEYS_KERNEL_NO_AMX=1).
 """
 
 from __future__ import annotations

@@ -48,6 +48,13 @@ die() { echo "thinkeys-entrypoint: error: $*" >&2; exit 2; }
 [ -f "$MODEL/config.json" ] || die "$MODEL/config.json not found: mount the model folder (THINKEYS_MODELS_DIR on the host, \
 fetched with \`thinkeys fetch --models-dir models\` or \`docker compose --profile setup run --rm fetch\`) and set THINKEYS_MODEL"
 
+# The server runs as the image's unprivileged user: a file fetched or converted on the host as another
+# user with mode 0600 would fail later with a misleading "No such file or directory".
+for f in "$MODEL"/*; do
+  [ -r "$f" ] || die "$f is not readable by uid $(id -u) in the container: make the model folder readable \
+by others on the host (chmod -R a+rX on it)"
+done
+
 SERVE_MODEL=$MODEL
 if grep -q '"thin_keys"' "$MODEL/config.json"; then
   echo "thinkeys-entrypoint: $MODEL is a thin-key checkpoint; serving it as it is (THINKEYS_RANK ignored)" >&2

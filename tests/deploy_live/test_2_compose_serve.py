@@ -55,8 +55,8 @@ def test_compose_up_turns_healthy_with_the_default_model_mounted_read_only(serve
     # the default: the shipped recovered r = 32 rebuild weights applied to the mounted base model
     assert f"applying recovered weights" in logs and f"/models/{DEFAULT_MODEL}" in logs, logs[-3000:]
     # the server runs as the image's unprivileged user
-    top = docker("top", served.container(), "-o", "uid,args").stdout.splitlines()[1:]
-    assert top and all(line.split()[0] == "10001" for line in top), top
+    top = docker("top", served.container(), "-o", "pid,uid,args").stdout.splitlines()[1:]  # docker top needs the pid column
+    assert top and all(line.split()[1] == "10001" for line in top), top
 
 
 def test_openai_client_gets_a_completion_a_chat_answer_and_a_stream(served):
@@ -110,7 +110,7 @@ FIND_ENGINE = """
 import os
 for pid in sorted(int(p) for p in os.listdir('/proc') if p.isdigit()):
     try:
-        cmd = open(f'/proc/{pid}/cmdline', 'rb').read().replace(b'\\0', b' ').decode().strip()
+        cmd = open(f'/proc/{pid}/cmdline', 'rb').read().replace(b'\\0', b' ').replace(b'\\n', b' ').decode().strip()
         comm = open(f'/proc/{pid}/comm').read().strip()
     except OSError:
         continue

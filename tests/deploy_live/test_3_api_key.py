@@ -13,6 +13,8 @@ import time
 
 import httpx
 
+from conftest import docker
+
 ERROR = "thinkeys serve: error: --require-api-key: no API key"
 
 
@@ -54,8 +56,5 @@ def test_beyond_loopback_with_a_key_requests_need_it(project_factory):
     assert httpx.get(f"{project.base_url}/v1/thinkeys/savings", timeout=30).status_code == 401
     assert httpx.get(f"{project.base_url}/health", timeout=30).status_code == 200  # the healthcheck's path stays open
     # the key is not on the command line (`ps` in the container shows none of it)
-    container = project.container()
-    import subprocess
-
-    top = subprocess.run(["docker", "top", container, "-o", "args"], capture_output=True, text=True).stdout
+    top = docker("top", project.container(), "-o", "pid,args").stdout
     assert key not in top and "--require-api-key" in top

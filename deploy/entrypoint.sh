@@ -110,9 +110,26 @@ case "${THINKEYS_BIND_ADDRESS:-127.0.0.1}" in
 esac
 
 read -r -a EXTRA <<< "${THINKEYS_EXTRA_ARGS:-}"
-exec "$THINKEYS" serve "$SERVE_MODEL" ${REQUIRE_KEY[@]+"${REQUIRE_KEY[@]}"} \
-  --host "$HOST" --port "$PORT" \
-  --served-model-name "$SERVED_MODEL_NAME" \
-  --kv-cache-memory-bytes "$KV_CACHE_MEMORY" \
-  --max-model-len "$MAX_MODEL_LEN" \
-  ${EXTRA[@]+"${EXTRA[@]}"} "$@"
+SERVE=("$THINKEYS" serve "$SERVE_MODEL" ${REQUIRE_KEY[@]+"${REQUIRE_KEY[@]}"}
+  --host "$HOST" --port "$PORT"
+  --served-model-name "$SERVED_MODEL_NAME"
+  --kv-cache-memory-bytes "$KV_CACHE_MEMORY"
+  --max-model-len "$MAX_MODEL_LEN"
+  ${EXTRA[@]+"${EXTRA[@]}"} "$@")
+case " $* " in *" --print-command "*) exec "${SERVE[@]}" ;; esac
+
+# Not exec'd: vLLM's server exits with status 0 when its engine process dies, which Docker's restart
+# policy (on-failure) takes for a clean stop. A stop asked for (SIGTERM from `docker stop`, Ctrl-C) is
+# passed on and its status kept; an exit nobody asked for becomes status 1, so the container restarts.
+STOP=""
+trap 'STOP=1; kill -TERM "$SERVER" 2>/dev/null || true' TERM INT
+"${SERVE[@]}" &
+SERVER=$!
+set +e
+wait "$SERVER"; STATUS=$?
+while kill -0 "$SERVER" 2>/dev/null; do wait "$SERVER"; STATUS=$?; done  # a trapped signal ends `wait` early
+if [ "$STATUS" -eq 0 ] && [ -z "$STOP" ]; then
+  echo "thinkeys-entrypoint: error: the server exited without being asked to (its engine process died); exit status 1" >&2
+  exit 1
+fi
+exit "$STATUS"

@@ -37,6 +37,17 @@ _MODELS_DIR = os.environ.get("THINKEYS_MODELS_DIR")
 _DATA_DIR = os.environ.get("THINKEYS_DATA_DIR")
 
 
+# Figures the tests record (build and start-up times, what a stopped client saw), printed at the end of the run.
+FIGURES: dict[str, object] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.write_sep("-", "deploy figures")
+        for key, value in FIGURES.items():
+            terminalreporter.write_line(f"{key}: {value}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -116,6 +127,7 @@ class Project:
 @pytest.fixture(scope="session")
 def engine():
     eng = harness.ensure_engine()
+    FIGURES["engine"] = f"started here in {eng.started_s:.1f} s" if eng.process else "already running"
     remove_leftovers()
     yield eng
     remove_leftovers()
@@ -124,7 +136,10 @@ def engine():
 
 @pytest.fixture(scope="session")
 def base_images(engine) -> dict[str, str]:
-    return harness.ensure_base_images()
+    t0 = time.monotonic()
+    images = harness.ensure_base_images()
+    FIGURES["base images"] = f"{images} in {time.monotonic() - t0:.1f} s"
+    return images
 
 
 @pytest.fixture(scope="session")
@@ -166,7 +181,8 @@ def cpu_image(base_images) -> dict:
     result = subprocess.run(cmd, capture_output=True, text=True, env=build_env(), cwd=ROOT, timeout=1800)
     assert result.returncode == 0, f"image build failed:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
     info = json.loads(docker("image", "inspect", IMAGE).stdout)[0]
-    return {"inspect": info, "build_log": result.stdout + result.stderr, "build_s": time.monotonic() - t0}
+    FIGURES["image build (docker compose build), s"] = round(time.monotonic() - t0, 1)
+    return {"inspect": info, "build_log": result.stdout + result.stderr}
 
 
 def new_project(name: str, model_dirs: tuple[Path, Path], **settings: str) -> Project:

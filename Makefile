@@ -111,7 +111,7 @@ test: setup
 # Builds the CPU image and runs deploy/docker-compose.yml on a real Docker engine (as root it installs
 # Debian's docker.io and starts dockerd when none answers; base images are stand-ins built from Debian
 # packages where no registry can be reached). Serves the default model from $(MODELS)/$(DATA) when fetched
-# there, else fetches it into ~/.cache/thinkeys-deploy. About 10 minutes warm: tests/deploy_live/README.md.
+# there, else fetches it into ~/.cache/thinkeys-deploy. What it checks and costs: deploy/README.md, "Tested in containers".
 deploy-test: setup
 	$(BIN)/python -m pytest tests/deploy_live --timeout=1800 $(PYTEST_ARGS)
 

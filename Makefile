@@ -1,6 +1,7 @@
 # Two commands do all setup on a fresh machine:
 #   make serve   environment + default model (fetched; the shipped recovered thin-key weights applied) + OpenAI server on 127.0.0.1:8000
 #   make test    environment + the whole test suite (what .ci/run calls)
+#   make deploy-test   deploy/ for real: the CPU image built and `docker compose up` on a Docker engine (tests/deploy_live)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -44,7 +45,7 @@ PORT ?= 8000
 KV_CACHE_GIB ?= 1
 SERVE_FLAGS ?=
 
-.PHONY: setup serve test fetch convert recover-default clean-models
+.PHONY: setup serve test deploy-test fetch convert recover-default clean-models
 
 setup: $(VENV)/.installed
 
@@ -106,6 +107,13 @@ recover-default: setup $(RECIPE_FINAL)/config.json
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Builds the CPU image and runs deploy/docker-compose.yml on a real Docker engine (as root it installs
+# Debian's docker.io and starts dockerd when none answers; base images are stand-ins built from Debian
+# packages where no registry can be reached). Serves the default model from $(MODELS)/$(DATA) when fetched
+# there, else fetches it into ~/.cache/thinkeys-deploy. What it checks and costs: deploy/README.md, "Tested in containers".
+deploy-test: setup
+	$(BIN)/python -m pytest tests/deploy_live --timeout=1800 $(PYTEST_ARGS)
 
 clean-models:
 	rm -rf $(MODELS)

@@ -48,6 +48,13 @@ die() { echo "thinkeys-entrypoint: error: $*" >&2; exit 2; }
 [ -f "$MODEL/config.json" ] || die "$MODEL/config.json not found: mount the model folder (THINKEYS_MODELS_DIR on the host, \
 fetched with \`thinkeys fetch --models-dir models\` or \`docker compose --profile setup run --rm fetch\`) and set THINKEYS_MODEL"
 
+# The server runs as the image's unprivileged user: a file fetched or converted on the host as another
+# user with mode 0600 would fail later with a misleading "No such file or directory".
+for f in "$MODEL"/*; do
+  [ -r "$f" ] || die "$f is not readable by uid $(id -u) in the container: make the model folder readable \
+by others on the host (chmod -R a+rX on it)"
+done
+
 SERVE_MODEL=$MODEL
 if grep -q '"thin_keys"' "$MODEL/config.json"; then
   echo "thinkeys-entrypoint: $MODEL is a thin-key checkpoint; serving it as it is (THINKEYS_RANK ignored)" >&2
@@ -103,9 +110,26 @@ case "${THINKEYS_BIND_ADDRESS:-127.0.0.1}" in
 esac
 
 read -r -a EXTRA <<< "${THINKEYS_EXTRA_ARGS:-}"
-exec "$THINKEYS" serve "$SERVE_MODEL" ${REQUIRE_KEY[@]+"${REQUIRE_KEY[@]}"} \
-  --host "$HOST" --port "$PORT" \
-  --served-model-name "$SERVED_MODEL_NAME" \
-  --kv-cache-memory-bytes "$KV_CACHE_MEMORY" \
-  --max-model-len "$MAX_MODEL_LEN" \
-  ${EXTRA[@]+"${EXTRA[@]}"} "$@"
+SERVE=("$THINKEYS" serve "$SERVE_MODEL" ${REQUIRE_KEY[@]+"${REQUIRE_KEY[@]}"}
+  --host "$HOST" --port "$PORT"
+  --served-model-name "$SERVED_MODEL_NAME"
+  --kv-cache-memory-bytes "$KV_CACHE_MEMORY"
+  --max-model-len "$MAX_MODEL_LEN"
+  ${EXTRA[@]+"${EXTRA[@]}"} "$@")
+case " $* " in *" --print-command "*) exec "${SERVE[@]}" ;; esac
+
+# Not exec'd: vLLM's server exits with status 0 when its engine process dies, which Docker's restart
+# policy (on-failure) takes for a clean stop. A stop asked for (SIGTERM from `docker stop`, Ctrl-C) is
+# passed on and its status kept; an exit nobody asked for becomes status 1, so the container restarts.
+STOP=""
+trap 'STOP=1; kill -TERM "$SERVER" 2>/dev/null || true' TERM INT
+"${SERVE[@]}" &
+SERVER=$!
+set +e
+wait "$SERVER"; STATUS=$?
+while kill -0 "$SERVER" 2>/dev/null; do wait "$SERVER"; STATUS=$?; done  # a trapped signal ends `wait` early
+if [ "$STATUS" -eq 0 ] && [ -z "$STOP" ]; then
+  echo "thinkeys-entrypoint: error: the server exited without being asked to (its engine process died); exit status 1" >&2
+  exit 1
+fi
+exit "$STATUS"

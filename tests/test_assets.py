@@ -11,6 +11,7 @@ cache makes repeats cheap).
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -224,7 +225,14 @@ def test_atomic_folder_publishes_only_on_success(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with atomic_folder(final) as tmp:
         (tmp / "whole.txt").write_text("whole")
-    assert [p.name for p in final.iterdir()] == ["whole.txt"] and _leftovers(tmp_path) == []
+        (tmp / "private.bin").write_bytes(b"w")
+        (tmp / "private.bin").chmod(0o600)  # as safetensors writes model.safetensors
+    assert sorted(p.name for p in final.iterdir()) == ["private.bin", "whole.txt"] and _leftovers(tmp_path) == []
+    # readable by other users, as a plain open() under the umask makes it: a container's non-root server reads it
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (final / "private.bin").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert final.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 # --- Wikipedia corpus --------------------------------------------------------------------------

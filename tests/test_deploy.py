@@ -305,3 +305,15 @@ def test_entrypoint_serves_recovered_weights_from_a_delta_and_falls_back_to_conv
     assert "no shipped recovered weights apply" in fallback.stderr and f"--model {tmp_path / 'cache' / 'llama-thin-r32-mixed'} " in fallback.stdout
     bad = subprocess.run(["bash", str(ENTRYPOINT)], capture_output=True, text=True, env={**env, "THINKEYS_RECOVERED": str(tmp_path / "nope.safetensors")})
     assert bad.returncode == 2 and "no such delta file" in bad.stderr
+
+
+def test_root_dockerignore_equals_the_per_dockerfile_ones():
+    """The classic builder (Debian's docker.io 20.10, and `make deploy-test` where no registry gives BuildKit its
+    frontend) reads only the context's .dockerignore: it must send the same files BuildKit sends."""
+
+    def patterns(path: Path) -> list[str]:
+        return [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+
+    root = patterns(ROOT / ".dockerignore")
+    assert root == patterns(DEPLOY / "Dockerfile.cpu.dockerignore") == patterns(DEPLOY / "Dockerfile.cuda.dockerignore")
+    assert root[0] == "*", "everything is excluded but what the images install"

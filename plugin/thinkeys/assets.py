@@ -104,7 +104,11 @@ def atomic_folder(final: Path, *, replace: bool = False) -> Iterator[Path]:
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+        # mkdtemp makes the folder private and safetensors writes its files 0600: give everything the
+        # permissions a plain mkdir/open would, so that other users (a container's non-root server) can read it.
+        tmp.chmod(0o777 & ~umask)
+        for path in tmp.rglob("*"):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         old = None
         if final.exists():
             if not replace:

@@ -1,0 +1,220 @@
+"""The container suite (``make deploy-test``): deploy/ built and run on a real Docker engine.
+
+Not part of ``make test`` (tests/conftest.py leaves this folder out unless it is named). Session
+fixtures prepare the machine once (see harness.py): the engine (started here, and stopped at the end,
+when none runs), the stand-in base images, the CPU image built from this checkout by ``docker compose
+build``, and the model and text folders mounted into the containers. Each test runs its own Compose
+project (``-p thinkeys-dt-<name>``, so a user's ``vllm-thinkeys`` project is never touched) on a free
+port published on 127.0.0.1, and removes it with ``down --volumes``; leftovers of a killed run are
+removed at the start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import harness  # noqa: E402
+
+ROOT = harness.ROOT
+DEPLOY = ROOT / "deploy"
+COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+PROJECT_PREFIX = "thinkeys-dt-"
+IMAGE = "vllm-thinkeys:cpu"
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+# Captured before any test runs: a developer's THINKEYS_* settings pick the folders, never the services.
+_MODELS_DIR = os.environ.get("THINKEYS_MODELS_DIR")
+_DATA_DIR = os.environ.get("THINKEYS_DATA_DIR")
+
+
+# Figures the tests record (build and start-up times, what a stopped client saw), printed at the end of the run.
+FIGURES: dict[str, object] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.write_sep("-", "deploy figures")
+        for key, value in FIGURES.items():
+            terminalreporter.write_line(f"{key}: {value}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("THINKEYS_", "VLLM_CPU_OMP", "COMPOSE_"))}
+    return {**env, **overrides}
+
+
+def docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([harness.docker_bin(), *args], capture_output=True, text=True, check=check, timeout=timeout)
+
+
+def remove_leftovers() -> None:
+    """Containers, networks and volumes of earlier runs' test projects (a killed run cannot clean up)."""
+    label = '{{index .Labels "com.docker.compose.project"}}'
+    for kind, ls in (("container", ["ps", "-a"]), ("network", ["network", "ls"]), ("volume", ["volume", "ls"])):
+        for item in docker(*ls, "-q", "--filter", "label=com.docker.compose.project", check=False).stdout.split():
+            fmt = label.replace(".Labels", ".Config.Labels") if kind == "container" else label
+            if docker(kind, "inspect", "--format", fmt, item, check=False).stdout.strip().startswith(PROJECT_PREFIX):
+                docker(kind, "rm", *(["-f"] if kind == "container" else []), item, check=False)
+
+
+@dataclass
+class Project:
+    """One Compose project of deploy/docker-compose.yml, run with the README's commands."""
+
+    name: str
+    env: dict[str, str]
+    port: int
+
+    def compose(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        # --env-file /dev/null: a developer's deploy/.env must not change what the test runs
+        cmd = [*harness.compose_command(), "-p", self.name, "--env-file", os.devnull, "-f", str(COMPOSE_FILE), *args]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout, cwd=ROOT)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        return result
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def container(self, service: str = "thinkeys") -> str:
+        ids = self.compose("ps", "-a", "-q", service).stdout.split()
+        assert len(ids) == 1, f"expected one {service} container, got {ids}"
+        return ids[0]
+
+    def state(self, service: str = "thinkeys") -> dict:
+        return json.loads(docker("inspect", "--format", "{{json .State}}", self.container(service)).stdout)
+
+    def restart_count(self, service: str = "thinkeys") -> int:
+        return int(docker("inspect", "--format", "{{.RestartCount}}", self.container(service)).stdout)
+
+    def logs(self, service: str = "thinkeys") -> str:
+        return self.compose("logs", "--no-color", "--no-log-prefix", service, check=False).stdout
+
+    def wait_healthy(self, timeout_s: float = 600, service: str = "thinkeys") -> float:
+        """Seconds until Docker reports the healthcheck healthy (the container must stay up meanwhile)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            state = self.state(service)
+            health = (state.get("Health") or {}).get("Status")
+            if health == "healthy":
+                return time.monotonic() - t0
+            if state["Status"] in ("exited", "dead"):
+                raise AssertionError(f"container stopped ({state}); logs:\n{self.logs(service)[-4000:]}")
+            time.sleep(2)
+        raise AssertionError(f"not healthy after {timeout_s:.0f} s: {self.state(service)}; logs:\n{self.logs(service)[-4000:]}")
+
+    def down(self) -> None:
+        self.compose("down", "--volumes", "--remove-orphans", "--timeout", "20", check=False, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def engine():
+    eng = harness.ensure_engine()
+    FIGURES["engine"] = f"started here in {eng.started_s:.1f} s" if eng.process else "already running"
+    remove_leftovers()
+    yield eng
+    remove_leftovers()
+    harness.stop_engine(eng)
+
+
+@pytest.fixture(scope="session")
+def base_images(engine) -> dict[str, str]:
+    t0 = time.monotonic()
+    images = harness.ensure_base_images()
+    FIGURES["base images"] = f"{images} in {time.monotonic() - t0:.1f} s"
+    return images
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """(models, data) for THINKEYS_MODELS_DIR / THINKEYS_DATA_DIR: the developer's, the checkout's
+    (where `thinkeys fetch` / `make fetch` put them) or a cached folder fetched here with `thinkeys fetch`."""
+    candidates = []
+    if _MODELS_DIR and _DATA_DIR:
+        candidates.append((Path(_MODELS_DIR), Path(_DATA_DIR)))
+    candidates += [(ROOT / "models", ROOT / "data"), (harness.CACHE / "models", harness.CACHE / "data")]
+    for models, data in candidates:
+        if (models / DEFAULT_MODEL / "config.json").is_file() and (data / "wiki" / "tune.txt").is_file():
+            return models.resolve(), data.resolve()
+    models, data = candidates[-1]
+    thinkeys = Path(sys.executable).parent / "thinkeys"
+    subprocess.run([str(thinkeys), "fetch", "--models-dir", str(models), "--data-dir", str(data)], check=True, timeout=900)
+    return models.resolve(), data.resolve()
+
+
+def build_env() -> dict[str, str]:
+    """The compose client's environment for a build on this machine.
+
+    The Dockerfiles start with ``# syntax=docker/dockerfile:1``, which makes BuildKit pull its
+    Dockerfile frontend from a registry; where none can be reached (and Debian's engine has no buildx),
+    the classic builder builds the same Dockerfile (it reads the directive as a comment, and the
+    repository's root .dockerignore, equal to the per-Dockerfile one BuildKit reads).
+    THINKEYS_DEPLOY_BUILDKIT=1 builds with BuildKit instead.
+    """
+    env = clean_env()
+    env["DOCKER_BUILDKIT"] = "1" if os.environ.get("THINKEYS_DEPLOY_BUILDKIT") == "1" else "0"
+    return env
+
+
+@pytest.fixture(scope="session")
+def cpu_image(base_images) -> dict:
+    """`docker compose -f deploy/docker-compose.yml build` of the CPU image from this checkout."""
+    t0 = time.monotonic()
+    cmd = [*harness.compose_command(), "--env-file", os.devnull, "-f", str(COMPOSE_FILE), "build", "thinkeys"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=build_env(), cwd=ROOT, timeout=1800)
+    assert result.returncode == 0, f"image build failed:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+    info = json.loads(docker("image", "inspect", IMAGE).stdout)[0]
+    FIGURES["image build (docker compose build), s"] = round(time.monotonic() - t0, 1)
+    return {"inspect": info, "build_log": result.stdout + result.stderr}
+
+
+def new_project(name: str, model_dirs: tuple[Path, Path], **settings: str) -> Project:
+    """A project named thinkeys-dt-<name> on a free loopback port (unless THINKEYS_PORT is given)."""
+    models, data = model_dirs
+    port = int(settings.pop("THINKEYS_PORT", free_port()))
+    env = clean_env(THINKEYS_MODELS_DIR=str(models), THINKEYS_DATA_DIR=str(data), THINKEYS_PORT=str(port), **settings)
+    env["DOCKER_BUILDKIT"] = build_env()["DOCKER_BUILDKIT"]
+    return Project(PROJECT_PREFIX + name, env, port)
+
+
+@pytest.fixture
+def project_factory(engine, cpu_image, model_dirs, request):
+    """Makes Compose projects with the given settings; each is taken down (volumes too) after the test."""
+    made: list[Project] = []
+
+    def make(**settings: str) -> Project:
+        name = f"{request.node.name.lower().replace('_', '-')[:40]}-{len(made)}"
+        made.append(new_project(name, model_dirs, **settings))
+        return made[-1]
+
+    yield make
+    for project in made:
+        project.down()
+
+
+def wait_http(url: str, timeout_s: float = 60, **kw) -> httpx.Response:
+    t0 = time.monotonic()
+    while True:
+        try:
+            return httpx.get(url, timeout=10, **kw)
+        except httpx.TransportError:
+            if time.monotonic() - t0 > timeout_s:
+                raise
+            time.sleep(1)

@@ -10,6 +10,11 @@ The forms (see csrc/rebuild_attention.cpp): the bf16 form on AVX512-BF16 CPUs (v
 expansion, pages kept across a prefill's tiles, the fused RoPE for d in 32 / 64 / 128), the fp32
 form (AVX-512 scores and P.V, transposed-key scoring for prefill tiles), the AVX2 form
 (THINKEYS_KERNEL_ISA=avx2, in a subprocess) and the bf16 form without AMX (THINKEYS_KERNEL_NO_AMX=1).
+
+8-bit caches (the bf16 form reads them in place): int8 / fp8 per-token-head and per-tensor fp8 slots
+encoded by ``quant.KVCodec``, held to the float64 reference of the same codes and scales on decodes,
+prefills, chunks after a prefix, GQA / MQA and odd r; float32 queries over them are refused by the op
+(the backend routes them to the PyTorch path).
 """
 
 from __future__ import annotations

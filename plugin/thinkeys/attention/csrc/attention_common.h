@@ -70,7 +70,8 @@ inline __m256 hsum8(__m256 s0, __m256 s1, __m256 s2, __m256 s3, __m256 s4, __m25
 
 // ---- 8-bit codes -------------------------------------------------------------------------------
 // Each code type turns bytes into fp32 up to a constant factor kMul that the caller folds into the
-// scale: int8 is its integer value; fp8 goes through a half (see the header comment).
+// scale: int8 is its integer value; fp8 goes through a half (see paged_attention.cpp's header
+// comment). Shared by both kernels' 8-bit reads.
 
 struct Int8Code {
   static constexpr float kMul = 1.0f;

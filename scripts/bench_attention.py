@@ -162,28 +162,45 @@ class ThinCase:
 
 class RebuildCase:
     """Rebuild-at-read (``rope: rebuild``): r-wide latents and d-wide values in the same pages, d-wide queries;
-    every read expands the latent to a d-wide key (``[H_kv, d, r]`` table) and rotates it (the source's RoPE)."""
+    every read expands the latent to a d-wide key (``[H_kv, d, r]`` table) and rotates it (the source's RoPE).
+    ``kv_format``: plain or 8-bit slots; ``torch_path``: time the PyTorch path (dequantize, expand, SDPA) instead."""
 
-    def __init__(self, q, latents, values, block_table, qsl, seq_lens, slots, num_blocks, block_size, scale):
+    def __init__(self, q, latents, values, block_table, qsl, seq_lens, slots, num_blocks, block_size, scale, torch_path=False,
+                 kv_format="plain"):
         from thinkeys.attention import rebuild_kernel
-        from thinkeys.attention.paged import write_kv
+        from thinkeys.attention.paged import CacheFormat, build_metadata, write_kv
+        from thinkeys.attention.quant import KERNEL_FORMATS, KVCodec
 
         if not rebuild_kernel.available():  # builds or loads it
             raise SystemExit("the compiled rebuild kernel is not available")
         T, H, d = q.shape
         H_kv, r = latents.shape[1], latents.shape[2]
-        self.cache = torch.zeros(num_blocks, H_kv, block_size, r + d, dtype=q.dtype)
-        write_kv(self.cache, latents, values, slots)
+        codec = KVCodec(kv_format, r, d)
+        fmt = None if kv_format == "plain" else CacheFormat(codec)
+        storage = q.dtype if fmt is None else (torch.int8 if kv_format == "int8_per_token_head" else torch.uint8)
+        self.cache = torch.zeros(num_blocks, H_kv, block_size, codec.slot_width, dtype=storage)
+        write_kv(self.cache, latents, values, slots, fmt)
+        self.cache_format = "plain" if fmt is None else KERNEL_FORMATS[kv_format]
+        self.torch_path = torch_path
         g = torch.Generator().manual_seed(1)
         self.table = torch.randn(H_kv, d, r, generator=g) / r**0.5
         self.freqs = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)[None].expand(H_kv, -1).contiguous()
         self.kernel, self.block_table, self.qsl, self.seq_lens = rebuild_kernel, block_table, qsl, seq_lens
         self.q, self.scale = q, scale
         self.out = torch.empty(T, H, d, dtype=q.dtype)
+        if torch_path:
+            self.meta = build_metadata(query_start_loc=qsl, seq_lens=seq_lens, block_table=block_table, block_size=block_size,
+                                       num_actual_tokens=T, torch_path=True)
+            self.fmt = CacheFormat(codec, key_rope_freqs=self.freqs, key_expansion=self.table)
 
     def __call__(self) -> None:
+        if self.torch_path:
+            from thinkeys.attention.paged import paged_attention_torch
+
+            paged_attention_torch(self.q, self.cache, self.meta, self.scale, self.out, self.fmt)
+            return
         self.kernel.paged_attention(self.q, self.cache, self.table, self.freqs, self.block_table, self.qsl,
-                                    self.seq_lens, self.scale, self.out)
+                                    self.seq_lens, self.scale, self.out, self.cache_format)
 
 
 def make_case(batch: int, context: int, query_len: int, args, torch_path: bool):
@@ -204,7 +221,9 @@ def make_case(batch: int, context: int, query_len: int, args, torch_path: bool):
     common = (block_table, qsl, seq_lens, slots, num_blocks, bs, scale)
     stock = StockCase(q, keys, values, *common)
     if args.rebuild:
-        return stock, RebuildCase(q, keys[..., :r].contiguous(), values, *common), None
+        latents = keys[..., :r].contiguous()
+        slow = RebuildCase(q, latents, values, *common, torch_path=True, kv_format=args.kv_format) if torch_path else None
+        return stock, RebuildCase(q, latents, values, *common, kv_format=args.kv_format), slow
     thin = ThinCase(q[..., :r].contiguous(), keys[..., :r].contiguous(), values, *common, kv_format=args.kv_format)
     slow = ThinCase(q[..., :r].contiguous(), keys[..., :r].contiguous(), values, *common, torch_path=True) if torch_path else None
     return stock, thin, slow
@@ -288,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=128, help="vLLM's CPU default is 128")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--kv-format", default="plain", choices=["plain", "int8_per_token_head", "fp8_per_token_head", "fp8"],
-                   help="thin cache slots: plain (the activations' dtype) or an 8-bit format (stock stays plain)")
+                   help="thin cache slots: plain (the activations' dtype) or an 8-bit format (stock stays plain); with --rebuild too")
     p.add_argument("--threads", type=int, default=1, help="torch threads (a vLLM CPU engine on 2 cores uses 1)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--target-ms", type=float, default=60.0, help="time per timed run of one kernel")

@@ -161,3 +161,28 @@ def test_capacity_is_what_the_accounting_predicts(engine_runs, rebuild_checkpoin
 def test_8bit_cache_stays_close(engine_runs):
     diff = max_logprob_diff(engine_runs("llama-rebuild", kv_cache_dtype="int8_per_token_head"), engine_runs("llama-rebuild"))
     assert diff < 0.05
+
+
+@pytest.mark.engine
+def test_8bit_cache_runs_on_the_bf16_kernel(engine_runs, rebuild_checkpoints, monkeypatch):
+    """bfloat16 on an AVX512-BF16 CPU: the int8 cache is read in place by the rebuild kernel (not the PyTorch path),
+    and stays close to the bfloat16 cache."""
+    from engines import run_engine
+
+    from thinkeys.attention import rebuild_kernel
+
+    if not rebuild_kernel.reads_8bit(torch.bfloat16):
+        pytest.skip("8-bit caches take the PyTorch path on this CPU (no AVX512-BF16)")
+    formats = []
+    real = rebuild_kernel.paged_attention
+
+    def spy(*args, **kwargs):
+        formats.append(args[9] if len(args) > 9 else kwargs.get("cache_format", "plain"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rebuild_kernel, "paged_attention", spy)
+    quant = run_engine(rebuild_checkpoints["llama-rebuild"], ALL_PROMPTS, dtype="bfloat16", kv_cache_dtype="int8_per_token_head")
+    assert formats and set(formats) == {"int8_per_token_head"}, set(formats)
+    monkeypatch.undo()
+    diff = max_logprob_diff(quant, engine_runs("llama-rebuild", dtype="bfloat16"))
+    assert diff < 0.1, diff

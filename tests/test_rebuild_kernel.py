@@ -10,6 +10,11 @@ The forms (see csrc/rebuild_attention.cpp): the bf16 form on AVX512-BF16 CPUs (v
 expansion, pages kept across a prefill's tiles, the fused RoPE for d in 32 / 64 / 128), the fp32
 form (AVX-512 scores and P.V, transposed-key scoring for prefill tiles), the AVX2 form
 (THINKEYS_KERNEL_ISA=avx2, in a subprocess) and the bf16 form without AMX (THINKEYS_KERNEL_NO_AMX=1).
+
+8-bit caches (the bf16 form reads them in place): int8 / fp8 per-token-head and per-tensor fp8 slots
+encoded by ``quant.KVCodec``, held to the float64 reference of the same codes and scales on decodes,
+prefills, chunks after a prefix, GQA / MQA and odd r; float32 queries over them are refused by the op
+(the backend routes them to the PyTorch path).
 """
 
 from __future__ import annotations
@@ -247,3 +252,122 @@ def test_bf16_form_without_amx_agrees(tmp_path):
     assert form == "avx512bf16"
     torch.testing.assert_close(out.double(), case[-1], atol=BF16_ATOL, rtol=0)
     torch.testing.assert_close(run_kernel(*case[:-1]).float(), out.float(), atol=BF16_ATOL, rtol=0)
+
+
+# ---- 8-bit caches: the bf16 form reads the codes in place -------------------------------------------
+
+EIGHT_BIT_STORAGE = {"int8_per_token_head": torch.int8}  # vLLM's; the fp8 kinds are uint8
+
+
+def quantize_cache(case, kind, k_scale=1.0, v_scale=1.0):
+    """``case`` (a scenario) with its cache re-encoded as ``kind`` slots (same physical layout) and the
+    expected output recomputed in float64 from what the slots hold (the reference of the same quantization)."""
+    from test_attention_kernels import make_cache
+
+    query, cache, expand, freqs, table, qsl, lens, _ = case
+    blocks, kv_heads, block_size, width = cache.shape
+    r = expand.shape[-1]
+    d = width - r
+    codec = KVCodec(kind, r, d)
+    storage = EIGHT_BIT_STORAGE.get(kind, torch.uint8)
+    layout = "LBHNC" if cache.is_contiguous() else "LBNHC"
+    quant = make_cache(blocks, kv_heads, block_size, codec.slot_width, storage, layout)
+    quant[:] = codec.encode(cache[..., :r].contiguous(), cache[..., r:].contiguous(), storage, k_scale, v_scale)
+    codes = quant[..., : r + d].contiguous().view(codec.element_dtype).double()
+    if codec.per_token_head:
+        scales = quant[..., r + d :].contiguous().view(torch.float32).double()
+        lat, val = codes[..., :r] * scales[..., :1], codes[..., r:] * scales[..., 1:2]
+    else:
+        lat, val = codes[..., :r] * k_scale, codes[..., r:] * v_scale
+    expected, d_scale = [], query.shape[-1] ** -0.5
+    for i in range(lens.shape[0]):
+        q0, q1, s = int(qsl[i]), int(qsl[i + 1]), int(lens[i])
+        if q1 == q0:
+            continue
+        pos = torch.arange(s)
+        blk, off = table[i, pos // block_size].long(), pos % block_size
+        c, v = lat[blk, :, off], val[blk, :, off]  # [s, H_kv, r], [s, H_kv, d]
+        k = apply_thin_rope(torch.einsum("sgr,gdr->sgd", c, expand.double()), pos, freqs.double())
+        expected.append(causal_attention(query[q0:q1].double(), k, v, scale=d_scale, context=s - (q1 - q0)))
+    return (query, quant, expand, freqs, table, qsl, lens, torch.cat(expected))
+
+
+def run_kernel_8bit(kind, query, cache, expand, freqs, table, qsl, lens, k_scale=1.0, v_scale=1.0):
+    from thinkeys.attention.quant import KERNEL_FORMATS
+
+    out = torch.full_like(query, float("nan"))
+    rebuild_kernel.paged_attention(query, cache, expand, freqs, table, qsl, lens, query.shape[-1] ** -0.5, out, KERNEL_FORMATS[kind],
+                                   k_scale, v_scale)
+    return out
+
+
+def _needs_8bit_form():
+    if not rebuild_kernel.reads_8bit(torch.bfloat16):
+        pytest.skip("8-bit caches are read by the bf16 form only (AVX512-BF16 CPUs); the PyTorch path reads them elsewhere")
+
+
+@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])
+@pytest.mark.parametrize("step", list(STEPS))
+def test_bf16_kernel_reads_int8_pages(step, layout):
+    """int8_per_token_head: decodes, a prefill, chunks after a prefix (SmolLM2's group, r = 32), against the float64
+    reference of the same codes and scales; the PyTorch path (dequantize, expand, SDPA) agrees."""
+    _needs_8bit_form()
+    case = quantize_cache(scenario(*STEPS[step], heads=9, kv_heads=3, r=32, d=64, dtype=torch.bfloat16, layout=layout),
+                          "int8_per_token_head")
+    out = run_kernel_8bit("int8_per_token_head", *case[:-1])
+    torch.testing.assert_close(out.double(), case[-1], atol=BF16_ATOL, rtol=0)
+    torch.testing.assert_close(run_torch(*case[:-1], kv_cache_dtype="int8_per_token_head").double(), case[-1], atol=BF16_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "r,d,heads,kv_heads,block_size",
+    [
+        (32, 64, 9, 3, 128),  # the default served model, vLLM's CPU block size (pages kept across tiles)
+        (16, 64, 9, 3, 32),
+        (64, 64, 4, 4, 16),  # full rank, MHA
+        (5, 40, 8, 1, 16),  # odd r: the widened page's last latent pair masked
+        (4, 12, 6, 1, 7),  # MQA, tiny widths, odd block size
+    ],
+)
+def test_bf16_kernel_int8_shapes(r, d, heads, kv_heads, block_size):
+    _needs_8bit_form()
+    case = quantize_cache(scenario([1, 3, 1, 70, 100], [300, 3, 9, 150, 100], heads=heads, kv_heads=kv_heads, r=r, d=d,
+                                   block_size=block_size, dtype=torch.bfloat16, seed=r, padding_requests=1), "int8_per_token_head")
+    torch.testing.assert_close(run_kernel_8bit("int8_per_token_head", *case[:-1]).double(), case[-1], atol=BF16_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind,k_scale,v_scale", [("fp8_per_token_head", 1.0, 1.0), ("fp8", 0.05, 0.02), ("fp8_e5m2", 0.1, 0.5)])
+@pytest.mark.parametrize("step", ["mixed", "chunked"])
+def test_bf16_kernel_reads_fp8_pages(kind, k_scale, v_scale, step):
+    """fp8 slots (per token-head scales, or the layer's per-tensor ones) through the same page step."""
+    _needs_8bit_form()
+    case = quantize_cache(scenario(*STEPS[step], heads=9, kv_heads=3, r=32, d=64, dtype=torch.bfloat16), kind, k_scale, v_scale)
+    out = run_kernel_8bit(kind, *case[:-1], k_scale=k_scale, v_scale=v_scale)
+    torch.testing.assert_close(out.double(), case[-1], atol=BF16_ATOL, rtol=0)
+
+
+def test_int8_kernel_with_two_threads_matches_one():
+    _needs_8bit_form()
+    case = quantize_cache(scenario([1, 130, 40, 1], [200, 130, 300, 77], heads=9, kv_heads=3, r=32, d=64, block_size=32,
+                                   dtype=torch.bfloat16), "int8_per_token_head")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_kernel_8bit("int8_per_token_head", *case[:-1])
+        torch.set_num_threads(2)
+        two = run_kernel_8bit("int8_per_token_head", *case[:-1])
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(one.double(), case[-1], atol=BF16_ATOL, rtol=0)
+    torch.testing.assert_close(two, one, atol=0, rtol=0)
+
+
+def test_kernel_refuses_8bit_outside_the_bf16_form():
+    """float32 queries over an 8-bit cache are the PyTorch path's (the backend routes them there); the op says so."""
+    case = quantize_cache(scenario(*STEPS["decodes"]), "int8_per_token_head")
+    assert not rebuild_kernel.reads_8bit(torch.float32)
+    with pytest.raises(RuntimeError, match="bf16 form only"):
+        run_kernel_8bit("int8_per_token_head", *case[:-1])
+    with pytest.raises(RuntimeError, match="expected"):
+        bad = case[1][..., :-4]
+        run_kernel_8bit("int8_per_token_head", case[0].bfloat16(), bad, *case[2:-1])

@@ -18,13 +18,18 @@ change to vLLM's spec or its page size; the output is ``[T, H * d]`` as for ever
 Two read paths share the metadata of ``paged.py``:
 
 - the compiled kernel (``rebuild_kernel.py``, ``csrc/rebuild_attention.cpp``) for plain float
-  caches: per (request, KV head) it expands and rotates each cached page once for all query
-  heads of the group and all query tokens of a tile (of the whole request in the bf16 form of
-  AVX512-BF16 CPUs, where the expansion is a bf16 product on AMX or vdpbf16ps), then runs the
-  dot products and an online softmax;
+  caches, and for 8-bit caches (every format of ``quant.KERNEL_FORMATS``) in its bf16 form
+  (bfloat16 on AVX512-BF16 CPUs: ``rebuild_kernel.reads_8bit``): per (request, KV head) it
+  expands and rotates each cached page once for all query heads of the group and all query
+  tokens of a tile (of the whole request in the bf16 form, where the expansion is a bf16 product
+  on AMX or vdpbf16ps), then runs the dot products and an online softmax. 8-bit codes are widened
+  to bf16 exactly and expanded as they are; since the expansion and RoPE are linear the key is
+  ``s * RoPE(A^T c_q)``, so each token's key factor multiplies its scores and its value factor
+  its probabilities, in fp32 (the main kernel's 8-bit page step);
 - the PyTorch path (``paged.paged_attention_torch`` with ``CacheFormat.key_expansion``), the
-  fallback and the path of 8-bit caches (the latent and the value are dequantized by
-  ``quant.KVCodec``, then expanded).
+  fallback and the path of 8-bit caches outside the bf16 form (float32 / float16 activations,
+  CPUs without AVX512-BF16): the latent and the value are dequantized by ``quant.KVCodec``, then
+  expanded.
 
 Touch points with vLLM internals are those of ``backend.py`` plus the query view of
 ``Attention.forward`` (``query.view(-1, num_heads, head_size)``), pinned in
@@ -62,11 +67,15 @@ class ThinKeyRebuildMetadataBuilder(ThinKeyMetadataBuilder):
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names, vllm_config, device) -> None:
         AttentionMetadataBuilder.__init__(self, kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
-        # The rebuild kernel reads plain float caches; built (or loaded) here, at engine start-up.
+        # The rebuild kernel reads float caches, and 8-bit ones in its bf16 form (bfloat16 on AVX512-BF16
+        # CPUs); built (or loaded) here, at engine start-up.
         self.use_kernel = (
-            vllm_config.cache_config.cache_dtype not in EIGHT_BIT_DTYPES
-            and torch.device(device).type == "cpu"
+            torch.device(device).type == "cpu"
             and rebuild_kernel.available()
+            and (
+                vllm_config.cache_config.cache_dtype not in EIGHT_BIT_DTYPES
+                or rebuild_kernel.reads_8bit(vllm_config.model_config.dtype)
+            )
         )
 
 
@@ -107,16 +116,19 @@ class ThinKeyRebuildImpl(ThinKeyAttentionImpl):
         d = self.rebuild_table.shape[1]
         query = query.reshape(-1, self.num_heads, d)  # vLLM viewed the flat [T, H * d] query as [T * d / r, H, r]
         n = attn_metadata.num_actual_tokens
+        eight_bit = self.kv_cache_dtype in EIGHT_BIT_DTYPES
         if (
             attn_metadata.query_start_loc is not None
-            and self.kv_cache_dtype not in EIGHT_BIT_DTYPES
             and rebuild_kernel.available()
             and query.device.type == "cpu"
-            and query.dtype == kv_cache.dtype == output.dtype
+            and query.dtype == output.dtype
+            and (rebuild_kernel.reads_8bit(query.dtype) if eight_bit else query.dtype == kv_cache.dtype)
         ):
+            fmt = self.read_format(layer, kv_cache)
             rebuild_kernel.paged_attention(
                 query[:n], kv_cache, self.rebuild_table, self.key_rope_freqs, attn_metadata.block_table,
                 attn_metadata.query_start_loc, attn_metadata.seq_lens, self.scale, output[:n],
+                fmt.codec.kernel_format if eight_bit else "plain", fmt.k_scale, fmt.v_scale,
             )
             return output
         if not attn_metadata.torch_path:

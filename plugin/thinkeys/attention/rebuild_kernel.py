@@ -70,6 +70,12 @@ def kernel_isa() -> str:
     return torch.ops.thinkeys_rebuild.kernel_isa()
 
 
+def reads_8bit(dtype: torch.dtype) -> bool:
+    """Whether the loaded kernel reads 8-bit caches in place for queries of ``dtype``: its bf16 form only
+    (bfloat16 on AVX512-BF16 CPUs); other dtypes / CPUs keep the PyTorch path for 8-bit caches."""
+    return dtype == torch.bfloat16 and available() and kernel_isa().startswith("avx512bf16")
+
+
 _lock = threading.Lock()
 _tables: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -152,15 +158,22 @@ def paged_attention(
     seq_lens: torch.Tensor,
     scale: float,
     output: torch.Tensor,
+    cache_format: str = "plain",
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Rebuild-at-read attention of ``query`` ``[T, H, d]`` over the paged latent cache into ``output`` ``[T, H, d]``.
 
     ``table`` ``[H_kv, d, r]`` (expansion A^T), ``freqs`` ``[H_kv, d / 2]`` (the source's RoPE);
     ``block_table``, ``query_start_loc``, ``seq_lens``: int32 host tensors as in ``kernels.paged_attention``.
+    An 8-bit cache (``cache_format`` one of ``quant.KERNEL_FORMATS``' values, a 1-byte tensor) is read in place
+    by the bf16 form only (see :func:`reads_8bit`): codes widened to bf16 exactly, expanded and rotated, the
+    per-token (or per-tensor ``k_scale`` / ``v_scale``) factors applied to scores and probabilities in fp32.
     """
     expand_t, pairs = prepared_tables(table)
     cos, sin = rope_tables(freqs, int(seq_lens.max()) if seq_lens.numel() else 1)
     torch.ops.thinkeys_rebuild.paged_attention(
-        query, kv_cache, expand_t, pairs, cos, sin, block_table, query_start_loc, seq_lens, float(scale), output
+        query, kv_cache, expand_t, pairs, cos, sin, block_table, query_start_loc, seq_lens, float(scale), output,
+        cache_format, float(k_scale), float(v_scale),
     )
     return output

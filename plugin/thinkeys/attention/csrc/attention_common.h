@@ -68,6 +68,49 @@ inline __m256 hsum8(__m256 s0, __m256 s1, __m256 s2, __m256 s3, __m256 s4, __m25
 #define THINKEYS_AVX2 0
 #endif
 
+// ---- 8-bit codes -------------------------------------------------------------------------------
+// Each code type turns bytes into fp32 up to a constant factor kMul that the caller folds into the
+// scale: int8 is its integer value; fp8 goes through a half (see paged_attention.cpp's header
+// comment). Shared by both kernels' 8-bit reads.
+
+struct Int8Code {
+  static constexpr float kMul = 1.0f;
+  static float scalar(uint8_t b) { return float(int8_t(b)); }
+#if THINKEYS_AVX2
+  static __m256 load8(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+#endif
+};
+
+struct E5m2Code {  // fp8 e5m2 = the high byte of an IEEE half
+  static constexpr float kMul = 1.0f;
+  static float scalar(uint8_t b) { return static_cast<float>(c10::Half(uint16_t(b) << 8, c10::Half::from_bits())); }
+#if THINKEYS_AVX2
+  static __m256 load8(const uint8_t* p) {
+    const __m128i u = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_cvtph_ps(_mm_slli_epi16(u, 8));
+  }
+#endif
+};
+
+struct E4m3Code {  // fp8 e4m3fn (bias 7) placed in a half (bias 15): value = half * 2^8
+  static constexpr float kMul = 256.0f;
+  static float scalar(uint8_t b) {
+    const uint16_t h = uint16_t((b & 0x80) << 8) | uint16_t((b & 0x7F) << 7);
+    return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+  }
+#if THINKEYS_AVX2
+  static __m256 load8(const uint8_t* p) {
+    const __m128i u = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m128i sign = _mm_slli_epi16(_mm_and_si128(u, _mm_set1_epi16(0x80)), 8);
+    const __m128i em = _mm_slli_epi16(_mm_and_si128(u, _mm_set1_epi16(0x7F)), 7);
+    return _mm256_cvtph_ps(_mm_or_si128(sign, em));
+  }
+#endif
+};
+
+
 // n elements to fp32 (scalar loop the compiler vectorizes; the AVX2 path covers multiples of 8)
 template <typename T>
 inline void load_f32(const T* __restrict src, float* __restrict dst, int n) {
@@ -238,6 +281,30 @@ inline void prefetch_rows(const uint8_t* first, int n, int64_t stride, int64_t w
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 #define THINKEYS_AVX512BF16 1
+
+// An 8-bit slot's codes to bf16, exactly (int8 integers and fp8 values have <= 8 significant bits);
+// the caller folds Code::kMul into the factor of the codes.
+template <typename Code>
+inline void codes_to_bf16(const uint8_t* __restrict src, uint16_t* __restrict dst, int n) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), (__m128i)_mm256_cvtneps_pbh(Code::load8(src + i)));
+  for (; i < n; ++i) dst[i] = c10::BFloat16(Code::scalar(src[i])).x;
+}
+
+// One 8-bit slot (key R | value D [| float32 k_scale, v_scale]) as R + D bf16 codes in dst, and the
+// factors that turn its key and value codes into values (the slot's or the tensor's scale, times kMul).
+template <typename Code, bool kPerTokenHead>
+inline void widen_slot_bf16(const uint8_t* __restrict row, uint16_t* __restrict dst, int R, int D, float k_scale, float v_scale, float& ks,
+                            float& vs) {
+  codes_to_bf16<Code>(row, dst, R + D);
+  if (kPerTokenHead) {
+    float scales[2];
+    std::memcpy(scales, row + R + D, sizeof(scales));  // not 4-byte aligned in general
+    k_scale = scales[0], v_scale = scales[1];
+  }
+  ks = k_scale * Code::kMul;
+  vs = v_scale * Code::kMul;
+}
 
 constexpr int kAmxRows = 16;  // tiles with at least this many rows (query tokens x G) use brgemm
 

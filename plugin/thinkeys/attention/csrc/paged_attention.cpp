@@ -54,46 +54,7 @@ namespace {
 constexpr int kQueryTile = 16;  // query tokens per work item in a prefill (rows = kQueryTile * G)
 constexpr int kChunk = 32;  // tokens per inner step (a multiple of 8): fp32 scratch of a chunk fits L1
 
-// ---- 8-bit codes -------------------------------------------------------------------------------
-// Each code type turns bytes into fp32 up to a constant factor kMul that the caller folds into the
-// scale: int8 is its integer value; fp8 goes through a half (see the header comment).
-
-struct Int8Code {
-  static constexpr float kMul = 1.0f;
-  static float scalar(uint8_t b) { return float(int8_t(b)); }
-#if THINKEYS_AVX2
-  static __m256 load8(const uint8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  }
-#endif
-};
-
-struct E5m2Code {  // fp8 e5m2 = the high byte of an IEEE half
-  static constexpr float kMul = 1.0f;
-  static float scalar(uint8_t b) { return static_cast<float>(c10::Half(uint16_t(b) << 8, c10::Half::from_bits())); }
-#if THINKEYS_AVX2
-  static __m256 load8(const uint8_t* p) {
-    const __m128i u = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_cvtph_ps(_mm_slli_epi16(u, 8));
-  }
-#endif
-};
-
-struct E4m3Code {  // fp8 e4m3fn (bias 7) placed in a half (bias 15): value = half * 2^8
-  static constexpr float kMul = 256.0f;
-  static float scalar(uint8_t b) {
-    const uint16_t h = uint16_t((b & 0x80) << 8) | uint16_t((b & 0x7F) << 7);
-    return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
-  }
-#if THINKEYS_AVX2
-  static __m256 load8(const uint8_t* p) {
-    const __m128i u = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    const __m128i sign = _mm_slli_epi16(_mm_and_si128(u, _mm_set1_epi16(0x80)), 8);
-    const __m128i em = _mm_slli_epi16(_mm_and_si128(u, _mm_set1_epi16(0x7F)), 7);
-    return _mm256_cvtph_ps(_mm_or_si128(sign, em));
-  }
-#endif
-};
+// ---- 8-bit codes: Int8Code, E5m2Code, E4m3Code (attention_common.h) ------------------------
 
 // dst[0 : n] = decode(src[0 : n]) * scale
 template <typename Code>
@@ -334,27 +295,15 @@ ScratchBf16& thread_scratch_bf16() {
 template <typename Slot>
 struct Bf16Codes;
 template <typename Code>
-inline void codes_to_bf16(const uint8_t* __restrict src, uint16_t* __restrict dst, int n) {
-  int i = 0;
-  for (; i + 8 <= n; i += 8) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), (__m128i)_mm256_cvtneps_pbh(Code::load8(src + i)));
-  for (; i < n; ++i) dst[i] = c10::BFloat16(Code::scalar(src[i])).x;
-}
-template <typename Code>
 struct Bf16Codes<PerTensorSlot<Code>> {
   static void load(const uint8_t* row, uint16_t* dst, int R, int D, float k_scale, float v_scale, float& ks, float& vs) {
-    codes_to_bf16<Code>(row, dst, R + D);
-    ks = k_scale * Code::kMul;
-    vs = v_scale * Code::kMul;
+    widen_slot_bf16<Code, false>(row, dst, R, D, k_scale, v_scale, ks, vs);
   }
 };
 template <typename Code>
 struct Bf16Codes<PerTokenHeadSlot<Code>> {
   static void load(const uint8_t* row, uint16_t* dst, int R, int D, float, float, float& ks, float& vs) {
-    codes_to_bf16<Code>(row, dst, R + D);
-    float scales[2];
-    std::memcpy(scales, row + R + D, sizeof(scales));
-    ks = scales[0] * Code::kMul;
-    vs = scales[1] * Code::kMul;
+    widen_slot_bf16<Code, true>(row, dst, R, D, 1.0f, 1.0f, ks, vs);
   }
 };
 

@@ -27,6 +27,12 @@
 //   the page for decodes, brgemm for prefill tiles of >= 16 rows, fp32 online softmax). A thread
 //   keeps the pages it rebuilt for the (request, KV head) it is working on, so the tiles of a
 //   prefill rebuild each page once, not once per tile.
+//   8-bit caches (cache_format int8_per_token_head, fp8_per_token_head, fp8_e4m3, fp8_e5m2: the
+//   slots of quant.py, bf16 form only): each page's codes are widened to bf16 exactly
+//   (attention_common.h widen_slot_bf16, as the main kernel's 8-bit page step) and rebuilt like a
+//   bf16 latent; the expansion and RoPE are linear, so the key is s * RoPE(A^T c_q) and each
+//   token's key factor s multiplies its scores, its value factor its probabilities, in fp32
+//   (attend_page_bf16's ks / vs). Other dtypes / CPUs read 8-bit caches on the PyTorch path.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -72,6 +78,19 @@ struct Problem {
   int H_kv, G, R, D, block_size;
   float scale;
   int64_t call;  // this call's number (keys of the rebuilt-page caches)
+  // 8-bit caches (bf16 form only): the cache as bytes (null for a float cache; c_block, c_head and
+  // c_tok are then byte strides) and the per-tensor fp8 scales (1 otherwise)
+  const uint8_t* cache8;
+  float k_scale, v_scale;
+};
+
+// Slot encodings the bf16 form reads: Plain (the cache's own bf16), or 8-bit codes widened to bf16
+// per page (attention_common.h widen_slot_bf16), their factors applied to scores and probabilities.
+struct PlainBf16 {};
+template <typename CodeT, bool kPerTokenHeadV>
+struct Codes8 {
+  using Code = CodeT;
+  static constexpr bool kPerTokenHead = kPerTokenHeadV;
 };
 
 struct WorkItem {
@@ -489,6 +508,8 @@ struct ScratchBf16 {
   std::vector<uint16_t> vp;
   std::vector<int> nt;  // per page: packed token count (0: not rebuilt yet)
   std::vector<char> vp_done;
+  std::vector<uint16_t> page8;  // 8-bit caches: a page's codes widened to bf16 [srow][R + D]
+  std::vector<float> ks, vs;  // and its per-token key / value factors [srow]
   void fit(int rows, int P, int C, int Dv, int srow) {
     auto grow = [](auto& v, size_t n) {
       if (v.size() < n) v.resize(n);
@@ -674,6 +695,10 @@ inline void expand_rope_page_bf16(const uint16_t* lat, int64_t stride, int n, in
 
 constexpr int kRebuildChunk = 32;  // tokens expanded, rotated and packed at a time (two groups of 16; scratch stays in L1)
 
+// 8-bit caches: the key is s * RoPE(A^T c_q) for codes c_q and factor s (RoPE and the expansion are
+// linear), so the codes are widened to bf16 exactly, expanded and rotated like a bf16 latent, and
+// the factor multiplies the scores (and the value's the probabilities) in attend_page_bf16.
+template <typename Enc>
 void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, ScratchBf16& s, bool& used_brgemm) {
   const int G = p.G, R = p.R, D = p.D, BS = p.block_size;
   const int P = (D + 31) / 32 * 16;  // channel pairs of a rebuilt key, padded to whole 32-channel loads
@@ -713,13 +738,34 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
 
   const uint16_t* tbl = p.expand_pairs + int64_t(w.head) * ((R + 1) / 2) * Dv * 2;
   const int64_t cs_row = int64_t(p.cs_heads) * (D / 2), cs_off = (p.cs_heads == 1 ? 0 : int64_t(w.head)) * (D / 2);
-  const int64_t stride = p.c_tok;  // bf16 elements from one token's slot to the next
+  constexpr bool kPlain = std::is_same_v<Enc, PlainBf16>;
+  // bf16 elements from one token's slot to the next: in the cache, or in the widened 8-bit page
+  const int64_t stride = kPlain ? p.c_tok : int64_t(R + D);
+  const float* ks = nullptr;
+  const float* vs = nullptr;
+  if constexpr (!kPlain) {
+    if (s.page8.size() < size_t(srow) * (R + D)) s.page8.resize(size_t(srow) * (R + D));
+    if (s.ks.size() < size_t(srow)) s.ks.resize(srow), s.vs.resize(srow);
+    ks = s.ks.data();
+    vs = s.vs.data();
+  }
   const int kv_end = t.context + w.q1;
   const int32_t* blocks = p.block_table + int64_t(w.req) * p.bt_stride;
   for (int page_start = 0, b = 0; page_start < kv_end; page_start += BS, ++b) {
     const uint16_t* page = reinterpret_cast<const uint16_t*>(p.cache + int64_t(blocks[b]) * p.c_block + int64_t(w.head) * p.c_head);
     const int n = std::min(BS, kv_end - page_start);
     const int slot = keep ? b : 0;
+    if constexpr (!kPlain) {  // the codes this visit reads (all the request's on the page when kept), widened; zero factors past them
+      const uint8_t* raw = p.cache8 + int64_t(blocks[b]) * p.c_block + int64_t(w.head) * p.c_head;
+      const int nw = keep ? std::min(BS, kv_len - page_start) : n;
+      uint16_t* dst = s.page8.data();
+      for (int j = 0; j < nw; ++j)
+        widen_slot_bf16<typename Enc::Code, Enc::kPerTokenHead>(raw + int64_t(j) * p.c_tok, dst + int64_t(j) * (R + D), R, D, p.k_scale,
+                                                                p.v_scale, s.ks[j], s.vs[j]);
+      std::fill(s.ks.begin() + nw, s.ks.begin() + srow, 0.0f);
+      std::fill(s.vs.begin() + nw, s.vs.begin() + srow, 0.0f);
+      page = dst;
+    }
     int32_t* kt = s.kt.data() + slot * kt_page;
     uint16_t* vp = s.vp.data() + slot * vp_page;
     if (!keep || s.nt[b] == 0) {  // rebuild: every token the request has on this page, a chunk at a time
@@ -730,7 +776,9 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
         // the next chunk's slots (on this page or the next): prefetched while this one is rebuilt
         const uint16_t* pf = nullptr;
         int pf_n = 0;
-        if (c0 + kRebuildChunk < n_all) {
+        if (!kPlain) {
+          // the widened page is in L1/L2 already
+        } else if (c0 + kRebuildChunk < n_all) {
           pf = page + (c0 + kRebuildChunk) * stride, pf_n = std::min(kRebuildChunk, n_all - c0 - kRebuildChunk);
         } else if (page_start + BS < kv_end) {
           pf = reinterpret_cast<const uint16_t*>(p.cache + int64_t(blocks[b + 1]) * p.c_block + int64_t(w.head) * p.c_head);
@@ -755,7 +803,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
       pack_values_vnni(page + R, stride, keep ? std::min(BS, kv_len - page_start) : n, D, C, vp);
       s.vp_done[b] = keep;
     }
-    attend_page_bf16(t, kt, s.nt[b], n, page_start, page + R, stride, vp, nullptr, nullptr);
+    attend_page_bf16(t, kt, s.nt[b], n, page_start, page + R, stride, vp, ks, vs);
   }
   used_brgemm = used_brgemm || t.use_brgemm || amx;
 
@@ -803,11 +851,19 @@ void paged_attention(
     const at::Tensor& query_start_loc,  // [num_reqs + 1] int32
     const at::Tensor& seq_lens,  // [num_reqs] int32
     double scale,
-    const at::Tensor& output) {  // [T, H, D]
+    const at::Tensor& output,  // [T, H, D]
+    c10::string_view cache_format,  // plain, or an 8-bit slot encoding (quant.KERNEL_FORMATS; bf16 form only)
+    double k_scale,  // per-tensor fp8 scales (1 otherwise)
+    double v_scale) {
   TORCH_CHECK(query.dim() == 3 && kv_cache.dim() == 4 && output.dim() == 3 && expand_t.dim() == 3 && cos.dim() == 3,
               "expected query [T, H, D], kv_cache [blocks, H_kv, block_size, R + D], expand_t [H_kv, R, D], cos/sin [P, H_cs, D/2], output [T, H, D]");
-  TORCH_CHECK(query.scalar_type() == kv_cache.scalar_type() && output.scalar_type() == kv_cache.scalar_type(),
-              "query, kv_cache and output must share one dtype");
+  const std::string format(cache_format.data(), cache_format.size());
+  const bool plain = format == "plain";
+  const bool per_token_head = format == "int8_per_token_head" || format == "fp8_per_token_head";
+  TORCH_CHECK(plain || per_token_head || format == "fp8_e4m3" || format == "fp8_e5m2", "unknown cache_format '", format,
+              "' (plain, fp8_e4m3, fp8_e5m2, int8_per_token_head or fp8_per_token_head)");
+  TORCH_CHECK(query.scalar_type() == output.scalar_type() && (!plain || query.scalar_type() == kv_cache.scalar_type()),
+              "query, kv_cache and output must share one dtype (query and output with an 8-bit cache)");
   TORCH_CHECK(expand_t.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
               "expand_t, cos and sin must be float32");
   TORCH_CHECK(expand_t.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes(),
@@ -819,7 +875,13 @@ void paged_attention(
   const int64_t H = query.size(1), D = query.size(2), H_kv = kv_cache.size(1), R = expand_t.size(1);
   const int64_t block_size = kv_cache.size(2);
   TORCH_CHECK(D % 2 == 0, "D must be even (RoPE pairs)");
-  TORCH_CHECK(kv_cache.size(3) == R + D, "kv_cache rows hold ", kv_cache.size(3), " channels, expected R + D = ", R + D);
+  if (plain) {
+    TORCH_CHECK(kv_cache.size(3) == R + D, "kv_cache rows hold ", kv_cache.size(3), " channels, expected R + D = ", R + D);
+  } else {
+    TORCH_CHECK(kv_cache.element_size() == 1, "an 8-bit cache_format needs a 1-byte kv_cache, got ", kv_cache.scalar_type());
+    const int64_t expected = R + D + (per_token_head ? 8 : 0);
+    TORCH_CHECK(kv_cache.size(3) == expected, "kv_cache rows hold ", kv_cache.size(3), " bytes, expected ", expected);
+  }
   TORCH_CHECK(expand_t.size(0) == H_kv && expand_t.size(2) == D, "expand_t must be [H_kv, R, D]");
   TORCH_CHECK(cos.size(1) == H_kv || cos.size(1) == 1, "cos/sin must be [P, H_kv or 1, D / 2]");
   TORCH_CHECK(cos.size(2) == D / 2, "cos/sin must be [P, H_cs, D / 2]");
@@ -835,7 +897,9 @@ void paged_attention(
   const int64_t num_reqs = seq_lens.size(0);
   TORCH_CHECK(query_start_loc.size(0) == num_reqs + 1 && block_table.size(0) >= num_reqs, "query_start_loc / block_table do not match ", num_reqs, " requests");
 
-  const bool bf16_form = THINKEYS_AVX512BF16 && kv_cache.scalar_type() == at::kBFloat16 && bf16_dot_supported();
+  const bool bf16_form = THINKEYS_AVX512BF16 && query.scalar_type() == at::kBFloat16 && bf16_dot_supported();
+  TORCH_CHECK(plain || bf16_form, "8-bit caches are read by the bf16 form only (bfloat16 queries on an AVX512-BF16 CPU); got ",
+              query.scalar_type(), " on ", kernel_isa());
   TORCH_CHECK(!bf16_form || pairs_given, "the bf16 form needs expand_pairs (see rebuild_kernel.prepared_tables)");
   const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
@@ -855,24 +919,32 @@ void paged_attention(
   if (items.empty()) return;
   const int64_t call = g_calls.fetch_add(1) + 1;
 
-  dispatch_dtype(kv_cache.scalar_type(), "thinkeys_rebuild::paged_attention", [&](auto tag) {
+  dispatch_dtype(query.scalar_type(), "thinkeys_rebuild::paged_attention", [&](auto tag) {
     using scalar_t = decltype(tag);
     Problem<scalar_t> p{
         query.data_ptr<scalar_t>(), query.stride(0), query.stride(1),
-        kv_cache.data_ptr<scalar_t>(), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        reinterpret_cast<const scalar_t*>(kv_cache.data_ptr()), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         output.data_ptr<scalar_t>(), output.stride(0), output.stride(1),
         expand_t.data_ptr<float>(), pairs_given ? reinterpret_cast<const uint16_t*>(expand_pairs.data_ptr()) : nullptr,
         cos.data_ptr<float>(), sin.data_ptr<float>(), int(cos.size(1)),
         block_table.data_ptr<int32_t>(), block_table.stride(0),
         qsl, lens,
-        int(H_kv), int(H / H_kv), int(R), int(D), int(block_size), float(scale), call};
+        int(H_kv), int(H / H_kv), int(R), int(D), int(block_size), float(scale), call,
+        plain ? nullptr : static_cast<const uint8_t*>(kv_cache.data_ptr()), float(k_scale), float(v_scale)};
 #if THINKEYS_AVX512BF16
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (bf16_form) {
         at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
           ScratchBf16& s = thread_scratch_bf16();
           bool used_brgemm = false;
-          for (int64_t k = begin; k < end; ++k) attend_tile_bf16(p, items[k], s, used_brgemm);
+          auto run = [&](auto enc) {
+            for (int64_t k = begin; k < end; ++k) attend_tile_bf16<decltype(enc)>(p, items[k], s, used_brgemm);
+          };
+          if (plain) run(PlainBf16{});
+          else if (format == "int8_per_token_head") run(Codes8<Int8Code, true>{});
+          else if (format == "fp8_per_token_head") run(Codes8<E4m3Code, true>{});
+          else if (format == "fp8_e4m3") run(Codes8<E4m3Code, false>{});
+          else run(Codes8<E5m2Code, false>{});
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)
           if (used_brgemm) at::native::cpublas::brgemm_release();  // the thread's AMX tile state
 #endif
@@ -893,7 +965,7 @@ void paged_attention(
 
 TORCH_LIBRARY(thinkeys_rebuild, m) {
   m.def("kernel_isa() -> str", &thinkeys::kernel_isa);
-  m.def("paged_attention(Tensor query, Tensor kv_cache, Tensor expand_t, Tensor expand_pairs, Tensor cos, Tensor sin, Tensor block_table, Tensor query_start_loc, Tensor seq_lens, float scale, Tensor(a!) output) -> ()");
+  m.def("paged_attention(Tensor query, Tensor kv_cache, Tensor expand_t, Tensor expand_pairs, Tensor cos, Tensor sin, Tensor block_table, Tensor query_start_loc, Tensor seq_lens, float scale, Tensor(a!) output, str cache_format=\"plain\", float k_scale=1.0, float v_scale=1.0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(thinkeys_rebuild, CPU, m) {

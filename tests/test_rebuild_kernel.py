@@ -19,6 +19,8 @@ prefills, chunks after a prefix, GQA / MQA and odd r; float32 queries over them 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from test_attention_kernels import STEPS, make_cache
@@ -136,7 +138,8 @@ def test_kernel_form_follows_the_cpu():
 
     form = rebuild_kernel.kernel_isa()
     if kernels.cpu_isa() == "avx512bf16":
-        assert form == ("avx512bf16+amx" if torch.cpu._is_amx_tile_supported() else "avx512bf16")
+        amx = torch.cpu._is_amx_tile_supported() and os.environ.get("THINKEYS_KERNEL_AMX") == "1" and not os.environ.get("THINKEYS_KERNEL_NO_AMX")
+        assert form == ("avx512bf16+amx" if amx else "avx512bf16")  # AMX tiles are opt-in (THINKEYS_KERNEL_AMX=1)
     else:
         assert form in ("avx2", "portable")
 

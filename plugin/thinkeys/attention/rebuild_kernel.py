@@ -5,8 +5,8 @@ cache root), built the same way (:func:`kernels.build_and_load`: the instruction
 :func:`kernels.cpu_isa` picks, ``THINKEYS_KERNEL_ISA`` caps it, the ``THINKEYS_ATTENTION_KERNEL``
 switch, the AMX tile state requested at load), registering
 ``torch.ops.thinkeys_rebuild.paged_attention`` and ``torch.ops.thinkeys_rebuild.kernel_isa``. On
-an AVX512-BF16 CPU bf16 runs the kernel's bf16 form (AMX brgemm expansion unless
-``THINKEYS_KERNEL_NO_AMX=1``); see the .cpp.
+an AVX512-BF16 CPU bf16 runs the kernel's bf16 form (vdpbf16ps expansion; AMX brgemm where the CPU
+has AMX and ``THINKEYS_KERNEL_AMX=1`` opts in, see ``kernels.py``); see the .cpp.
 
 Per layer, once (cached on the table tensor, redone if it is modified in place): the expansion
 table as float32 ``[H_kv, r, d]`` (the fp32 form) and as bf16 channel pairs

@@ -15,6 +15,7 @@
 #include <immintrin.h>
 #endif
 #if defined(THINKEYS_BF16_FORM) && defined(__AVX2__)
+#include <string>
 #include <ATen/native/CPUBlas.h>  // brgemm: oneDNN's AMX micro-kernel
 #endif
 
@@ -474,11 +475,15 @@ inline void pv_page(const uint16_t* probs, int srow, int rows, const uint16_t* v
   }
 }
 
-// brgemm (AMX) for prefill tiles: compiled in when torch's CPUBlas has it, used when oneDNN can
-// pack bf16 here (a CPU with AMX).
+// brgemm (AMX) for prefill tiles and the rebuild kernel's expansion: compiled in when torch's CPUBlas
+// has it, used when oneDNN can pack bf16 here (a CPU with AMX) AND THINKEYS_KERNEL_AMX=1 is set. Opt-in
+// since the session-6 rewrite (the shared page step, the rebuild kernel's brgemm expansion): those AMX
+// paths have not yet run on an AMX host, so by default AMX CPUs take the vdpbf16ps paths (AVX512-BF16,
+// which every AMX CPU has, tested everywhere). THINKEYS_KERNEL_NO_AMX=1 still forces vdpbf16ps.
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)
-bool amx_brgemm_supported() {  // THINKEYS_KERNEL_NO_AMX=1 runs vdpbf16ps everywhere, as a CPU without AMX does
-  static const bool ok = at::native::cpublas::could_pack(at::kBFloat16) && std::getenv("THINKEYS_KERNEL_NO_AMX") == nullptr;
+bool amx_brgemm_supported() {
+  static const bool ok = at::native::cpublas::could_pack(at::kBFloat16) && std::getenv("THINKEYS_KERNEL_AMX") != nullptr &&
+                         std::string(std::getenv("THINKEYS_KERNEL_AMX")) == "1" && std::getenv("THINKEYS_KERNEL_NO_AMX") == nullptr;
   return ok;
 }
 #else

@@ -263,6 +263,19 @@ inline float exp_and_sum(float* __restrict s, int n, float max) {
   return sum;
 }
 
+// One step of a row's online (flash-style) softmax over a chunk of n scores: s becomes exp(s - new
+// maximum), the row's running maximum and sum are updated, and the factor its earlier accumulator
+// must be scaled by is returned (0 on the row's first chunk).
+THINKEYS_ALWAYS_INLINE float online_softmax_step(float* __restrict s, int n, float& row_max, float& row_sum) {
+  const float prev_max = row_max;
+  const float new_max = row_max_of(s, n, prev_max);
+  const float sum = exp_and_sum(s, n, new_max);
+  const float alpha = prev_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(prev_max - new_max);
+  row_sum = row_sum * alpha + sum;
+  row_max = new_max;
+  return alpha;
+}
+
 // Software prefetch of n cache rows of `width` bytes, `stride` bytes apart.
 inline void prefetch_rows(const uint8_t* first, int n, int64_t stride, int64_t width) {
   constexpr int kLine = 64;

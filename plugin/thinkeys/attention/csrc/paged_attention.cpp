@@ -207,12 +207,7 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
           float* sr = scores + row * kChunk;
           row_scores(q + row * R, keys, vis, R, sr);
           // online softmax: new running maximum, probabilities, rescale of earlier sums
-          const float prev_max = row_max[row];
-          const float new_max = row_max_of(sr, vis, prev_max);
-          const float sum = exp_and_sum(sr, vis, new_max);
-          const float alpha = prev_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(prev_max - new_max);
-          row_sum[row] = row_sum[row] * alpha + sum;
-          row_max[row] = new_max;
+          const float alpha = online_softmax_step(sr, vis, row_max[row], row_sum[row]);
           float* ar = acc + row * D;
           if (alpha != 1.0f) {
 #pragma omp simd

@@ -297,12 +297,7 @@ void attend_chunk_avx512(const float* __restrict q, const float* __restrict keys
         for (int t = 0; t < 8; ++t) h[t] = _mm256_add_ps(_mm512_castps512_ps256(a[t]), _mm512_extractf32x8_ps(a[t], 1));
         _mm256_storeu_ps(sr + j, hsum8(h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]));
       }
-      const float prev_max = row_max[row];
-      const float new_max = row_max_of(sr, vis, prev_max);
-      const float sum = exp_and_sum(sr, vis, new_max);
-      const float alpha = prev_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(prev_max - new_max);
-      row_sum[row] = row_sum[row] * alpha + sum;
-      row_max[row] = new_max;
+      const float alpha = online_softmax_step(sr, vis, row_max[row], row_sum[row]);
       float* ar = acc + int64_t(row) * D;
       if (alpha != 1.0f) {
         const __m512 av = _mm512_set1_ps(alpha);
@@ -466,12 +461,7 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
           const int row = i * G + g;
           float* sr = scores + int64_t(row) * kChunk;
           row_scores(q + int64_t(row) * D, keys, vis, D, sr);
-          const float prev_max = row_max[row];
-          const float new_max = row_max_of(sr, vis, prev_max);
-          const float sum = exp_and_sum(sr, vis, new_max);
-          const float alpha = prev_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(prev_max - new_max);
-          row_sum[row] = row_sum[row] * alpha + sum;
-          row_max[row] = new_max;
+          const float alpha = online_softmax_step(sr, vis, row_max[row], row_sum[row]);
           float* ar = acc + int64_t(row) * D;
           if (alpha != 1.0f) {
 #pragma omp simd

@@ -71,9 +71,11 @@ def kernel_isa() -> str:
 
 
 def reads_8bit(dtype: torch.dtype) -> bool:
-    """Whether the loaded kernel reads 8-bit caches in place for queries of ``dtype``: its bf16 form only
-    (bfloat16 on AVX512-BF16 CPUs); other dtypes / CPUs keep the PyTorch path for 8-bit caches."""
-    return dtype == torch.bfloat16 and available() and kernel_isa().startswith("avx512bf16")
+    """Whether the loaded kernel reads 8-bit caches in place for queries of ``dtype``: every dtype it serves.
+    The bf16 form (bfloat16 on AVX512-BF16 CPUs) widens the codes to bf16 exactly and applies the scales to
+    scores and probabilities; the fp32 form (float32 and float16, and bfloat16 elsewhere) dequantizes each
+    chunk's codes to fp32 (code * scale) where it widens a float cache."""
+    return dtype in (torch.float32, torch.bfloat16, torch.float16) and available()
 
 
 _lock = threading.Lock()
@@ -167,8 +169,9 @@ def paged_attention(
     ``table`` ``[H_kv, d, r]`` (expansion A^T), ``freqs`` ``[H_kv, d / 2]`` (the source's RoPE);
     ``block_table``, ``query_start_loc``, ``seq_lens``: int32 host tensors as in ``kernels.paged_attention``.
     An 8-bit cache (``cache_format`` one of ``quant.KERNEL_FORMATS``' values, a 1-byte tensor) is read in place
-    by the bf16 form only (see :func:`reads_8bit`): codes widened to bf16 exactly, expanded and rotated, the
-    per-token (or per-tensor ``k_scale`` / ``v_scale``) factors applied to scores and probabilities in fp32.
+    (see :func:`reads_8bit`): in the bf16 form the codes are widened to bf16 exactly, expanded and rotated, and the
+    per-token (or per-tensor ``k_scale`` / ``v_scale``) factors applied to scores and probabilities in fp32; in the
+    fp32 form each chunk is dequantized to fp32 (code * factor) and rebuilt like a float cache.
     """
     expand_t, pairs = prepared_tables(table)
     cos, sin = rope_tables(freqs, int(seq_lens.max()) if seq_lens.numel() else 1)

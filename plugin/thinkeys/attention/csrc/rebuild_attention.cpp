@@ -32,7 +32,9 @@
 //   (attention_common.h widen_slot_bf16, as the main kernel's 8-bit page step) and rebuilt like a
 //   bf16 latent; the expansion and RoPE are linear, so the key is s * RoPE(A^T c_q) and each
 //   token's key factor s multiplies its scores, its value factor its probabilities, in fp32
-//   (attend_page_bf16's ks / vs). Other dtypes / CPUs read 8-bit caches on the PyTorch path.
+//   (attend_page_bf16's ks / vs). The fp32 form reads them too: each chunk's codes are dequantized
+//   to fp32 (code * scale, attention_common.h's slot formats, as the main kernel's fp32 form) where
+//   it would widen a float cache's latents and values.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -78,8 +80,8 @@ struct Problem {
   int H_kv, G, R, D, block_size;
   float scale;
   int64_t call;  // this call's number (keys of the rebuilt-page caches)
-  // 8-bit caches (bf16 form only): the cache as bytes (null for a float cache; c_block, c_head and
-  // c_tok are then byte strides) and the per-tensor fp8 scales (1 otherwise)
+  // 8-bit caches: the cache as bytes (null for a float cache; c_block, c_head and c_tok are then
+  // byte strides) and the per-tensor fp8 scales (1 otherwise)
   const uint8_t* cache8;
   float k_scale, v_scale;
 };
@@ -387,7 +389,9 @@ Scratch& thread_scratch() {
   return s;
 }
 
-template <typename T>
+// Slot: PlainSlot<T> for a float cache, an 8-bit slot format (attention_common.h) otherwise: each
+// chunk's latents and values are read to fp32 (dequantized: code * scale), then rebuilt as below.
+template <typename T, typename Slot>
 void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
   const int G = p.G, R = p.R, D = p.D, bs = p.block_size;
   const int q_start = p.qsl[w.req], q_len = p.qsl[w.req + 1] - q_start, kv_len = p.lens[w.req];
@@ -420,9 +424,14 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
   const int32_t* blocks = p.block_table + int64_t(w.req) * p.bt_stride;
   const bool wide = D % 16 == 0 && bf16_dot_supported();  // AVX-512 scores and P.V (an AVX512-BF16 CPU has AVX512F)
   (void)wide;
-  const int64_t slot_bytes = int64_t(R + D) * sizeof(T);
+  // the cache as bytes, with byte strides (a float cache's element strides times its element size)
+  const bool eight_bit = p.cache8 != nullptr;
+  const uint8_t* base = eight_bit ? p.cache8 : reinterpret_cast<const uint8_t*>(p.cache);
+  const int64_t esz = eight_bit ? 1 : int64_t(sizeof(T));
+  const int64_t c_block = p.c_block * esz, c_head = p.c_head * esz, c_tok = p.c_tok * esz;
+  const int64_t slot_bytes = eight_bit ? c_tok : int64_t(R + D) * int64_t(sizeof(T));
   for (int page_start = 0, b = 0; page_start < kv_end; page_start += bs, ++b) {
-    const T* page = p.cache + int64_t(blocks[b]) * p.c_block + int64_t(w.head) * p.c_head;
+    const uint8_t* page = base + int64_t(blocks[b]) * c_block + int64_t(w.head) * c_head;
     const int page_len = std::min(bs, kv_end - page_start);
     for (int c0 = 0; c0 < page_len; c0 += kChunk) {
       const int n = std::min(kChunk, page_len - c0);
@@ -432,20 +441,16 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
       const uint8_t* pf = nullptr;
       int pf_n = 0;
       if (c0 + kChunk < page_len) {
-        pf = reinterpret_cast<const uint8_t*>(page + int64_t(c0 + kChunk) * p.c_tok), pf_n = std::min(kChunk, page_len - c0 - kChunk);
+        pf = page + int64_t(c0 + kChunk) * c_tok, pf_n = std::min(kChunk, page_len - c0 - kChunk);
       } else if (page_start + bs < kv_end) {
-        pf = reinterpret_cast<const uint8_t*>(p.cache + int64_t(blocks[b + 1]) * p.c_block + int64_t(w.head) * p.c_head);
+        pf = base + int64_t(blocks[b + 1]) * c_block + int64_t(w.head) * c_head;
         pf_n = std::min(kChunk, kv_end - page_start - bs);
       }
       const int n8 = (n + 7) / 8 * 8;
-      for (int j = 0; j < n; ++j) {
-        const T* slot = page + int64_t(c0 + j) * p.c_tok;
-        load_f32(slot, lat + int64_t(j) * R, R);
-        load_f32(slot + R, values + int64_t(j) * D, D);
-      }
+      for (int j = 0; j < n; ++j)
+        Slot::load(page + int64_t(c0 + j) * c_tok, lat + int64_t(j) * R, values + int64_t(j) * D, R, D, p.k_scale, p.v_scale);
       std::fill(lat + int64_t(n) * R, lat + int64_t(n8) * R, 0.0f);  // zero keys past n: finite padding for row_scores
-      if (!expand_rows(lat, n8, R, table, D, keys, pf, pf_n, p.c_tok * int64_t(sizeof(T)), slot_bytes) && pf)
-        prefetch_rows(pf, pf_n, p.c_tok * int64_t(sizeof(T)), slot_bytes);
+      if (!expand_rows(lat, n8, R, table, D, keys, pf, pf_n, c_tok, slot_bytes) && pf) prefetch_rows(pf, pf_n, c_tok, slot_bytes);
       rope_rows(keys, n, D, p.cos, p.sin, cs_row, cs_off, page_start, c0);
 
 #if THINKEYS_AVX512BF16
@@ -842,7 +847,7 @@ void paged_attention(
     const at::Tensor& seq_lens,  // [num_reqs] int32
     double scale,
     const at::Tensor& output,  // [T, H, D]
-    c10::string_view cache_format,  // plain, or an 8-bit slot encoding (quant.KERNEL_FORMATS; bf16 form only)
+    c10::string_view cache_format,  // plain, or an 8-bit slot encoding (quant.KERNEL_FORMATS)
     double k_scale,  // per-tensor fp8 scales (1 otherwise)
     double v_scale) {
   TORCH_CHECK(query.dim() == 3 && kv_cache.dim() == 4 && output.dim() == 3 && expand_t.dim() == 3 && cos.dim() == 3,
@@ -888,8 +893,6 @@ void paged_attention(
   TORCH_CHECK(query_start_loc.size(0) == num_reqs + 1 && block_table.size(0) >= num_reqs, "query_start_loc / block_table do not match ", num_reqs, " requests");
 
   const bool bf16_form = THINKEYS_AVX512BF16 && query.scalar_type() == at::kBFloat16 && bf16_dot_supported();
-  TORCH_CHECK(plain || bf16_form, "8-bit caches are read by the bf16 form only (bfloat16 queries on an AVX512-BF16 CPU); got ",
-              query.scalar_type(), " on ", kernel_isa());
   TORCH_CHECK(!bf16_form || pairs_given, "the bf16 form needs expand_pairs (see rebuild_kernel.prepared_tables)");
   const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
@@ -945,7 +948,14 @@ void paged_attention(
 #endif
     at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
       Scratch& s = thread_scratch();
-      for (int64_t k = begin; k < end; ++k) attend_tile(p, items[k], s);
+      auto run = [&](auto slot) {
+        for (int64_t k = begin; k < end; ++k) attend_tile<scalar_t, decltype(slot)>(p, items[k], s);
+      };
+      if (plain) run(PlainSlot<scalar_t>{});
+      else if (format == "int8_per_token_head") run(PerTokenHeadSlot<Int8Code>{});
+      else if (format == "fp8_per_token_head") run(PerTokenHeadSlot<E4m3Code>{});
+      else if (format == "fp8_e4m3") run(PerTensorSlot<E4m3Code>{});
+      else run(PerTensorSlot<E5m2Code>{});
     });
   });
 }

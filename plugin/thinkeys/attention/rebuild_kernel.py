@@ -180,3 +180,42 @@ def paged_attention(
         cache_format, float(k_scale), float(v_scale),
     )
     return output
+
+
+def shared_kv_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    freqs: torch.Tensor | None,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    output: torch.Tensor,
+    cache_format: str = "plain",
+    k_scale: float = 1.0,
+) -> torch.Tensor:
+    """Attention over a shared K=V cache (``THINKEYS_SHARED_KV``: one d-wide vector per token and KV head).
+
+    The cached vector is the value as it is and, rotated at its position with ``freqs`` ``[H_kv, d / 2]``
+    (NeoX layout over all d dims; ``None``: no RoPE), the key: the rebuild kernel's fp32 form with no
+    expansion (``R == d``). ``kv_cache`` is ``[blocks, H_kv, block_size, d]`` (8-bit: ``d`` codes plus one
+    float32 scale per slot with a per-token-head format, or the layer's per-tensor ``k_scale``).
+    """
+    h_kv, d = kv_cache.shape[1], query.shape[-1]
+    no_table, no_pairs, no_rope = _shared_kv_placeholders(h_kv, d)
+    cos, sin = rope_tables(no_rope if freqs is None else freqs, int(seq_lens.max()) if seq_lens.numel() else 1)
+    torch.ops.thinkeys_rebuild.paged_attention(
+        query, kv_cache, no_table, no_pairs, cos, sin, block_table, query_start_loc, seq_lens,
+        float(scale), output, cache_format, float(k_scale), float(k_scale), True,
+    )
+    return output
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_kv_placeholders(h_kv: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An empty expansion table and VNNI table (shared K=V has none) and all-zero frequencies (no RoPE: the
+    identity rotation), made once per shape; ordinary tensors even when first asked for under inference mode
+    (rope_tables keys its cache by the tensor's version counter)."""
+    with torch.inference_mode(False):
+        return (torch.empty(h_kv, 0, d, dtype=torch.float32), torch.empty(0, dtype=torch.bfloat16),
+                torch.zeros(h_kv, d // 2, dtype=torch.float32))

@@ -29,12 +29,14 @@ RECOVERED_MODEL := $(CONVERTED)-recovered
 SERVED := $(if $(and $(filter-out 0,$(RECOVERED)),$(wildcard $(DELTA))),$(RECOVERED_MODEL),$(CONVERTED))
 DEFAULT_NAME := SmolLM2-135M-Instruct-thin-r$(DEFAULT_RANK)-$(DEFAULT_ROPE)
 # Recovery recipe of the shipped default (`make recover-default`), tune-side text only:
-# layer-wise distillation of the thin key projections on Wikipedia tune articles, then
-# E2E_MINUTES of end-to-end distillation on the original model's own chat answers + tune prose
-# (data/chat/tune.txt from `thinkeys chat-data`); E2E_MINUTES=0 stops after the layer-wise stage.
+# layer-wise distillation of the thin key projections on Wikipedia tune articles (800 steps per
+# layer on 128 windows of 512 tokens: 4x session 6's steps and windows, better on every held-out
+# text), then E2E_MINUTES of end-to-end distillation on the original model's own chat answers +
+# tune prose (data/chat/tune.txt from `thinkeys chat-data`); E2E_MINUTES=0 stops after the
+# layer-wise stage. About 75 minutes on 2 cores.
 CHAT := $(DATA)/chat/tune.txt
-LAYERWISE_STEPS ?= 200
-LAYERWISE_WINDOWS ?= 32
+LAYERWISE_STEPS ?= 800
+LAYERWISE_WINDOWS ?= 128
 E2E_MINUTES ?= 25
 RECIPE_BASE := $(MODELS)/$(DEFAULT_NAME)
 RECIPE_LW := $(RECIPE_BASE)-lw

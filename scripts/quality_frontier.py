@@ -112,6 +112,8 @@ def cmd_table(args: argparse.Namespace) -> None:
         cost = " | ".join(f"{r['ppl'][k]:.2f} ({r['ppl_cost'][k]:+.1%})" for k in TEXTS)
         recovery = ("-" if r["rank"] is None else "layer-wise + end-to-end" if r["label"].endswith("-lw-e2e")
                     else "layer-wise" if r["label"].endswith("-lw") else "none")
+        if "-long-" in r["label"]:  # the session-7 recipe: 4x the layer-wise steps and windows
+            recovery = f"long {recovery}"
         name = f"**{r['label']}** (default)" if r["label"] == args.default else r["label"]
         lines.append(f"| {name} | {r['rank'] or 64} | {recovery} | {users} | {cost} | {r['chat_ratio']:.3f}x | "
                      f"{r['chat_top1']:.1%} | {r['chat_loops']}/{r['chat_prompts']} |")
@@ -157,7 +159,7 @@ def main() -> None:
     e.add_argument("--force", action="store_true")
     t = sub.add_parser("table")
     t.add_argument("--served", help="JSON {row label: served Wikipedia PPL} from scripts/kv_options_server.sh runs")
-    t.add_argument("--default", default="rebuild-r32-lw-e2e", help="label of the shipped default (marked in the table)")
+    t.add_argument("--default", default="rebuild-r32-long-lw-e2e", help="label of the shipped default (marked in the table)")
     args = parser.parse_args()
     {"eval": cmd_eval, "table": cmd_table}[args.cmd](args)
 

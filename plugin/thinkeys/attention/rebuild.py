@@ -80,6 +80,8 @@ class ThinKeyRebuildMetadataBuilder(ThinKeyMetadataBuilder):
 
 
 class ThinKeyRebuildImpl(ThinKeyAttentionImpl):
+    #: Rebuild-at-read serves Llama-family sources only, which are converted without sliding windows.
+    supports_sliding_window = False
     #: [H_kv, d, r] float32 expansion table A^T of the layer (set by the layer after construction).
     rebuild_table: torch.Tensor | None = None
     #: [H_kv, d / 2] float32: the source's RoPE frequencies (set by the layer).

@@ -203,6 +203,43 @@ class RebuildCase:
                                     self.seq_lens, self.scale, self.out, self.cache_format)
 
 
+class SharedKVCase:
+    """Shared K=V (``THINKEYS_SHARED_KV``): one d-wide vector per token and KV head, the value as it is and,
+    rotated at its position, the key; read by the rebuild kernel's shared_kv form (or the PyTorch path)."""
+
+    def __init__(self, q, vectors, block_table, qsl, seq_lens, slots, num_blocks, block_size, scale, torch_path=False,
+                 kv_format="plain"):
+        from thinkeys.attention import rebuild_kernel
+        from thinkeys.attention.paged import CacheFormat, build_metadata, write_kv
+        from thinkeys.attention.quant import KERNEL_FORMATS, KVCodec
+
+        if not rebuild_kernel.available():
+            raise SystemExit("the compiled rebuild kernel is not available")
+        T, H, d = q.shape
+        H_kv = vectors.shape[1]
+        self.freqs = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)[None].expand(H_kv, -1).contiguous()
+        codec = KVCodec(kv_format, d, 0)
+        self.fmt = CacheFormat(codec, key_rope_freqs=self.freqs)
+        storage = q.dtype if kv_format == "plain" else (torch.int8 if kv_format == "int8_per_token_head" else torch.uint8)
+        self.cache = torch.zeros(num_blocks, H_kv, block_size, codec.slot_width, dtype=storage)
+        write_kv(self.cache, vectors, None, slots, self.fmt)
+        self.cache_format = "plain" if kv_format == "plain" else KERNEL_FORMATS[kv_format]
+        self.meta = build_metadata(query_start_loc=qsl, seq_lens=seq_lens, block_table=block_table, block_size=block_size,
+                                   num_actual_tokens=T, torch_path=torch_path)
+        self.kernel, self.torch_path, self.q, self.scale = rebuild_kernel, torch_path, q, scale
+        self.out = torch.empty(T, H, d, dtype=q.dtype)
+
+    def __call__(self) -> None:
+        if self.torch_path:
+            from thinkeys.attention.paged import paged_attention_torch
+
+            paged_attention_torch(self.q, self.cache, self.meta, self.scale, self.out, self.fmt)
+            return
+        m = self.meta
+        self.kernel.shared_kv_attention(self.q, self.cache, self.freqs, m.block_table, m.query_start_loc, m.seq_lens,
+                                        self.scale, self.out, self.cache_format)
+
+
 def make_case(batch: int, context: int, query_len: int, args, torch_path: bool):
     g = torch.Generator().manual_seed(0)
     H, H_kv, d, r, bs, dtype = args.heads, args.kv_heads, args.head_dim, args.rank, args.block_size, getattr(torch, args.dtype)
@@ -220,6 +257,9 @@ def make_case(batch: int, context: int, query_len: int, args, torch_path: bool):
     scale = d**-0.5
     common = (block_table, qsl, seq_lens, slots, num_blocks, bs, scale)
     stock = StockCase(q, keys, values, *common)
+    if args.shared_kv:
+        slow = SharedKVCase(q, keys, *common, torch_path=True, kv_format=args.kv_format) if torch_path else None
+        return stock, SharedKVCase(q, keys, *common, kv_format=args.kv_format), slow
     if args.rebuild:
         latents = keys[..., :r].contiguous()
         slow = RebuildCase(q, latents, values, *common, torch_path=True, kv_format=args.kv_format) if torch_path else None
@@ -258,7 +298,8 @@ def run_case(name, batch, context, query_len, args) -> CaseResult:
 
 
 def print_table(results: list[CaseResult], args) -> None:
-    print(f"\nattention op, one layer: H={args.heads} H_kv={args.kv_heads} d={args.head_dim} r={args.rank} "
+    width = "shared K=V (one d-wide vector)" if args.shared_kv else f"r={args.rank}"
+    print(f"\nattention op, one layer: H={args.heads} H_kv={args.kv_heads} d={args.head_dim} {width} "
           f"{args.dtype} block {args.block_size}, thin cache {args.kv_format}, {args.threads} thread(s); ms per call, medians of {args.rounds} rounds")
     head = f"{'case':<16}{'batch':>6}{'ctx':>6}{'q':>6} | {'stock':>9}{'thin':>9}{'ratio':>7} | {'stock cpu':>10}{'thin cpu':>9}{'ratio':>7}"
     if args.torch_path:
@@ -289,7 +330,8 @@ def plot(results: list[CaseResult], args) -> None:
     ax.set_xticks(list(x), labels, fontsize=7)
     ax.set_ylabel("stock time / thin time (> 1: thin faster)")
     cache = "" if args.kv_format == "plain" else f" ({args.kv_format} cache)"
-    ax.set_title(f"Attention op: thin keys (r={args.rank}){cache} vs vLLM CPU_ATTN (d={args.head_dim}), {args.dtype}, "
+    what = "shared K=V" if args.shared_kv else f"thin keys (r={args.rank})"
+    ax.set_title(f"Attention op: {what}{cache} vs vLLM CPU_ATTN (d={args.head_dim}), {args.dtype}, "
                  f"{args.threads} thread(s)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -315,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-path", action="store_true", help="also time the PyTorch fallback path (slow)")
     p.add_argument("--rebuild", action="store_true",
                    help="time the rebuild-at-read kernel (THINKEYS_REBUILD: r-wide latent, d-wide queries) as 'thin'")
+    p.add_argument("--shared-kv", action="store_true",
+                   help="time shared K=V slots (THINKEYS_SHARED_KV: one d-wide vector, rotated when read as a key) as 'thin'")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of the ratios here (needs matplotlib)")
     args = p.parse_args(argv)
@@ -344,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     for case in tqdm(cases, desc="attention cases", file=sys.stderr):
         results.append(run_case(*case, args))
     print_table(results, args)
-    if args.rebuild:
+    if args.shared_kv:
+        form = "fp32 (the rebuild kernel's shared_kv form)"
+    elif args.rebuild:
         from thinkeys.attention import rebuild_kernel
 
         form = rebuild_kernel.kernel_isa()

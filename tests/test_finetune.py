@@ -220,3 +220,21 @@ def test_qwen3_recovery_trains_the_post_norm_maps(tmp_path):
     changed = {n for n in src_state if not torch.equal(src_state[n], dst_state[n])}
     assert changed == {f"model.layers.{i}.self_attn.thin_{m}_map" for i in range(2) for m in "qk"}
     load_thin_model(dst)
+
+
+def test_qwen3_rebuild_recovery_trains_the_key_map_and_its_expansion(tmp_path):
+    """Qwen3 rebuild-at-read: the normalised query is the source's; the latent map and the expansion train."""
+    from tiny_models import make_tiny_qwen3
+
+    teacher = make_tiny_qwen3(tmp_path / "qwen3")
+    student = convert_checkpoint(teacher, tmp_path / "qwen3-thin", 8, rope="rebuild", progress=False)
+    text = tmp_path / "tune.txt"
+    text.write_text(_TRAINING_TEXT)
+    dst = tmp_path / "qwen3-tuned"
+    report = finetune(student, dst, teacher=teacher, text=text, progress=False, **{**FAST, "e2e_steps": 6})
+    for before, after in report.layerwise_error:
+        assert after < before, report.layerwise_error
+    src_state, dst_state = load_file(student / "model.safetensors"), load_file(dst / "model.safetensors")
+    changed = {n for n in src_state if not torch.equal(src_state[n], dst_state[n])}
+    assert changed == {f"model.layers.{i}.self_attn.{t}" for i in range(2) for t in ("thin_k_map", "thin_rebuild")}
+    load_thin_model(dst)

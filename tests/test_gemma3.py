@@ -2,12 +2,14 @@
 
 A tiny random Gemma 3 (layers sliding / full / sliding, window 16 tokens, a RoPE base per layer type,
 ``query_pre_attn_scalar`` 24, GQA; :func:`tiny_models.make_tiny_gemma3`) is built at test time and
-converted with ``pairs`` (data-free) and ``mixed`` (post-norm calibration):
+converted with ``pairs`` (data-free), ``mixed`` (post-norm calibration) and ``rebuild`` (the latent of the
+normalised key cached, rebuilt and rotated at read; joint fit on post-norm statistics, data-free at r = d):
 
 - r = d_head: the thin checkpoint is the source model (PyTorch reference = transformers' logits), and the
   vLLM engine gives stock vLLM's greedy tokens and logprobs (1e-3, fp32) on every test prompt, which are
   up to 15x longer than the window, one prefilled in chunks of 64 tokens, one served from the prefix cache;
-- r < d_head: vLLM matches the PyTorch reference (1e-3) on the same prompts, and with an 8-bit cache
+- r < d_head: vLLM matches the PyTorch reference (1e-3) on the same prompts (the rebuild backend's windowed
+  layers included), and with an 8-bit cache
   (``int8_per_token_head``) stays within 5e-2 of it (8-bit rounding; 2.3e-2 measured);
 - the engine's KV capacity (vLLM's hybrid manager: the sliding layers keep only their window) equals the
   accounting's and the planner's, stock and thin;
@@ -45,7 +47,7 @@ ATOL = 1e-3
 
 @pytest.fixture(scope="module")
 def gemma3(tmp_path_factory) -> dict[str, Path]:
-    """``source``, ``full`` (r = d, pairs), ``full-mixed`` (r = d, mixed), ``pairs`` and ``mixed`` (r = 8)."""
+    """``source``, ``full`` / ``full-mixed`` / ``full-rebuild`` (r = d), ``pairs``, ``mixed`` and ``rebuild`` (r = 8)."""
     root = tmp_path_factory.mktemp("gemma3")
     text = root / "tune.txt"
     text.write_text(_TRAINING_TEXT * 6)
@@ -58,6 +60,8 @@ def gemma3(tmp_path_factory) -> dict[str, Path]:
         "full-mixed": convert_checkpoint(src, root / "full-mixed", HEAD_DIM, rope="mixed", calibration=cal, progress=False),
         "pairs": convert_checkpoint(src, root / "pairs", RANK, progress=False),
         "mixed": convert_checkpoint(src, root / "mixed", RANK, rope="mixed", calibration=cal, progress=False),
+        "full-rebuild": convert_checkpoint(src, root / "full-rebuild", HEAD_DIM, rope="rebuild", progress=False),
+        "rebuild": convert_checkpoint(src, root / "rebuild", RANK, rope="rebuild", calibration=cal, progress=False),
     }
 
 
@@ -90,7 +94,7 @@ def test_calibration_is_taken_after_the_norms(gemma3):
     assert ((trace >= HEAD_DIM * gains.min() ** 2 * 0.999) & (trace <= HEAD_DIM * gains.max() ** 2 * 1.001)).all()
 
 
-@pytest.mark.parametrize("name", ["full", "full-mixed"])
+@pytest.mark.parametrize("name", ["full", "full-mixed", "full-rebuild"])
 def test_full_rank_reference_is_the_source_model(gemma3, input_ids, name):
     diff = (_thin_logits(gemma3[name], input_ids) - _source_logits(gemma3["source"], input_ids)).abs().max().item()
     assert diff < 1e-4, f"{name}: thin reference vs source logits differ by {diff:.2e}"
@@ -142,7 +146,6 @@ def _edit_config(src: Path, dst: Path, **changes) -> Path:
 
 REFUSALS = {
     "svd rope after a q/k norm": (lambda g, t: (g["source"], {"rope": "svd"}), "--rope svd does not apply to Gemma3ForCausalLM"),
-    "rebuild rope": (lambda g, t: (g["source"], {"rope": "rebuild"}), "--rope rebuild does not apply to Gemma3ForCausalLM"),
     "attention soft-capping": (
         lambda g, t: (_edit_config(g["source"], t / "cap", attn_logit_softcapping=50.0), {}),
         "Gemma3ForCausalLM with attn_logit_softcapping is not supported",
@@ -198,8 +201,9 @@ def _assert_prompts_exercise_the_window(run) -> None:
 
 
 @pytest.mark.engine
-def test_full_rank_is_exact_against_stock_vllm(runs):
-    thin, stock = runs("full"), runs("source")
+@pytest.mark.parametrize("name", ["full", "full-rebuild"])
+def test_full_rank_is_exact_against_stock_vllm(runs, name):
+    thin, stock = runs(name), runs("source")
     for prompt in ALL_PROMPTS:
         a, b = thin.completions[prompt], stock.completions[prompt]
         assert a.prompt_token_ids == b.prompt_token_ids
@@ -226,7 +230,7 @@ def _reference_diff(run, path: Path) -> float:
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("name", ["pairs", "mixed"])
+@pytest.mark.parametrize("name", ["pairs", "mixed", "rebuild"])
 def test_thin_model_matches_pytorch_reference(runs, gemma3, name):
     run = runs(name)
     diff = _reference_diff(run, gemma3[name])

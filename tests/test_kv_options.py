@@ -160,6 +160,26 @@ def test_shared_kv_8bit_stays_close(engine_runs):
     assert diff < 0.05
 
 
+def test_shared_kv_runs_on_the_kernel(engine_runs, shared_kv_checkpoints, monkeypatch):
+    """Shared K=V slots are read in place by the rebuild kernel's shared_kv form (not the PyTorch path), 8-bit too."""
+    from engines import run_engine
+
+    from thinkeys.attention import rebuild_kernel
+
+    formats = []
+    real = rebuild_kernel.shared_kv_attention
+
+    def spy(*args, **kwargs):
+        formats.append(args[8] if len(args) > 8 else kwargs.get("cache_format", "plain"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rebuild_kernel, "shared_kv_attention", spy)
+    run = run_engine(shared_kv_checkpoints["llama-shared"], ALL_PROMPTS, kv_cache_dtype="int8_per_token_head")
+    assert formats and set(formats) == {"int8_per_token_head"}, set(formats)
+    monkeypatch.undo()
+    assert max_logprob_diff(run, engine_runs("llama-vk")) < 0.05
+
+
 # --- the converter ---------------------------------------------------------------------------
 
 

@@ -6,7 +6,8 @@ were quantized and dequantized the same way (written out here independently of `
 every 8-bit kind the backend takes, decodes mixed with chunked prefills, both cache layouts, GQA,
 the kernel's intrinsics and portable loops, and float32 / bfloat16 / float16 activations. The
 kernel's quantizing write stores the same bytes as ``quant.py``. The same reference holds shared
-K=V slots (one vector, rotated when read as a key), plain and 8-bit.
+K=V slots (one vector, rotated when read as a key), plain and 8-bit, on the PyTorch path and on the
+rebuild kernel's shared_kv form.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ STEPS = {
 
 
 def scenario(kind, q_lens, seq_lens, *, shared=False, layout="LBHNC", heads=6, kv_heads=2, r=16, d=32,
-             block_size=16, k_scale=1.0, v_scale=1.0, seed=0, dtype=torch.float32, writer=write_kv):
+             block_size=16, k_scale=1.0, v_scale=1.0, seed=0, dtype=torch.float32, writer=write_kv, shared_rope=True,
+             storage=None):
     """Write every request's keys/values in two steps (earlier context, then this step) and build the metadata.
 
     Keys, values and queries are rounded to ``dtype`` (the activations' dtype) before anything else.
@@ -63,9 +65,9 @@ def scenario(kind, q_lens, seq_lens, *, shared=False, layout="LBHNC", heads=6, k
     if shared:
         r = d
     codec = KVCodec(kind, r, 0 if shared else d)
-    freqs = (torch.rand(kv_heads, d // 2, generator=g) * 0.5) if shared else None
+    freqs = (torch.rand(kv_heads, d // 2, generator=g) * 0.5 * shared_rope) if shared else None
     fmt = CacheFormat(codec, k_scale=k_scale, v_scale=v_scale, key_rope_freqs=freqs)
-    storage = STORAGE.get(kind, torch.uint8 if kind in EIGHT_BIT_DTYPES else torch.float32)
+    storage = storage or STORAGE.get(kind, torch.uint8 if kind in EIGHT_BIT_DTYPES else torch.float32)
     blocks_needed = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(blocks_needed) + 3
     if layout == "LBHNC":
@@ -228,6 +230,42 @@ def test_shared_kv_slots_match_reference(kind):
     out = torch.full((query.shape[0], query.shape[1], 32), float("nan"))
     paged_attention(query, cache, meta, 32**-0.5, out, fmt)
     torch.testing.assert_close(out.double(), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])
+@pytest.mark.parametrize("kind,k_scale", [("auto", 1.0), ("int8_per_token_head", 1.0), ("fp8_per_token_head", 1.0), ("fp8", 0.05),
+                                          ("fp8_e5m2", 0.5)])
+@pytest.mark.parametrize("step", ["decodes", "mixed"])
+def test_shared_kv_kernel_matches_reference(kind, k_scale, step, layout):
+    """The rebuild kernel's shared_kv form (r = d, no expansion) reads the same slots in place: same reference."""
+    from thinkeys.attention import rebuild_kernel
+
+    assert rebuild_kernel.available()
+    query, cache, meta, fmt, expected = scenario(kind, *STEPS[step], shared=True, layout=layout, k_scale=k_scale)
+    out = torch.full((query.shape[0], query.shape[1], 32), float("nan"))
+    kernel_format = "plain" if kind == "auto" else {"fp8": "fp8_e4m3"}.get(kind, kind)
+    rebuild_kernel.shared_kv_attention(query, cache, fmt.key_rope_freqs, meta.block_table, meta.query_start_loc, meta.seq_lens,
+                                       32**-0.5, out, kernel_format, k_scale)
+    torch.testing.assert_close(out.double(), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind,storage,tol", [("auto", torch.bfloat16, 1e-2), ("int8_per_token_head", None, 1e-2), ("auto", None, 0.0)])
+def test_shared_kv_kernel_bf16_and_no_rope(kind, storage, tol):
+    """bf16 activations (read by the fp32 form, widened), and a layer without RoPE (GPT-2: freqs None)."""
+    from thinkeys.attention import rebuild_kernel
+
+    assert rebuild_kernel.available()
+    dtype = storage or torch.float32
+    if kind == "int8_per_token_head":
+        dtype = torch.bfloat16
+    rope = storage is not None or kind != "auto"
+    query, cache, meta, fmt, expected = scenario(kind, *STEPS["mixed"], shared=True, dtype=dtype, storage=storage, shared_rope=rope)
+    query = query.to(dtype)
+    out = torch.full((query.shape[0], query.shape[1], 32), float("nan"), dtype=dtype)
+    rebuild_kernel.shared_kv_attention(query, cache, fmt.key_rope_freqs if rope else None, meta.block_table, meta.query_start_loc,
+                                       meta.seq_lens, 32**-0.5, out, "plain" if kind == "auto" else kind)
+    # bf16: the output is rounded to bf16 (half an ulp is 0.2% of values up to ~10 here)
+    torch.testing.assert_close(out.double(), expected, atol=ATOL + tol, rtol=tol)
 
 
 def test_int8_per_token_head_is_closer_than_per_tensor_fp8():

@@ -1,7 +1,8 @@
 """Qwen3 (per-head q/k RMSNorm before RoPE): conversion after the norm, the reference, the real engine.
 
 A tiny random Qwen3 (GQA, q/k norm gains drawn away from 1) is built at test time and converted with
-``pairs`` (data-free) and ``mixed`` (post-norm calibration statistics):
+``pairs`` (data-free), ``mixed`` (post-norm calibration statistics) and ``rebuild`` (the latent of the
+normalised key, rebuilt at read; data-free at r = d, ``joint`` on post-norm statistics below):
 
 - r = d_head: the thin checkpoint is the source model: the PyTorch reference gives the source's
   logits, and the vLLM engine gives stock vLLM's greedy tokens and logprobs (1e-3, fp32);
@@ -40,7 +41,7 @@ ATOL = 1e-3
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory) -> dict[str, Path]:
-    """``source``, ``full`` (r = d, pairs), ``full-mixed`` (r = d, mixed), ``pairs`` and ``mixed`` (r = 8)."""
+    """``source``, ``full`` / ``full-mixed`` / ``full-rebuild`` (r = d), ``pairs``, ``mixed`` and ``rebuild`` (r = 8)."""
     root = tmp_path_factory.mktemp("qwen3")
     text = root / "tune.txt"
     text.write_text(_TRAINING_TEXT * 6)
@@ -53,6 +54,8 @@ def qwen3(tmp_path_factory) -> dict[str, Path]:
         "full-mixed": convert_checkpoint(src, root / "full-mixed", HEAD_DIM, rope="mixed", calibration=cal, progress=False),
         "pairs": convert_checkpoint(src, root / "pairs", RANK, progress=False),
         "mixed": convert_checkpoint(src, root / "mixed", RANK, rope="mixed", calibration=cal, progress=False),
+        "full-rebuild": convert_checkpoint(src, root / "full-rebuild", HEAD_DIM, rope="rebuild", progress=False),
+        "rebuild": convert_checkpoint(src, root / "rebuild", RANK, rope="rebuild", calibration=cal, progress=False),
     }
 
 
@@ -85,7 +88,7 @@ def test_calibration_is_taken_after_the_norms(qwen3):
     assert ((trace >= HEAD_DIM * gains.min() ** 2 * 0.999) & (trace <= HEAD_DIM * gains.max() ** 2 * 1.001)).all()
 
 
-@pytest.mark.parametrize("name", ["full", "full-mixed"])
+@pytest.mark.parametrize("name", ["full", "full-mixed", "full-rebuild"])
 def test_full_rank_reference_is_the_source_model(qwen3, input_ids, name):
     diff = (_thin_logits(qwen3[name], input_ids) - _source_logits(qwen3["source"], input_ids)).abs().max().item()
     assert diff < 1e-4, f"{name}: thin reference vs source logits differ by {diff:.2e}"
@@ -107,6 +110,31 @@ def test_checkpoint_keeps_the_projections_and_adds_post_norm_maps(qwen3):
     assert torch.equal(k_map.sum(-1), torch.ones(2, RANK)) and set(k_map.unique().tolist()) == {0.0, 1.0}
     assert check_checkpoint_files(qwen3["pairs"]).rank == RANK
     assert check_checkpoint_files(qwen3["mixed"]).rank == RANK
+
+
+def test_rebuild_checkpoint_caches_the_latent_of_the_normalised_key(qwen3):
+    src = load_file(qwen3["source"] / "model.safetensors")
+    thin = load_file(qwen3["rebuild"] / "model.safetensors")
+    config = ThinKeyConfig.from_pretrained(qwen3["rebuild"])
+    assert (config.rope.value, config.rank, config.rope_dims) == ("rebuild", RANK, HEAD_DIM)
+    p = "model.layers.1.self_attn"
+    for name in ("q_proj.weight", "k_proj.weight", "q_norm.weight", "k_norm.weight"):
+        assert torch.equal(thin[f"{p}.{name}"], src[f"{p}.{name}"])  # the source's projections and norms
+    assert f"{p}.{QUERY_MAP_NAME}" not in thin  # queries are the source's normalised ones
+    latent, expand = thin[f"{p}.{KEY_MAP_NAME}"], thin[f"{p}.thin_rebuild"]
+    assert latent.shape == (2, RANK, HEAD_DIM) and expand.shape == (2, HEAD_DIM, RANK)
+    assert check_checkpoint_files(qwen3["rebuild"]).rebuild
+    # r < d is an approximation; fitted to the post-norm statistics it is closer to the source on the
+    # calibration text than the data-free pairs at the same cache width (KL of the next-token distributions)
+    from transformers import AutoTokenizer
+
+    ids = torch.tensor([AutoTokenizer.from_pretrained(qwen3["source"])(_TRAINING_TEXT)["input_ids"][:64]])
+    source = _source_logits(qwen3["source"], ids).log_softmax(-1)
+
+    def kl(name: str) -> float:
+        return (source.exp() * (source - _thin_logits(qwen3[name], ids).log_softmax(-1))).sum(-1).mean().item()
+
+    assert 0 < kl("rebuild") < 0.8 * kl("pairs"), f"rebuild KL {kl('rebuild'):.4f} vs pairs {kl('pairs'):.4f}"
 
 
 def test_pairs_below_full_rank_is_exact_when_the_norm_zeroes_the_dropped_pairs(tmp_path, input_ids):
@@ -225,8 +253,9 @@ def runs(qwen3):
 
 
 @pytest.mark.engine
-def test_full_rank_is_exact_against_stock_vllm(runs):
-    thin, stock = runs("full"), runs("source")
+@pytest.mark.parametrize("name", ["full", "full-rebuild"])
+def test_full_rank_is_exact_against_stock_vllm(runs, name):
+    thin, stock = runs(name), runs("source")
     for prompt in ALL_PROMPTS:
         a, b = thin.completions[prompt], stock.completions[prompt]
         assert a.prompt_token_ids == b.prompt_token_ids
@@ -236,7 +265,7 @@ def test_full_rank_is_exact_against_stock_vllm(runs):
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("name", ["pairs", "mixed"])
+@pytest.mark.parametrize("name", ["pairs", "mixed", "rebuild"])
 def test_thin_model_matches_pytorch_reference(runs, qwen3, name):
     run = runs(name)
     model = load_thin_model(qwen3[name], dtype=torch.float32).eval()
@@ -281,3 +310,4 @@ def test_kv_capacity_equals_accounting_and_planner(runs, qwen3):
     assert plan.capacity_tokens.thin == thin.kv_cache_size_tokens
     assert plan.max_concurrency.thin == thin.num_blocks / -(-context // block)  # vLLM: blocks / blocks per request
     assert thin.kv_cache_size_tokens / stock.kv_cache_size_tokens == pytest.approx(2 * HEAD_DIM / (RANK + HEAD_DIM), rel=0.01)
+    assert runs("rebuild").kv_cache_size_tokens == thin.kv_cache_size_tokens  # the latent is r wide too

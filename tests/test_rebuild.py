@@ -164,15 +164,15 @@ def test_8bit_cache_stays_close(engine_runs):
 
 
 @pytest.mark.engine
-def test_8bit_cache_runs_on_the_bf16_kernel(engine_runs, rebuild_checkpoints, monkeypatch):
-    """bfloat16 on an AVX512-BF16 CPU: the int8 cache is read in place by the rebuild kernel (not the PyTorch path),
-    and stays close to the bfloat16 cache."""
+@pytest.mark.parametrize("dtype,tolerance", [("bfloat16", 0.1), ("float32", 0.05)])
+def test_8bit_cache_runs_on_the_kernel(engine_runs, rebuild_checkpoints, monkeypatch, dtype, tolerance):
+    """The int8 cache is read in place by the rebuild kernel (not the PyTorch path): in its bf16 form for bfloat16
+    on an AVX512-BF16 CPU, in its fp32 form otherwise; and it stays close to the float cache of the same dtype."""
     from engines import run_engine
 
     from thinkeys.attention import rebuild_kernel
 
-    if not rebuild_kernel.reads_8bit(torch.bfloat16):
-        pytest.skip("8-bit caches take the PyTorch path on this CPU (no AVX512-BF16)")
+    assert rebuild_kernel.reads_8bit(getattr(torch, dtype))
     formats = []
     real = rebuild_kernel.paged_attention
 
@@ -181,8 +181,8 @@ def test_8bit_cache_runs_on_the_bf16_kernel(engine_runs, rebuild_checkpoints, mo
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rebuild_kernel, "paged_attention", spy)
-    quant = run_engine(rebuild_checkpoints["llama-rebuild"], ALL_PROMPTS, dtype="bfloat16", kv_cache_dtype="int8_per_token_head")
+    quant = run_engine(rebuild_checkpoints["llama-rebuild"], ALL_PROMPTS, dtype=dtype, kv_cache_dtype="int8_per_token_head")
     assert formats and set(formats) == {"int8_per_token_head"}, set(formats)
     monkeypatch.undo()
-    diff = max_logprob_diff(quant, engine_runs("llama-rebuild", dtype="bfloat16"))
-    assert diff < 0.1, diff
+    diff = max_logprob_diff(quant, engine_runs("llama-rebuild", **({"dtype": dtype} if dtype != "float32" else {})))
+    assert diff < tolerance, diff

@@ -11,10 +11,10 @@ expansion, pages kept across a prefill's tiles, the fused RoPE for d in 32 / 64 
 form (AVX-512 scores and P.V, transposed-key scoring for prefill tiles), the AVX2 form
 (THINKEYS_KERNEL_ISA=avx2, in a subprocess) and the bf16 form without AMX (THINKEYS_KERNEL_NO_AMX=1).
 
-8-bit caches (the bf16 form reads them in place): int8 / fp8 per-token-head and per-tensor fp8 slots
+8-bit caches (read in place by both forms): int8 / fp8 per-token-head and per-tensor fp8 slots
 encoded by ``quant.KVCodec``, held to the float64 reference of the same codes and scales on decodes,
-prefills, chunks after a prefix, GQA / MQA and odd r; float32 queries over them are refused by the op
-(the backend routes them to the PyTorch path).
+prefills, chunks after a prefix, GQA / MQA and odd r: bf16 queries in the bf16 form, float32 /
+float16 queries in the fp32 form, bf16 queries in the AVX2 form (subprocess).
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def test_prepared_tables_follow_in_place_updates():
     torch.testing.assert_close(again, expand.transpose(1, 2))
 
 
-def _run_in_subprocess(tmp_path, env, case, dtype_name):
+def _run_in_subprocess(tmp_path, env, case, dtype_name, cache_format="plain"):
     """The kernel in a fresh process with ``env`` (a form chosen at load); returns (its form, its output)."""
     import os
     import subprocess
@@ -222,7 +222,8 @@ def _run_in_subprocess(tmp_path, env, case, dtype_name):
         f"q, c, e, f, t, s, l = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
         "assert rebuild_kernel.available(); print('form', rebuild_kernel.kernel_isa())\n"
         "out = torch.empty_like(q)\n"
-        f"rebuild_kernel.paged_attention(q, c, e, f, t, s, l, q.shape[-1] ** -0.5, out); torch.save(out, {str(tmp_path / 'out.pt')!r})\n"
+        f"rebuild_kernel.paged_attention(q, c, e, f, t, s, l, q.shape[-1] ** -0.5, out, {cache_format!r})\n"
+        f"torch.save(out, {str(tmp_path / 'out.pt')!r})\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -257,7 +258,7 @@ def test_bf16_form_without_amx_agrees(tmp_path):
     torch.testing.assert_close(run_kernel(*case[:-1]).float(), out.float(), atol=BF16_ATOL, rtol=0)
 
 
-# ---- 8-bit caches: the bf16 form reads the codes in place -------------------------------------------
+# ---- 8-bit caches: both forms read the codes in place -------------------------------------------
 
 EIGHT_BIT_STORAGE = {"int8_per_token_head": torch.int8}  # vLLM's; the fp8 kinds are uint8
 
@@ -365,12 +366,43 @@ def test_int8_kernel_with_two_threads_matches_one():
     torch.testing.assert_close(two, one, atol=0, rtol=0)
 
 
-def test_kernel_refuses_8bit_outside_the_bf16_form():
-    """float32 queries over an 8-bit cache are the PyTorch path's (the backend routes them there); the op says so."""
+EIGHT_BIT_KINDS = [("int8_per_token_head", 1.0, 1.0), ("fp8_per_token_head", 1.0, 1.0), ("fp8", 0.05, 0.02), ("fp8_e5m2", 0.1, 0.5)]
+
+
+@pytest.mark.parametrize("kind,k_scale,v_scale", EIGHT_BIT_KINDS)
+@pytest.mark.parametrize("step", list(STEPS))
+def test_fp32_form_reads_8bit_pages(kind, k_scale, v_scale, step):
+    """float32 queries over 8-bit slots (the fp32 form: each chunk dequantized to fp32, then rebuilt): decodes,
+    prefills, chunks after a prefix, against the float64 reference of the same codes and scales."""
+    assert rebuild_kernel.reads_8bit(torch.float32) and rebuild_kernel.reads_8bit(torch.float16)
+    case = quantize_cache(scenario(*STEPS[step], heads=9, kv_heads=3, r=32, d=64, layout="LBNHC"), kind, k_scale, v_scale)
+    out = run_kernel_8bit(kind, *case[:-1], k_scale=k_scale, v_scale=v_scale)
+    torch.testing.assert_close(out.double(), case[-1], atol=ATOL / 10, rtol=0)
+
+
+@pytest.mark.parametrize("r,d,heads,kv_heads,block_size", [(16, 64, 9, 3, 32), (5, 40, 8, 1, 16), (4, 12, 6, 1, 7)])
+def test_fp32_form_8bit_shapes_and_float16(r, d, heads, kv_heads, block_size):
+    """Odd r (an 8-bit latent shorter than a vector), MQA, odd block sizes; float16 queries take the same form."""
+    case = quantize_cache(scenario([1, 3, 1, 70, 100], [300, 3, 9, 150, 100], heads=heads, kv_heads=kv_heads, r=r, d=d,
+                                   block_size=block_size, seed=r, padding_requests=1), "int8_per_token_head")
+    torch.testing.assert_close(run_kernel_8bit("int8_per_token_head", *case[:-1]).double(), case[-1], atol=ATOL / 10, rtol=0)
+    half = (case[0].half(), *case[1:-1])
+    torch.testing.assert_close(run_kernel_8bit("int8_per_token_head", *half).double(), case[-1], atol=4e-3, rtol=0)
+
+
+def test_avx2_form_reads_int8_pages(tmp_path):
+    """THINKEYS_KERNEL_ISA=avx2: what an AVX2-only CPU runs for bf16 (and fp32) queries over an int8 cache."""
+    from thinkeys.attention import kernels
+
+    case = quantize_cache(scenario([1, 1, 40, 3], [40, 200, 40, 70], heads=9, kv_heads=3, r=32, d=64, block_size=32,
+                                   dtype=torch.bfloat16), "int8_per_token_head")
+    form, out = _run_in_subprocess(tmp_path, {kernels.ENV_ISA: "avx2"}, case, "bfloat16", cache_format="int8_per_token_head")
+    assert form == ("portable" if kernels.detected_isa() == "baseline" else "avx2")
+    torch.testing.assert_close(out.double(), case[-1], atol=BF16_ATOL, rtol=0)
+
+
+def test_kernel_refuses_a_slot_of_the_wrong_width():
     case = quantize_cache(scenario(*STEPS["decodes"]), "int8_per_token_head")
-    assert not rebuild_kernel.reads_8bit(torch.float32)
-    with pytest.raises(RuntimeError, match="bf16 form only"):
-        run_kernel_8bit("int8_per_token_head", *case[:-1])
     with pytest.raises(RuntimeError, match="expected"):
         bad = case[1][..., :-4]
         run_kernel_8bit("int8_per_token_head", case[0].bfloat16(), bad, *case[2:-1])

@@ -125,7 +125,46 @@ def test_backends_without_window_support_refuse_one():
     from thinkeys.attention.rebuild import ThinKeyRebuildImpl
     from thinkeys.attention.shared import ThinKeySharedKVImpl
 
-    assert ThinKeyAttentionImpl(4, 8, 0.2, num_kv_heads=2, sliding_window=512).sliding_window == 512
-    for impl in (ThinKeyRebuildImpl, ThinKeySharedKVImpl):
-        with pytest.raises(NotImplementedError, match="sliding_window=512 \\(this backend attends over the whole context\\)"):
-            impl(4, 8, 0.2, num_kv_heads=2, sliding_window=512)
+    for impl in (ThinKeyAttentionImpl, ThinKeyRebuildImpl):
+        assert impl(4, 8, 0.2, num_kv_heads=2, sliding_window=512).sliding_window == 512
+    with pytest.raises(NotImplementedError, match="sliding_window=512 \\(this backend attends over the whole context\\)"):
+        ThinKeySharedKVImpl(4, 8, 0.2, num_kv_heads=2, sliding_window=512)
+
+
+def test_rebuild_layers_honour_the_window():
+    """Rebuild at read (cached latents, keys A^T c rebuilt and rotated at their positions) with a window: the
+    rebuild backend's impl, on the metadata the builder makes, equals the windowed float64 reference."""
+    from thinkeys.attention.rebuild import ThinKeyRebuildImpl
+    from thinkeys.rope import apply_thin_rope
+
+    g = torch.Generator().manual_seed(3)
+    heads, kv_heads, r, d, block_size, window = 4, 2, 8, 32, 16, 6
+    q_lens, seq_lens = [1, 1, 9, 16], [30, 3, 9, 48]
+    table_t = torch.randn(kv_heads, d, r, generator=g) / r**0.5  # A^T
+    freqs = torch.rand(kv_heads, d // 2, generator=g) * 0.5
+    blocks_needed = [-(-s // block_size) for s in seq_lens]
+    cache = torch.zeros(sum(blocks_needed) + 1, kv_heads, block_size, r + d)
+    block_table = torch.zeros(len(seq_lens), max(blocks_needed), dtype=torch.int32)
+    queries, expected, used = [], [], 1
+    for i, (q_len, s) in enumerate(zip(q_lens, seq_lens)):
+        block_table[i, : blocks_needed[i]] = torch.arange(used, used + blocks_needed[i], dtype=torch.int32)
+        used += blocks_needed[i]
+        c, v = torch.randn(s, kv_heads, r, generator=g), torch.randn(s, kv_heads, d, generator=g)
+        pos = torch.arange(s)
+        write_kv(cache, c, v, block_table[i, pos // block_size].long() * block_size + pos % block_size)
+        keys = apply_thin_rope(torch.einsum("sgr,gdr->sgd", c, table_t), pos, freqs)  # rebuilt, rotated
+        q = apply_thin_rope(torch.randn(q_len, heads, d, generator=g), pos[s - q_len :], freqs)  # the source's query
+        queries.append(q)
+        expected.append(causal_attention(q.double(), keys.double(), v.double(), scale=d**-0.5, context=s - q_len, sliding_window=window))
+    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
+    kernel = kernels.available()
+    meta = build_metadata(
+        query_start_loc=qsl, seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_table=block_table,
+        block_size=block_size, num_actual_tokens=int(qsl[-1]), torch_path=not kernel, kernel=kernel,
+    )
+    impl = ThinKeyRebuildImpl(heads, r, d**-0.5, num_kv_heads=kv_heads, sliding_window=window)
+    impl.rebuild_table, impl.key_rope_freqs = table_t, freqs
+    query = torch.cat(queries)
+    out = torch.empty(query.shape[0], heads, d)
+    impl.forward(None, query.reshape(-1, heads * d), None, None, cache, meta, out)
+    torch.testing.assert_close(out.double(), torch.cat(expected), atol=1e-5, rtol=1e-5)

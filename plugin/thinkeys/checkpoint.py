@@ -22,7 +22,10 @@ Tensor names and layouts are those of the source family with thinner q/k project
       <layer>.self_attn.thin_q_map  [Hkv, r, d]   thin q = thin_q_map[g] @ q_norm(q)  (every query head of group g)
       <layer>.self_attn.thin_k_map  [Hkv, r, d]   thin k = thin_k_map[g] @ k_norm(k)  (cached: r wide)
 
-  RoPE is then applied to the thin q/k as below. ``pairs`` and ``mixed`` are the strategies.
+  RoPE is then applied to the thin q/k as below. ``pairs``, ``mixed`` and ``rebuild`` are the
+  strategies. With ``rebuild`` (below) the query is the source's normalised one and there is no
+  ``thin_q_map``: ``thin_k_map`` is the cache map ``B`` (the latent is ``B k_norm(k)``) and
+  ``thin_rebuild`` its expansion ``A^T``.
   Gemma 3 keeps its own attention geometry from config.json: the softmax scale is
   ``query_pre_attn_scalar ** -0.5`` (not ``1 / sqrt(head_dim)``), ``layer_types`` says which layers
   attend within ``sliding_window`` tokens, and each layer's ``thin_rope_freqs`` holds the frequencies
@@ -43,7 +46,7 @@ un-rotated ``k = W_K x``: it is the value as it is and the key once rotated at i
 (``thin_rope_freqs`` holds the source's own frequencies, ``rope: pairs``, ``rope_dims = head_dim``;
 GPT-2: ``rope: none``). ``thinkeys convert SRC DST --shared-kv`` writes them.
 
-Rebuild-at-read checkpoints (``rope: rebuild``, Llama-family sources) cache a thin *pre-RoPE*
+Rebuild-at-read checkpoints (``rope: rebuild``; Llama-family sources, and QK-norm ones as above) cache a thin *pre-RoPE*
 latent of the source key and rebuild the full key from it at every read::
 
       x ──W_Q ──► q  (H heads x d, the source's own query)            ──► R(m) q
@@ -138,7 +141,7 @@ SUPPORTED_SOURCES: dict[str, Family] = {
     ),
 }
 #: Strategies that keep RoPE exact on what they keep, the ones a QK-norm family can use.
-QK_NORM_STRATEGIES = (RopeStrategy.PAIRS, RopeStrategy.MIXED)
+QK_NORM_STRATEGIES = (RopeStrategy.PAIRS, RopeStrategy.MIXED, RopeStrategy.REBUILD)
 
 #: Thin-key architecture name -> "module:Class" of its vLLM implementation (registered lazily).
 VLLM_ARCHITECTURES: dict[str, str] = {
@@ -202,10 +205,10 @@ class ThinKeyConfig(BaseModel):
                 f"source_architecture {self.source_architecture!r} is not one of {sorted(SUPPORTED_SOURCES)}"
             )
         if SUPPORTED_SOURCES[self.source_architecture].qk_norm:
-            if self.rope not in QK_NORM_STRATEGIES or self.rope_dims != self.rank:
+            if self.rope not in QK_NORM_STRATEGIES or (self.rope != RopeStrategy.REBUILD and self.rope_dims != self.rank):
                 raise ValueError(
                     f"{self.source_architecture} normalises q/k per head before RoPE: rope must be one of "
-                    f"{[s.value for s in QK_NORM_STRATEGIES]} with rope_dims = rank"
+                    f"{[s.value for s in QK_NORM_STRATEGIES]} (rope_dims = rank, or head_dim for rebuild)"
                 )
             if self.shared_kv:
                 raise ValueError(f"shared_kv is not supported for {self.source_architecture} (its keys are normalised, its values not)")

@@ -172,7 +172,10 @@ def check_checkpoint_files(folder: str | Path) -> ThinKeyConfig:
             expect(f"{prefix}.k_proj.weight", (kv_heads * d, hidden), "head_dim")
             expect(f"{prefix}.q_norm.weight", (d,), "head_dim")
             expect(f"{prefix}.k_norm.weight", (d,), "head_dim")
-            expect(f"{prefix}.{QUERY_MAP_NAME}", (kv_heads, r, d), "rank")
+            if thin.rebuild:  # the source's normalised queries; the latent B k_norm(k) and its expansion A^T
+                expect(f"{prefix}.{REBUILD_TABLE_NAME}", (kv_heads, d, r), "rank")
+            else:
+                expect(f"{prefix}.{QUERY_MAP_NAME}", (kv_heads, r, d), "rank")
             expect(f"{prefix}.{KEY_MAP_NAME}", (kv_heads, r, d), "rank")
         elif thin.rebuild:  # the source's queries; an r-wide latent key and its [Hkv, d, r] expansion
             expect(f"{prefix}.q_proj.weight", (heads * d, hidden), "head_dim")

@@ -158,7 +158,11 @@ class ThinAttention(_KeepsFreqsInFloat32):
 
 
 class ThinQKNormAttention(ThinAttention):
-    """Qwen3 self-attention: q/k projected d wide, normalised per head (the source's own norms), then mapped to r."""
+    """Qwen3 self-attention: q/k projected d wide, normalised per head (the source's own norms), then mapped to r.
+
+    Rebuild-at-read checkpoints keep the normalised query as it is (no query map) and map the
+    normalised key to its r-wide latent; :meth:`ThinAttention.forward` rebuilds it.
+    """
 
     def __init__(self, config: Any, thin: ThinKeyConfig, layer_idx: int, like: nn.Module) -> None:
         super().__init__(config, thin, layer_idx, like)
@@ -166,7 +170,8 @@ class ThinQKNormAttention(ThinAttention):
         self.q_proj = nn.Linear(hidden, self.num_heads * d, bias=like.q_proj.bias is not None)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=like.k_proj.bias is not None)
         self.q_norm, self.k_norm = like.q_norm, like.k_norm  # transformers' modules (their gain convention)
-        self.register_parameter(QUERY_MAP_NAME, nn.Parameter(torch.zeros(self.num_kv_heads, r, d)))
+        if not self.rebuild:
+            self.register_parameter(QUERY_MAP_NAME, nn.Parameter(torch.zeros(self.num_kv_heads, r, d)))
         self.register_parameter(KEY_MAP_NAME, nn.Parameter(torch.zeros(self.num_kv_heads, r, d)))
 
     def thin_query_key(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,9 +179,11 @@ class ThinQKNormAttention(ThinAttention):
         n_kv, group, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         q = self.q_norm(self.q_proj(hidden_states).view(b, t, self.num_heads, d))  # [B, T, H, d]
         k = self.k_norm(self.k_proj(hidden_states).view(b, t, n_kv, d))  # [B, T, Hkv, d]
-        q_map, k_map = getattr(self, QUERY_MAP_NAME), getattr(self, KEY_MAP_NAME)  # [Hkv, r, d]
+        k = torch.einsum("btgd,grd->btgr", k, getattr(self, KEY_MAP_NAME))  # [B, T, Hkv, r]
+        if self.rebuild:  # the source's normalised query; the key is the latent B k_norm(k)
+            return q, k
+        q_map = getattr(self, QUERY_MAP_NAME)  # [Hkv, r, d]
         q = torch.einsum("btgjd,grd->btgjr", q.view(b, t, n_kv, group, d), q_map).reshape(b, t, self.num_heads, self.rank)
-        k = torch.einsum("btgd,grd->btgr", k, k_map)  # [B, T, Hkv, r]
         return q, k
 
 
@@ -254,7 +261,7 @@ def thin_qk_parameters(model: nn.Module) -> list[nn.Parameter]:
         if getattr(attn, "rebuild", False):
             params.append(getattr(attn, REBUILD_TABLE_NAME))
         if isinstance(attn, ThinQKNormAttention):
-            params += [getattr(attn, QUERY_MAP_NAME), getattr(attn, KEY_MAP_NAME)]
+            params += [getattr(attn, n) for n in (QUERY_MAP_NAME, KEY_MAP_NAME) if hasattr(attn, n)]
     if not params:
         raise ThinKeyError("model has no thin-key attention; load it with thinkeys.reference.load_thin_model")
     return params

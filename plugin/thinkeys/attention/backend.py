@@ -107,7 +107,7 @@ class ThinKeyMetadataBuilder(AttentionMetadataBuilder[ThinPagedMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
         # Built (or loaded from the cache) here, during engine start-up, not on the first request.
-        # Shared K=V caches are read by the PyTorch path only.
+        # Shared K=V caches have their own builder (attention/shared.py: the rebuild kernel reads them).
         self.use_kernel = (
             self.kernel_cache(kv_cache_spec, vllm_config)
             and torch.device(device).type == "cpu"

@@ -77,7 +77,8 @@ class KVCodec:
 
     @property
     def kernel_format(self) -> str | None:
-        """The compiled kernel's ``cache_format`` for these slots; None for shared K=V slots (PyTorch path)."""
+        """The main compiled kernel's ``cache_format`` for these slots; None for shared K=V slots (one vector:
+        the rebuild kernel reads those, ``rebuild_kernel.shared_kv_attention``)."""
         if self.value_width == 0:
             return None
         return KERNEL_FORMATS[self.kv_cache_dtype] if self.quantized else "plain"

@@ -15,21 +15,23 @@ view turns into ``[T * d / r, H, r]`` rows of the same memory (the checkpoint fo
 ``r | d``), and :meth:`ThinKeyRebuildImpl.forward` views it back as ``[T, H, d]``. No copy, no
 change to vLLM's spec or its page size; the output is ``[T, H * d]`` as for every thin layer.
 
-Two read paths share the metadata of ``paged.py``:
+Sliding-window layers (Gemma 3 converted with ``rebuild``) always take the PyTorch path below, on the
+step's windowed indices (``ThinPagedMetadata.windowed``): the rebuild kernel has no lower bound on key
+positions. Otherwise two read paths share the metadata of ``paged.py``:
 
 - the compiled kernel (``rebuild_kernel.py``, ``csrc/rebuild_attention.cpp``) for plain float
-  caches, and for 8-bit caches (every format of ``quant.KERNEL_FORMATS``) in its bf16 form
-  (bfloat16 on AVX512-BF16 CPUs: ``rebuild_kernel.reads_8bit``): per (request, KV head) it
-  expands and rotates each cached page once for all query heads of the group and all query
-  tokens of a tile (of the whole request in the bf16 form, where the expansion is a bf16 product
-  on AMX or vdpbf16ps), then runs the dot products and an online softmax. 8-bit codes are widened
-  to bf16 exactly and expanded as they are; since the expansion and RoPE are linear the key is
+  caches and 8-bit caches (every format of ``quant.KERNEL_FORMATS``; ``rebuild_kernel.reads_8bit``):
+  per (request, KV head) it expands and rotates each cached page once for all query heads of the
+  group and all query tokens of a tile (of the whole request in the bf16 form, where the
+  expansion is a bf16 product on AMX or vdpbf16ps), then runs the dot products and an online
+  softmax. In the bf16 form (bfloat16 on AVX512-BF16 CPUs) 8-bit codes are widened to bf16
+  exactly and expanded as they are; since the expansion and RoPE are linear the key is
   ``s * RoPE(A^T c_q)``, so each token's key factor multiplies its scores and its value factor
-  its probabilities, in fp32 (the main kernel's 8-bit page step);
+  its probabilities, in fp32 (the main kernel's 8-bit page step). In the fp32 form (float32 /
+  float16 activations, CPUs without AVX512-BF16) each chunk's codes are dequantized to fp32;
 - the PyTorch path (``paged.paged_attention_torch`` with ``CacheFormat.key_expansion``), the
-  fallback and the path of 8-bit caches outside the bf16 form (float32 / float16 activations,
-  CPUs without AVX512-BF16): the latent and the value are dequantized by ``quant.KVCodec``, then
-  expanded.
+  fallback where the kernel cannot be built: the latent and the value are dequantized by
+  ``quant.KVCodec``, then expanded.
 
 Touch points with vLLM internals are those of ``backend.py`` plus the query view of
 ``Attention.forward`` (``query.view(-1, num_heads, head_size)``), pinned in
@@ -67,8 +69,8 @@ class ThinKeyRebuildMetadataBuilder(ThinKeyMetadataBuilder):
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names, vllm_config, device) -> None:
         AttentionMetadataBuilder.__init__(self, kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
-        # The rebuild kernel reads float caches, and 8-bit ones in its bf16 form (bfloat16 on AVX512-BF16
-        # CPUs); built (or loaded) here, at engine start-up.
+        # The rebuild kernel reads float and 8-bit caches (rebuild_kernel.reads_8bit); built (or loaded)
+        # here, at engine start-up.
         self.use_kernel = (
             torch.device(device).type == "cpu"
             and rebuild_kernel.available()
@@ -80,8 +82,8 @@ class ThinKeyRebuildMetadataBuilder(ThinKeyMetadataBuilder):
 
 
 class ThinKeyRebuildImpl(ThinKeyAttentionImpl):
-    #: Rebuild-at-read serves Llama-family sources only, which are converted without sliding windows.
-    supports_sliding_window = False
+    #: Sliding-window layers (Gemma 3 rebuild) take the PyTorch path on windowed indices; the kernel has no window.
+    supports_sliding_window = True
     #: [H_kv, d, r] float32 expansion table A^T of the layer (set by the layer after construction).
     rebuild_table: torch.Tensor | None = None
     #: [H_kv, d / 2] float32: the source's RoPE frequencies (set by the layer).
@@ -119,6 +121,10 @@ class ThinKeyRebuildImpl(ThinKeyAttentionImpl):
         query = query.reshape(-1, self.num_heads, d)  # vLLM viewed the flat [T, H * d] query as [T * d / r, H, r]
         n = attn_metadata.num_actual_tokens
         eight_bit = self.kv_cache_dtype in EIGHT_BIT_DTYPES
+        if self.sliding_window is not None:  # keys p - W < j <= p: never the kernel, which has no lower bound
+            meta = attn_metadata.windowed(self.sliding_window)
+            paged_attention_torch(query[:n], kv_cache, meta, self.scale, output[:n], self.read_format(layer, kv_cache))
+            return output
         if (
             attn_metadata.query_start_loc is not None
             and rebuild_kernel.available()

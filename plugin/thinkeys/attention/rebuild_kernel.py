@@ -71,9 +71,11 @@ def kernel_isa() -> str:
 
 
 def reads_8bit(dtype: torch.dtype) -> bool:
-    """Whether the loaded kernel reads 8-bit caches in place for queries of ``dtype``: its bf16 form only
-    (bfloat16 on AVX512-BF16 CPUs); other dtypes / CPUs keep the PyTorch path for 8-bit caches."""
-    return dtype == torch.bfloat16 and available() and kernel_isa().startswith("avx512bf16")
+    """Whether the loaded kernel reads 8-bit caches in place for queries of ``dtype``: every dtype it serves.
+    The bf16 form (bfloat16 on AVX512-BF16 CPUs) widens the codes to bf16 exactly and applies the scales to
+    scores and probabilities; the fp32 form (float32 and float16, and bfloat16 elsewhere) dequantizes each
+    chunk's codes to fp32 (code * scale) where it widens a float cache."""
+    return dtype in (torch.float32, torch.bfloat16, torch.float16) and available()
 
 
 _lock = threading.Lock()
@@ -167,8 +169,9 @@ def paged_attention(
     ``table`` ``[H_kv, d, r]`` (expansion A^T), ``freqs`` ``[H_kv, d / 2]`` (the source's RoPE);
     ``block_table``, ``query_start_loc``, ``seq_lens``: int32 host tensors as in ``kernels.paged_attention``.
     An 8-bit cache (``cache_format`` one of ``quant.KERNEL_FORMATS``' values, a 1-byte tensor) is read in place
-    by the bf16 form only (see :func:`reads_8bit`): codes widened to bf16 exactly, expanded and rotated, the
-    per-token (or per-tensor ``k_scale`` / ``v_scale``) factors applied to scores and probabilities in fp32.
+    (see :func:`reads_8bit`): in the bf16 form the codes are widened to bf16 exactly, expanded and rotated, and the
+    per-token (or per-tensor ``k_scale`` / ``v_scale``) factors applied to scores and probabilities in fp32; in the
+    fp32 form each chunk is dequantized to fp32 (code * factor) and rebuilt like a float cache.
     """
     expand_t, pairs = prepared_tables(table)
     cos, sin = rope_tables(freqs, int(seq_lens.max()) if seq_lens.numel() else 1)
@@ -177,3 +180,42 @@ def paged_attention(
         cache_format, float(k_scale), float(v_scale),
     )
     return output
+
+
+def shared_kv_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    freqs: torch.Tensor | None,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    output: torch.Tensor,
+    cache_format: str = "plain",
+    k_scale: float = 1.0,
+) -> torch.Tensor:
+    """Attention over a shared K=V cache (``THINKEYS_SHARED_KV``: one d-wide vector per token and KV head).
+
+    The cached vector is the value as it is and, rotated at its position with ``freqs`` ``[H_kv, d / 2]``
+    (NeoX layout over all d dims; ``None``: no RoPE), the key: the rebuild kernel's fp32 form with no
+    expansion (``R == d``). ``kv_cache`` is ``[blocks, H_kv, block_size, d]`` (8-bit: ``d`` codes plus one
+    float32 scale per slot with a per-token-head format, or the layer's per-tensor ``k_scale``).
+    """
+    h_kv, d = kv_cache.shape[1], query.shape[-1]
+    no_table, no_pairs, no_rope = _shared_kv_placeholders(h_kv, d)
+    cos, sin = rope_tables(no_rope if freqs is None else freqs, int(seq_lens.max()) if seq_lens.numel() else 1)
+    torch.ops.thinkeys_rebuild.paged_attention(
+        query, kv_cache, no_table, no_pairs, cos, sin, block_table, query_start_loc, seq_lens,
+        float(scale), output, cache_format, float(k_scale), float(k_scale), True,
+    )
+    return output
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_kv_placeholders(h_kv: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An empty expansion table and VNNI table (shared K=V has none) and all-zero frequencies (no RoPE: the
+    identity rotation), made once per shape; ordinary tensors even when first asked for under inference mode
+    (rope_tables keys its cache by the tensor's version counter)."""
+    with torch.inference_mode(False):
+        return (torch.empty(h_kv, 0, d, dtype=torch.float32), torch.empty(0, dtype=torch.bfloat16),
+                torch.zeros(h_kv, d // 2, dtype=torch.float32))

@@ -10,7 +10,9 @@ twice the stock model's blocks (four times with an 8-bit cache), and the per-lay
 
 The cache write stores ``u``; attention reads it back as the value as it is and as the key rotated
 at its position with the layer's RoPE table (``impl.key_rope_freqs``, set by the layer; None
-without RoPE), through the PyTorch path of ``paged.py``. Queries arrive rotated.
+without RoPE). Queries arrive rotated. The read is the rebuild kernel's fp32 form with
+``shared_kv`` (``rebuild_kernel.shared_kv_attention``: the case r = d with no expansion, float or
+8-bit slots read in place), or the PyTorch path of ``paged.py`` where the kernel cannot be built.
 
 Touch points with vLLM internals (each in tests/test_vllm_contract.py): ``customize_spec`` is
 applied by the model runner to every full-attention spec (``v1/worker/utils.py:
@@ -25,6 +27,7 @@ from typing import ClassVar
 
 import torch
 from vllm.utils.torch_utils import get_dtype_size
+from vllm.v1.attention.backend import AttentionMetadataBuilder
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from thinkeys import SHARED_KV_BACKEND_NAME
@@ -34,8 +37,9 @@ from thinkeys.attention.backend import (
     ThinKeyAttentionImpl,
     ThinKeyMetadataBuilder,
 )
-from thinkeys.attention.paged import CacheFormat
-from thinkeys.attention.quant import SCALE_BYTES, KVCodec
+from thinkeys.attention import rebuild_kernel
+from thinkeys.attention.paged import CacheFormat, ThinPagedMetadata, paged_attention_torch
+from thinkeys.attention.quant import KERNEL_FORMATS, SCALE_BYTES, KVCodec
 
 
 class ThinKeySharedKVBackend(ThinKeyAttentionBackend):
@@ -68,9 +72,11 @@ class ThinKeySharedKVBackend(ThinKeyAttentionBackend):
 
 
 class ThinKeySharedKVMetadataBuilder(ThinKeyMetadataBuilder):
-    @staticmethod
-    def kernel_cache(kv_cache_spec: AttentionSpec, vllm_config) -> bool:
-        return False  # one vector per slot: the compiled kernel reads key | value slots only
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names, vllm_config, device) -> None:
+        AttentionMetadataBuilder.__init__(self, kv_cache_spec, layer_names, vllm_config, device)
+        self.block_size = kv_cache_spec.block_size
+        # One vector per slot: read by the rebuild kernel's fp32 form (shared_kv), built or loaded here.
+        self.use_kernel = torch.device(device).type == "cpu" and rebuild_kernel.available()
 
 
 class ThinKeySharedKVImpl(ThinKeyAttentionImpl):
@@ -88,6 +94,38 @@ class ThinKeySharedKVImpl(ThinKeyAttentionImpl):
             v_scale=float(getattr(layer, "_k_scale_float", 1.0)),  # one vector, one per-tensor scale
             key_rope_freqs=self.key_rope_freqs,
         )
+
+    def forward(
+        self,
+        layer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: ThinPagedMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError(f"{SHARED_KV_BACKEND_NAME} does not fuse output quantization")
+        if attn_metadata is None:  # profiling / warm-up run
+            return output.zero_()
+        n = attn_metadata.num_actual_tokens
+        fmt = self.cache_format(layer, kv_cache)
+        if attn_metadata.kernel and attn_metadata.query_start_loc is not None and query.dtype == output.dtype and (
+            fmt.codec.quantized or query.dtype == kv_cache.dtype
+        ):
+            rebuild_kernel.shared_kv_attention(
+                query[:n], kv_cache, self.key_rope_freqs, attn_metadata.block_table, attn_metadata.query_start_loc,
+                attn_metadata.seq_lens, self.scale, output[:n],
+                KERNEL_FORMATS[fmt.codec.kv_cache_dtype] if fmt.codec.quantized else "plain", fmt.k_scale,
+            )
+            return output
+        if not attn_metadata.torch_path:
+            raise RuntimeError("metadata was built without the PyTorch path's indices (torch_path=False)")
+        paged_attention_torch(query[:n], kv_cache, attn_metadata, self.scale, output[:n], fmt)
+        return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         if kv_cache.numel() == 0:

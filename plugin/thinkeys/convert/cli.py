@@ -33,7 +33,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         "slowly turning pairs into an unrotated low-rank part fitted to real activations (needs --calibration); "
         "'rebuild' caches an r-wide pre-RoPE latent and rebuilds the full key at read time (queries unchanged; "
         "joint query/key fit with --calibration, else the SVD of the key projection; slower attention); "
-        "Qwen3 (q/k norm before RoPE) takes pairs or mixed; GPT-2 has no RoPE ('none', the default there)",
+        "Qwen3 (q/k norm before RoPE) takes pairs, mixed or rebuild; GPT-2 has no RoPE ('none', the default there)",
     )
     parser.add_argument(
         "--calibration",

@@ -185,7 +185,7 @@ def _plan(src: str | Path, dst: str | Path, rank: int, rope: str | RopeStrategy 
     if family.qk_norm and strategy not in QK_NORM_STRATEGIES:
         raise ThinKeyError(
             f"--rope {strategy.value} does not apply to {arch}: its keys are normalised per head before RoPE, so the "
-            "thin basis must keep RoPE exact after the norm; choose --rope pairs or --rope mixed"
+            "thin basis must keep RoPE exact after the norm; choose --rope pairs, mixed or rebuild"
         )
     _refuse_unsupported_attention(config_path, arch, raw)
     if dtype is not None and dtype not in DTYPES:
@@ -311,9 +311,11 @@ def run_conversion(
             if calibration is not None:
                 moments = calibration.layer_moments(i, qk)
                 q_m, k_m = moments.q_moment, moments.k_moment
-            b, expand = rebuild_factors("joint" if calibration is not None else "svd", qk.k_weight, thin.rank, q_m, k_m)
-            energy[i] = retained_key_energy(qk.k_weight, torch.linalg.qr(expand).Q)
-            thin_qk = rebuild_layer(qk, b)
+            # QK-norm: B acts on the normalised key (data-free: the SVD of its linear stand-in)
+            b, expand = rebuild_factors("joint" if calibration is not None else "svd", seen.k_weight, thin.rank, q_m, k_m)
+            energy[i] = retained_key_energy(seen.k_weight, torch.linalg.qr(expand).Q)
+            thin_qk = None if qk_norm else rebuild_layer(qk, b)
+            q_map, k_map = None, b  # QK-norm: the latent is B k_norm(k); queries are the source's
             state[rebuild_table_name(layout.layer_prefix(i))] = expand.to(torch.float32).contiguous()  # [Hkv, d, r]
             freqs = inv_freq.to(torch.float32)[None].expand(geo.num_kv_heads, -1)  # the source's own RoPE
         elif calibration is not None:  # data-aware: calibrated pairs, or mixed (thinkeys.convert.mixed)
@@ -336,7 +338,7 @@ def run_conversion(
             thin_qk, freqs = (None if qk_norm else absorb(qk, basis.basis)), basis.freqs
             q_map = k_map = basis.basis.transpose(1, 2)  # [Hkv, r, d]
         if qk_norm:
-            layout.write_maps(state, i, q_map.to(out_dtype), k_map.to(out_dtype))
+            layout.write_maps(state, i, None if q_map is None else q_map.to(out_dtype), k_map.to(out_dtype))
         else:
             for name in ("q_weight", "k_weight", "q_bias", "k_bias"):
                 t = getattr(thin_qk, name)

@@ -166,10 +166,12 @@ class QKNormLayout(LlamaLayout):
         k_w, k_b = scaled(qk.k_weight, qk.k_bias, k_gain)
         return QueryKey(q_w, k_w, q_b, k_b, input_gain=qk.input_gain)
 
-    def write_maps(self, state: dict[str, torch.Tensor], i: int, q_map: torch.Tensor, k_map: torch.Tensor) -> None:
-        """Store the post-norm maps ``[Hkv, r, d]``; the projections and norms stay as they are."""
+    def write_maps(self, state: dict[str, torch.Tensor], i: int, q_map: torch.Tensor | None, k_map: torch.Tensor) -> None:
+        """Store the post-norm maps ``[Hkv, r, d]`` (rebuild: the key map only); projections and norms stay as they are."""
         q_name, k_name = qk_map_names(self.layer_prefix(i))
-        state[q_name], state[k_name] = q_map.contiguous(), k_map.contiguous()
+        if q_map is not None:
+            state[q_name] = q_map.contiguous()
+        state[k_name] = k_map.contiguous()
 
 
 class GemmaQKNormLayout(QKNormLayout):

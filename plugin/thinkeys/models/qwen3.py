@@ -6,7 +6,9 @@ absorbed into ``k_proj``. The thin attention computes q/k d wide with vLLM's fus
 normalises them with vLLM's ``RMSNorm``, maps them to r with the checkpoint's per-KV-head
 ``thin_q_map`` / ``thin_k_map`` ``[Hkv, r, d]`` (see :mod:`thinkeys.checkpoint`), rotates them with
 the thin RoPE table, and hands vLLM's ``Attention`` r-wide keys and d-wide values: only the r-dim
-key is cached.
+key is cached. Rebuild-at-read checkpoints (``rope: rebuild``) keep the normalised query as it is
+(rotated with the source's RoPE), cache the un-rotated latent ``thin_k_map @ k_norm(k)`` and let
+the ``THINKEYS_REBUILD`` backend rebuild and rotate keys with ``thin_rebuild`` at read time.
 
 vLLM's ``Qwen3DecoderLayer`` builds its attention class by name, so the thin decoder layer
 subclasses it and builds the same blocks with the thin attention (its ``forward``, MLP and norms are
@@ -31,7 +33,14 @@ from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 from vllm.model_executor.models.utils import PPMissingLayer, maybe_prefix
 
 from thinkeys.attention.selector import select_attention_backend
-from thinkeys.checkpoint import KEY_MAP_NAME, QUERY_MAP_NAME, ROPE_FREQS_NAME, ThinKeyConfig, ThinKeyError
+from thinkeys.checkpoint import (
+    KEY_MAP_NAME,
+    QUERY_MAP_NAME,
+    REBUILD_TABLE_NAME,
+    ROPE_FREQS_NAME,
+    ThinKeyConfig,
+    ThinKeyError,
+)
 from thinkeys.models.thin_attention import ThinKeyAttention
 from thinkeys.rope import apply_thin_rope
 
@@ -79,9 +88,14 @@ class ThinKeyQKNormAttention(nn.Module):
         self.k_norm = norm_cls(d, eps=rms_norm_eps)
 
         self._kv_head_start = ThinKeyAttention._local_kv_head_start(total_num_kv_heads, tp_size)
-        shapes = {QUERY_MAP_NAME: (r, d), KEY_MAP_NAME: (r, d), ROPE_FREQS_NAME: (thin.rope_dims // 2,)}
+        self.rebuild = thin.rebuild
+        # rebuild: no query map (the normalised query is the source's), the key map is B and the
+        # expansion A^T [Hkv, d, r] goes to the THINKEYS_REBUILD backend (thinkeys.attention.rebuild)
+        shapes = {KEY_MAP_NAME: (r, d), ROPE_FREQS_NAME: (thin.rope_dims // 2,)}
+        shapes.update({REBUILD_TABLE_NAME: (d, r)} if self.rebuild else {QUERY_MAP_NAME: (r, d)})
         for name, shape in shapes.items():
-            dtype = torch.float32 if name == ROPE_FREQS_NAME else None  # angles in float32, maps in the model dtype
+            # angles and the expansion in float32, maps in the model dtype
+            dtype = torch.float32 if name in (ROPE_FREQS_NAME, REBUILD_TABLE_NAME) else None
             param = nn.Parameter(torch.empty(self.num_kv_heads, *shape, dtype=dtype), requires_grad=False)
             param.weight_loader = self._load_per_kv_head
             self.register_parameter(name, param)
@@ -94,11 +108,14 @@ class ThinKeyQKNormAttention(nn.Module):
             cache_config=cache_config,
             quant_config=quant_config,
             prefix=f"{prefix}.attn",
-            attn_backend=select_attention_backend(r, d),
+            attn_backend=select_attention_backend(r, d, rebuild=self.rebuild),
             head_size_v=d,
             # A sliding-window layer (Gemma 3): vLLM gives it a SlidingWindowSpec, the backend masks by it.
             per_layer_sliding_window=sliding_window,
         )
+        if self.rebuild:  # the backend reads the same Parameter objects, loaded in place
+            self.attn.impl.rebuild_table = getattr(self, REBUILD_TABLE_NAME)
+            self.attn.impl.key_rope_freqs = getattr(self, ROPE_FREQS_NAME)
 
     def _load_per_kv_head(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         """This rank's KV heads of a ``[Hkv, ...]`` table (a map or the RoPE frequencies)."""
@@ -116,9 +133,14 @@ class ThinKeyQKNormAttention(nn.Module):
         n_kv, group, d, r = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim, self.rank
         q = self.q_norm(q.view(-1, self.num_heads, d))  # [T, H, d]
         k = self.k_norm(k.view(-1, n_kv, d))  # [T, Hkv, d]
+        freqs = getattr(self, ROPE_FREQS_NAME)
+        if self.rebuild:  # the source's query, rotated; the latent B k_norm(k) is cached un-rotated
+            k = torch.einsum("tgd,grd->tgr", k, getattr(self, KEY_MAP_NAME)).flatten(1)  # [T, Hkv * r]
+            q = apply_thin_rope(q, positions, freqs).flatten(1)  # [T, H * d], viewed as rows of r by Attention
+            output, _ = self.o_proj(self.attn(q, k, v))
+            return output
         q = torch.einsum("tgjd,grd->tgjr", q.view(-1, n_kv, group, d), getattr(self, QUERY_MAP_NAME))
         k = torch.einsum("tgd,grd->tgr", k, getattr(self, KEY_MAP_NAME))  # [T, Hkv, r]
-        freqs = getattr(self, ROPE_FREQS_NAME)
         q = apply_thin_rope(q.reshape(-1, self.num_heads, r), positions, freqs).flatten(1)  # [T, H * r]
         k = apply_thin_rope(k, positions, freqs).flatten(1)  # [T, Hkv * r]
         output, _ = self.o_proj(self.attn(q, k, v))  # attention: [T, H * d]

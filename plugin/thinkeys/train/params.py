@@ -45,7 +45,7 @@ def trainable_tensors(model: nn.Module, *, train_freqs: bool = False) -> dict[st
             table.requires_grad_(True)
             named[f"{prefix}.{REBUILD_TABLE_NAME}"] = table
         if isinstance(attn, ThinQKNormAttention):  # Qwen3: the source's projections and norms stay; the maps train
-            for name in (QUERY_MAP_NAME, KEY_MAP_NAME):
+            for name in (KEY_MAP_NAME,) if rebuild else (QUERY_MAP_NAME, KEY_MAP_NAME):
                 p = getattr(attn, name)
                 p.requires_grad_(True)
                 named[f"{prefix}.{name}"] = p

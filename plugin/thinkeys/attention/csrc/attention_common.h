@@ -125,6 +125,47 @@ inline void load_f32(const T* __restrict src, float* __restrict dst, int n) {
   for (int i = 0; i < n; ++i) dst[i] = to_f32(src[i]);
 }
 
+// dst[0 : n] = decode(src[0 : n]) * scale
+template <typename Code>
+inline void dequant_f32(const uint8_t* __restrict src, float* __restrict dst, int n, float scale) {
+  const float s = scale * Code::kMul;
+  int i = 0;
+#if THINKEYS_AVX2
+  const __m256 sv = _mm256_set1_ps(s);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_mul_ps(Code::load8(src + i), sv));
+#endif
+  for (; i < n; ++i) dst[i] = Code::scalar(src[i]) * s;
+}
+
+// ---- slot formats: one cache row (key | value [| scales]) to fp32 key [R] and value [D] ----------
+
+template <typename T>
+struct PlainSlot {
+  static void load(const uint8_t* row, float* k, float* v, int R, int D, float, float) {
+    const T* x = reinterpret_cast<const T*>(row);
+    load_f32(x, k, R);
+    load_f32(x + R, v, D);
+  }
+};
+
+template <typename Code>
+struct PerTensorSlot {
+  static void load(const uint8_t* row, float* k, float* v, int R, int D, float k_scale, float v_scale) {
+    dequant_f32<Code>(row, k, R, k_scale);
+    dequant_f32<Code>(row + R, v, D, v_scale);
+  }
+};
+
+template <typename Code>
+struct PerTokenHeadSlot {
+  static void load(const uint8_t* row, float* k, float* v, int R, int D, float, float) {
+    float scales[2];
+    std::memcpy(scales, row + R + D, sizeof(scales));  // not 4-byte aligned in general
+    dequant_f32<Code>(row, k, R, scales[0]);
+    dequant_f32<Code>(row + R, v, D, scales[1]);
+  }
+};
+
 
 // out[j] = q . keys[j] for j < n; keys is [n rounded up to 8, R] fp32 (rows past n are zeros).
 inline void row_scores(const float* __restrict q, const float* __restrict keys, int n, int R, float* __restrict out) {

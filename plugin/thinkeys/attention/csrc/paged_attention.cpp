@@ -54,20 +54,8 @@ namespace {
 constexpr int kQueryTile = 16;  // query tokens per work item in a prefill (rows = kQueryTile * G)
 constexpr int kChunk = 32;  // tokens per inner step (a multiple of 8): fp32 scratch of a chunk fits L1
 
-// ---- 8-bit codes: Int8Code, E5m2Code, E4m3Code (attention_common.h) ------------------------
-
-// dst[0 : n] = decode(src[0 : n]) * scale
-template <typename Code>
-inline void dequant_f32(const uint8_t* __restrict src, float* __restrict dst, int n, float scale) {
-  const float s = scale * Code::kMul;
-  int i = 0;
-#if THINKEYS_AVX2
-  const __m256 sv = _mm256_set1_ps(s);
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_mul_ps(Code::load8(src + i), sv));
-#endif
-  for (; i < n; ++i) dst[i] = Code::scalar(src[i]) * s;
-}
-
+// ---- 8-bit codes (Int8Code, E5m2Code, E4m3Code) and slot formats (PlainSlot, PerTensorSlot,
+// PerTokenHeadSlot): attention_common.h, shared with the rebuild kernel
 
 // ---- problem description ------------------------------------------------------------------------
 
@@ -87,35 +75,6 @@ struct Problem {
   int G, R, D, block_size;
   float scale;
   float k_scale, v_scale;  // per-tensor fp8 scales (1 otherwise)
-};
-
-// ---- slot formats: one cache row (key | value [| scales]) to fp32 key [R] and value [D] ----------
-
-template <typename T>
-struct PlainSlot {
-  static void load(const uint8_t* row, float* k, float* v, int R, int D, float, float) {
-    const T* x = reinterpret_cast<const T*>(row);
-    load_f32(x, k, R);
-    load_f32(x + R, v, D);
-  }
-};
-
-template <typename Code>
-struct PerTensorSlot {
-  static void load(const uint8_t* row, float* k, float* v, int R, int D, float k_scale, float v_scale) {
-    dequant_f32<Code>(row, k, R, k_scale);
-    dequant_f32<Code>(row + R, v, D, v_scale);
-  }
-};
-
-template <typename Code>
-struct PerTokenHeadSlot {
-  static void load(const uint8_t* row, float* k, float* v, int R, int D, float, float) {
-    float scales[2];
-    std::memcpy(scales, row + R + D, sizeof(scales));  // not 4-byte aligned in general
-    dequant_f32<Code>(row, k, R, scales[0]);
-    dequant_f32<Code>(row + R, v, D, scales[1]);
-  }
 };
 
 struct WorkItem {

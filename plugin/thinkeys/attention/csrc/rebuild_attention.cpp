@@ -5,6 +5,10 @@
 // RoPE; cos/sin come precomputed as [max_pos, H_cs, D / 2] tables, H_cs = 1 when every KV head has
 // the same frequencies), then attended by the source's own D-wide query (which arrives rotated).
 //
+// Shared K=V caches (one D-wide vector per token and KV head, the value as it is and the key once
+// rotated: the THINKEYS_SHARED_KV backend) are the case R == D with no expansion: the fp32 form
+// reads them with shared_kv=true (plain or 8-bit, see SharedPlainSlot).
+//
 // Work items are (request, KV head, tile of query tokens), spread over ATen's intra-op thread pool.
 // One code path per form covers decode, prefill, chunked prefill and prefix-cache hits: with kv_len
 // cached tokens (new ones included) and q_len new queries, query i sees keys 0 .. kv_len - q_len + i.
@@ -32,7 +36,9 @@
 //   (attention_common.h widen_slot_bf16, as the main kernel's 8-bit page step) and rebuilt like a
 //   bf16 latent; the expansion and RoPE are linear, so the key is s * RoPE(A^T c_q) and each
 //   token's key factor s multiplies its scores, its value factor its probabilities, in fp32
-//   (attend_page_bf16's ks / vs). Other dtypes / CPUs read 8-bit caches on the PyTorch path.
+//   (attend_page_bf16's ks / vs). The fp32 form reads them too: each chunk's codes are dequantized
+//   to fp32 (code * scale, attention_common.h's slot formats, as the main kernel's fp32 form) where
+//   it would widen a float cache's latents and values.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -78,10 +84,11 @@ struct Problem {
   int H_kv, G, R, D, block_size;
   float scale;
   int64_t call;  // this call's number (keys of the rebuilt-page caches)
-  // 8-bit caches (bf16 form only): the cache as bytes (null for a float cache; c_block, c_head and
-  // c_tok are then byte strides) and the per-tensor fp8 scales (1 otherwise)
+  // 8-bit caches: the cache as bytes (null for a float cache; c_block, c_head and c_tok are then
+  // byte strides) and the per-tensor fp8 scales (1 otherwise)
   const uint8_t* cache8;
   float k_scale, v_scale;
+  bool shared;  // shared K=V slots: one vector per token (R == D), the value as it is and the key once rotated
 };
 
 // Slot encodings the bf16 form reads: Plain (the cache's own bf16), or 8-bit codes widened to bf16
@@ -387,7 +394,39 @@ Scratch& thread_scratch() {
   return s;
 }
 
+// Shared K=V slots (THINKEYS_SHARED_KV: one D-wide vector per token and KV head, [+ one float32
+// scale] with a per-token-head 8-bit cache): read once into k and copied to v; the key is the
+// vector rotated at its position, with no expansion (R == D).
 template <typename T>
+struct SharedPlainSlot {
+  static void load(const uint8_t* row, float* k, float* v, int R, int D, float, float) {
+    load_f32(reinterpret_cast<const T*>(row), k, D);
+    std::memcpy(v, k, sizeof(float) * D);
+  }
+};
+
+template <typename Code>
+struct SharedPerTensorSlot {
+  static void load(const uint8_t* row, float* k, float* v, int R, int D, float k_scale, float) {
+    dequant_f32<Code>(row, k, D, k_scale);  // one vector, the layer's key scale
+    std::memcpy(v, k, sizeof(float) * D);
+  }
+};
+
+template <typename Code>
+struct SharedPerTokenHeadSlot {
+  static void load(const uint8_t* row, float* k, float* v, int R, int D, float, float) {
+    float scale;
+    std::memcpy(&scale, row + D, sizeof(scale));  // not 4-byte aligned in general
+    dequant_f32<Code>(row, k, D, scale);
+    std::memcpy(v, k, sizeof(float) * D);
+  }
+};
+
+// Slot: PlainSlot<T> for a float cache, an 8-bit slot format (attention_common.h) otherwise: each
+// chunk's latents and values are read to fp32 (dequantized: code * scale), then rebuilt as below.
+// Shared K=V slots (p.shared) load the key directly (see SharedPlainSlot) and skip the expansion.
+template <typename T, typename Slot>
 void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
   const int G = p.G, R = p.R, D = p.D, bs = p.block_size;
   const int q_start = p.qsl[w.req], q_len = p.qsl[w.req + 1] - q_start, kv_len = p.lens[w.req];
@@ -414,15 +453,20 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
   std::fill(row_max, row_max + rows, -std::numeric_limits<float>::infinity());
   std::fill(row_sum, row_sum + rows, 0.0f);
 
-  const float* table = p.expand_t + int64_t(w.head) * R * D;  // [R, D]
+  const float* table = p.shared ? nullptr : p.expand_t + int64_t(w.head) * R * D;  // [R, D]
   const int64_t cs_row = int64_t(p.cs_heads) * (D / 2), cs_off = (p.cs_heads == 1 ? 0 : int64_t(w.head)) * (D / 2);
   const int kv_end = ctx + w.q1;  // keys the last token of the tile sees: 0 .. kv_end - 1
   const int32_t* blocks = p.block_table + int64_t(w.req) * p.bt_stride;
   const bool wide = D % 16 == 0 && bf16_dot_supported();  // AVX-512 scores and P.V (an AVX512-BF16 CPU has AVX512F)
   (void)wide;
-  const int64_t slot_bytes = int64_t(R + D) * sizeof(T);
+  // the cache as bytes, with byte strides (a float cache's element strides times its element size)
+  const bool eight_bit = p.cache8 != nullptr;
+  const uint8_t* base = eight_bit ? p.cache8 : reinterpret_cast<const uint8_t*>(p.cache);
+  const int64_t esz = eight_bit ? 1 : int64_t(sizeof(T));
+  const int64_t c_block = p.c_block * esz, c_head = p.c_head * esz, c_tok = p.c_tok * esz;
+  const int64_t slot_bytes = eight_bit ? c_tok : int64_t(p.shared ? D : R + D) * int64_t(sizeof(T));
   for (int page_start = 0, b = 0; page_start < kv_end; page_start += bs, ++b) {
-    const T* page = p.cache + int64_t(blocks[b]) * p.c_block + int64_t(w.head) * p.c_head;
+    const uint8_t* page = base + int64_t(blocks[b]) * c_block + int64_t(w.head) * c_head;
     const int page_len = std::min(bs, kv_end - page_start);
     for (int c0 = 0; c0 < page_len; c0 += kChunk) {
       const int n = std::min(kChunk, page_len - c0);
@@ -432,20 +476,21 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
       const uint8_t* pf = nullptr;
       int pf_n = 0;
       if (c0 + kChunk < page_len) {
-        pf = reinterpret_cast<const uint8_t*>(page + int64_t(c0 + kChunk) * p.c_tok), pf_n = std::min(kChunk, page_len - c0 - kChunk);
+        pf = page + int64_t(c0 + kChunk) * c_tok, pf_n = std::min(kChunk, page_len - c0 - kChunk);
       } else if (page_start + bs < kv_end) {
-        pf = reinterpret_cast<const uint8_t*>(p.cache + int64_t(blocks[b + 1]) * p.c_block + int64_t(w.head) * p.c_head);
+        pf = base + int64_t(blocks[b + 1]) * c_block + int64_t(w.head) * c_head;
         pf_n = std::min(kChunk, kv_end - page_start - bs);
       }
       const int n8 = (n + 7) / 8 * 8;
-      for (int j = 0; j < n; ++j) {
-        const T* slot = page + int64_t(c0 + j) * p.c_tok;
-        load_f32(slot, lat + int64_t(j) * R, R);
-        load_f32(slot + R, values + int64_t(j) * D, D);
+      float* kin = p.shared ? keys : lat;  // shared K=V: the vector is the (un-rotated) key, R == D
+      for (int j = 0; j < n; ++j)
+        Slot::load(page + int64_t(c0 + j) * c_tok, kin + int64_t(j) * R, values + int64_t(j) * D, R, D, p.k_scale, p.v_scale);
+      std::fill(kin + int64_t(n) * R, kin + int64_t(n8) * R, 0.0f);  // zero keys past n: finite padding for row_scores
+      if (p.shared) {
+        if (pf) prefetch_rows(pf, pf_n, c_tok, slot_bytes);
+      } else if (!expand_rows(lat, n8, R, table, D, keys, pf, pf_n, c_tok, slot_bytes) && pf) {
+        prefetch_rows(pf, pf_n, c_tok, slot_bytes);
       }
-      std::fill(lat + int64_t(n) * R, lat + int64_t(n8) * R, 0.0f);  // zero keys past n: finite padding for row_scores
-      if (!expand_rows(lat, n8, R, table, D, keys, pf, pf_n, p.c_tok * int64_t(sizeof(T)), slot_bytes) && pf)
-        prefetch_rows(pf, pf_n, p.c_tok * int64_t(sizeof(T)), slot_bytes);
       rope_rows(keys, n, D, p.cos, p.sin, cs_row, cs_off, page_start, c0);
 
 #if THINKEYS_AVX512BF16
@@ -842,9 +887,10 @@ void paged_attention(
     const at::Tensor& seq_lens,  // [num_reqs] int32
     double scale,
     const at::Tensor& output,  // [T, H, D]
-    c10::string_view cache_format,  // plain, or an 8-bit slot encoding (quant.KERNEL_FORMATS; bf16 form only)
+    c10::string_view cache_format,  // plain, or an 8-bit slot encoding (quant.KERNEL_FORMATS)
     double k_scale,  // per-tensor fp8 scales (1 otherwise)
-    double v_scale) {
+    double v_scale,
+    bool shared_kv) {  // shared K=V slots [.., D (+ 4)]: one vector, the value and (rotated) the key; expand_t unused
   TORCH_CHECK(query.dim() == 3 && kv_cache.dim() == 4 && output.dim() == 3 && expand_t.dim() == 3 && cos.dim() == 3,
               "expected query [T, H, D], kv_cache [blocks, H_kv, block_size, R + D], expand_t [H_kv, R, D], cos/sin [P, H_cs, D/2], output [T, H, D]");
   const std::string format(cache_format.data(), cache_format.size());
@@ -862,17 +908,18 @@ void paged_attention(
   check_host_index(block_table, "block_table", 2);
   check_host_index(query_start_loc, "query_start_loc", 1);
   check_host_index(seq_lens, "seq_lens", 1);
-  const int64_t H = query.size(1), D = query.size(2), H_kv = kv_cache.size(1), R = expand_t.size(1);
+  const int64_t H = query.size(1), D = query.size(2), H_kv = kv_cache.size(1), R = shared_kv ? D : expand_t.size(1);
   const int64_t block_size = kv_cache.size(2);
   TORCH_CHECK(D % 2 == 0, "D must be even (RoPE pairs)");
+  const int64_t data = shared_kv ? D : R + D, vectors = shared_kv ? 1 : 2;
   if (plain) {
-    TORCH_CHECK(kv_cache.size(3) == R + D, "kv_cache rows hold ", kv_cache.size(3), " channels, expected R + D = ", R + D);
+    TORCH_CHECK(kv_cache.size(3) == data, "kv_cache rows hold ", kv_cache.size(3), " channels, expected ", shared_kv ? "D = " : "R + D = ", data);
   } else {
     TORCH_CHECK(kv_cache.element_size() == 1, "an 8-bit cache_format needs a 1-byte kv_cache, got ", kv_cache.scalar_type());
-    const int64_t expected = R + D + (per_token_head ? 8 : 0);
+    const int64_t expected = data + (per_token_head ? 4 * vectors : 0);
     TORCH_CHECK(kv_cache.size(3) == expected, "kv_cache rows hold ", kv_cache.size(3), " bytes, expected ", expected);
   }
-  TORCH_CHECK(expand_t.size(0) == H_kv && expand_t.size(2) == D, "expand_t must be [H_kv, R, D]");
+  TORCH_CHECK(shared_kv || (expand_t.size(0) == H_kv && expand_t.size(2) == D), "expand_t must be [H_kv, R, D]");
   TORCH_CHECK(cos.size(1) == H_kv || cos.size(1) == 1, "cos/sin must be [P, H_kv or 1, D / 2]");
   TORCH_CHECK(cos.size(2) == D / 2, "cos/sin must be [P, H_cs, D / 2]");
   TORCH_CHECK(H % H_kv == 0, H, " query heads cannot share ", H_kv, " KV heads");
@@ -887,9 +934,8 @@ void paged_attention(
   const int64_t num_reqs = seq_lens.size(0);
   TORCH_CHECK(query_start_loc.size(0) == num_reqs + 1 && block_table.size(0) >= num_reqs, "query_start_loc / block_table do not match ", num_reqs, " requests");
 
-  const bool bf16_form = THINKEYS_AVX512BF16 && query.scalar_type() == at::kBFloat16 && bf16_dot_supported();
-  TORCH_CHECK(plain || bf16_form, "8-bit caches are read by the bf16 form only (bfloat16 queries on an AVX512-BF16 CPU); got ",
-              query.scalar_type(), " on ", kernel_isa());
+  // shared K=V slots are read by the fp32 form (it widens bf16 too)
+  const bool bf16_form = THINKEYS_AVX512BF16 && query.scalar_type() == at::kBFloat16 && bf16_dot_supported() && !shared_kv;
   TORCH_CHECK(!bf16_form || pairs_given, "the bf16 form needs expand_pairs (see rebuild_kernel.prepared_tables)");
   const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
@@ -920,7 +966,7 @@ void paged_attention(
         block_table.data_ptr<int32_t>(), block_table.stride(0),
         qsl, lens,
         int(H_kv), int(H / H_kv), int(R), int(D), int(block_size), float(scale), call,
-        plain ? nullptr : static_cast<const uint8_t*>(kv_cache.data_ptr()), float(k_scale), float(v_scale)};
+        plain ? nullptr : static_cast<const uint8_t*>(kv_cache.data_ptr()), float(k_scale), float(v_scale), shared_kv};
 #if THINKEYS_AVX512BF16
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (bf16_form) {
@@ -945,7 +991,22 @@ void paged_attention(
 #endif
     at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
       Scratch& s = thread_scratch();
-      for (int64_t k = begin; k < end; ++k) attend_tile(p, items[k], s);
+      auto run = [&](auto slot) {
+        for (int64_t k = begin; k < end; ++k) attend_tile<scalar_t, decltype(slot)>(p, items[k], s);
+      };
+      if (shared_kv) {
+        if (plain) run(SharedPlainSlot<scalar_t>{});
+        else if (format == "int8_per_token_head") run(SharedPerTokenHeadSlot<Int8Code>{});
+        else if (format == "fp8_per_token_head") run(SharedPerTokenHeadSlot<E4m3Code>{});
+        else if (format == "fp8_e4m3") run(SharedPerTensorSlot<E4m3Code>{});
+        else run(SharedPerTensorSlot<E5m2Code>{});
+        return;
+      }
+      if (plain) run(PlainSlot<scalar_t>{});
+      else if (format == "int8_per_token_head") run(PerTokenHeadSlot<Int8Code>{});
+      else if (format == "fp8_per_token_head") run(PerTokenHeadSlot<E4m3Code>{});
+      else if (format == "fp8_e4m3") run(PerTensorSlot<E4m3Code>{});
+      else run(PerTensorSlot<E5m2Code>{});
     });
   });
 }
@@ -955,7 +1016,7 @@ void paged_attention(
 
 TORCH_LIBRARY(thinkeys_rebuild, m) {
   m.def("kernel_isa() -> str", &thinkeys::kernel_isa);
-  m.def("paged_attention(Tensor query, Tensor kv_cache, Tensor expand_t, Tensor expand_pairs, Tensor cos, Tensor sin, Tensor block_table, Tensor query_start_loc, Tensor seq_lens, float scale, Tensor(a!) output, str cache_format=\"plain\", float k_scale=1.0, float v_scale=1.0) -> ()");
+  m.def("paged_attention(Tensor query, Tensor kv_cache, Tensor expand_t, Tensor expand_pairs, Tensor cos, Tensor sin, Tensor block_table, Tensor query_start_loc, Tensor seq_lens, float scale, Tensor(a!) output, str cache_format=\"plain\", float k_scale=1.0, float v_scale=1.0, bool shared_kv=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(thinkeys_rebuild, CPU, m) {

@@ -3,7 +3,7 @@
 Needs ``thinkeys fetch --model gemma-3-270m`` (models/gemma-3-270m; Gemma Terms of Use: it and every
 conversion stay in the git-ignored models/) and ``thinkeys fetch --heldout`` (data/).
 
-    python scripts/gemma3_real.py convert                     # r = 256 pairs; r = 128 / 64 pairs and mixed (calibrated)
+    python scripts/gemma3_real.py convert [--calibration-tokens 2048]   # r = 256 pairs; r = 128 / 64 pairs, mixed, rebuild (calibrated)
     python scripts/gemma3_real.py exact --json OUT.json       # stock vLLM vs thin r = 256: greedy text, logprobs, capacity
 
 ``exact`` runs both engines in fp32 with a 2-window-long prompt (the window is 512 tokens), chunked prefill
@@ -30,6 +30,8 @@ CONVERSIONS = {  # label: (rank, rope, calibrated)
     "mixed-r128": (128, "mixed", True),
     "pairs-r64": (64, "pairs", True),
     "mixed-r64": (64, "mixed", True),
+    "rebuild-r128": (128, "rebuild", True),
+    "rebuild-r64": (64, "rebuild", True),
 }
 PROMPTS = [
     "The capital of France is",

@@ -122,6 +122,17 @@ def test_each_layer_keeps_its_own_rope_base(gemma3):
         torch.testing.assert_close(state[rope_freqs_name(f"model.layers.{i}")], tables[i].expand(2, -1))
 
 
+@pytest.mark.parametrize("rope", ["pairs", "rebuild"])
+def test_one_kv_head_converts_exactly(tmp_path, input_ids, rope):
+    """Gemma 3 270M has one KV head: every layer's RoPE table must be stored (layers sharing a base once
+    shared one tensor, which the checkpoint writer kept under one name only)."""
+    src = make_tiny_gemma3(tmp_path / "mqa", kv_heads=1, sliding_window=WINDOW)
+    dst = convert_checkpoint(src, tmp_path / "thin", HEAD_DIM, rope=rope, progress=False)
+    assert all(rope_freqs_name(f"model.layers.{i}") in load_file(dst / "model.safetensors") for i in range(3))
+    diff = (_thin_logits(dst, input_ids) - _source_logits(src, input_ids)).abs().max().item()
+    assert diff < 1e-4, f"{rope}, one KV head: thin reference vs source logits differ by {diff:.2e}"
+
+
 def test_checkpoint_keeps_the_projections_and_adds_post_norm_maps(gemma3):
     src = load_file(gemma3["source"] / "model.safetensors")
     thin = load_file(gemma3["pairs"] / "model.safetensors")

@@ -345,7 +345,9 @@ def run_conversion(
                 setattr(thin_qk, name, None if t is None else t.to(out_dtype).contiguous())
             layout.write(state, i, thin_qk)
         if freqs is not None:
-            state[rope_freqs_name(layout.layer_prefix(i))] = freqs.contiguous()  # [Hkv, r/2] float32
+            # a copy of its own: with one KV head, expand() is a no-op and the layers sharing a RoPE base would
+            # store one tensor under several names, which the safetensors writer keeps only once
+            state[rope_freqs_name(layout.layer_prefix(i))] = freqs.clone(memory_format=torch.contiguous_format)  # [Hkv, r/2] float32
 
     config = dict(plan.raw_config)
     config["architectures"] = [thin.thin_architecture]

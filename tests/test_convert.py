@@ -214,7 +214,7 @@ REFUSALS = {
     "bad dtype": (lambda m, t: (m["llama"], {"rank": 8, "dtype": "float64"}), "--dtype 'float64' is not one of"),
     "unsupported architecture": (
         lambda m, t: (_edit_config(m["llama"], t / "falcon", architectures=["FalconForCausalLM"]), {"rank": 8}),
-        "is not supported; supported: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM",
+        "is not supported; supported: GPT2LMHeadModel, Gemma3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM",
     ),
     "mistral sliding window": (
         lambda m, t: (_edit_config(m["llama"], t / "msw", architectures=["MistralForCausalLM"], sliding_window=64), {"rank": 8}),

@@ -147,3 +147,20 @@ def test_unreadable_config(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert main(["plan", str(tmp_path), "--rank", "8", "--kv-memory", "1GiB"]) == 2
     assert "no layer or attention-head count" in capsys.readouterr().err
+
+
+def test_gemma3_sliding_layers_counted_as_vllms_hybrid_manager_allocates_them():
+    """Gemma 3 270M, bf16, block 128, 32K context, 1 GiB, 2,048 tokens in flight, worked by hand from vLLM's rules:
+    15 sliding + 3 full layers -> 6 groups of 3 layers; a block is 3 pages; a request holds 256 blocks in the full
+    group and cdiv(min(511 + 2048, 32768), 128) + 1 = 21 in each of the 5 sliding groups = 361 blocks."""
+    stock_page, thin_page = 128 * 1 * (256 + 256) * 2, 128 * 1 * (64 + 256) * 2
+    plan = make_plan("gemma-3-270m", rank=64, kv_memory="1GiB", context="32K", block_size=128, max_in_flight_tokens=2048)
+    assert (plan.per_user_bytes.stock, plan.per_user_bytes.thin) == (361 * 3 * stock_page, 361 * 3 * thin_page)
+    assert plan.max_concurrency.stock == (2**30 // (3 * stock_page)) / 361
+    assert plan.max_concurrency.thin == (2**30 // (3 * thin_page)) / 361
+    assert any("15 of 18 layers attend within 512 tokens" in note for note in plan.notes)
+    every_layer = make_plan(
+        "gemma-3-270m", rank=64, kv_memory="1GiB", context="32K", block_size=128, hybrid_kv_cache_manager=False
+    )
+    assert every_layer.per_user_bytes.stock == 256 * 18 * stock_page  # --disable-hybrid-kv-cache-manager: all layers full
+    assert every_layer.max_concurrency.stock == (2**30 // (18 * stock_page)) / 256

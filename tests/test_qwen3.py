@@ -199,10 +199,6 @@ REFUSALS = {
         lambda q, t: (_edit_config(q["source"], t / "moe", architectures=["Qwen3MoeForCausalLM"]), {}),
         "Qwen3MoeForCausalLM is not supported: Qwen3-MoE (mixture-of-experts",
     ),
-    "Gemma 3": (
-        lambda q, t: (_edit_config(q["source"], t / "gemma", architectures=["Gemma3ForCausalLM"]), {}),
-        "Gemma3ForCausalLM is not supported: Gemma 3 (its sliding-window layers",
-    ),
     "Gemma 3 with vision": (
         lambda q, t: (_edit_config(q["source"], t / "gemmav", architectures=["Gemma3ForConditionalGeneration"]), {}),
         "Gemma3ForConditionalGeneration is not supported: Gemma 3 with vision (multimodal",

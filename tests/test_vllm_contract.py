@@ -260,3 +260,68 @@ def test_qwen3_blocks_the_thin_model_reuses():  # models/qwen3.py
         "config", "vllm_config", "quant_config", "model", "lm_head", "logits_processor", "make_empty_intermediate_tensors"
     }
     assert qwen3.Qwen3ForCausalLM.forward.__qualname__ == "Qwen3ForCausalLM.forward"
+
+
+def test_gemma3_blocks_the_thin_model_reuses():  # models/gemma3.py
+    from vllm.model_executor.models import gemma3
+
+    # Gemma3Model builds its layers by the module-level name Gemma3DecoderLayer (the thin model rebinds it while
+    # vLLM's __init__ runs), and Gemma3ForCausalLM builds Gemma3Model by name too
+    model_init = inspect.getsource(gemma3.Gemma3Model)
+    assert "lambda prefix: Gemma3DecoderLayer(\n                config, cache_config, quant_config, prefix=prefix\n            )" in model_init
+    assert "self.model = Gemma3Model(" in inspect.getsource(gemma3.Gemma3ForCausalLM.__init__)
+    assert "normalizer = self.config.hidden_size**0.5" in model_init  # embedding x sqrt(hidden): vLLM's, kept
+    # the thin decoder layer builds these blocks itself and keeps vLLM's forward, which uses exactly them
+    forward = inspect.getsource(gemma3.Gemma3DecoderLayer.forward)
+    for block in ("self.input_layernorm(", "self.self_attn(", "self.post_attention_layernorm(",
+                  "self.pre_feedforward_layernorm(", "self.mlp(", "self.post_feedforward_layernorm("):
+        assert block in forward
+    init = inspect.getsource(gemma3.Gemma3DecoderLayer.__init__)
+    assert set(re.findall(r"self\.(\w+) = ", init)) == {
+        "hidden_size", "self_attn", "mlp", "input_layernorm", "post_attention_layernorm",
+        "pre_feedforward_layernorm", "post_feedforward_layernorm",
+    }
+    # what the stock attention takes from the config and the thin one must take the same way
+    attn = inspect.getsource(gemma3.Gemma3Attention.__init__)
+    assert "self.scaling = config.query_pre_attn_scalar**-0.5" in attn
+    assert 'sliding_window = config.sliding_window if self.is_sliding else None' in attn
+    assert "rope_parameters = config.rope_parameters[layer_type]" in attn
+    assert "per_layer_sliding_window=sliding_window" in attn
+    assert "GemmaRMSNorm" in inspect.getsource(gemma3) and "self.q_norm = GemmaRMSNorm(" in attn
+
+
+def test_gemma_rms_norm_scales_by_one_plus_weight():  # convert/families.py GemmaQKNormLayout.norm_offset
+    from vllm.model_executor.layers.layernorm import GemmaRMSNorm
+
+    assert "weight = self.weight.float() + 1.0" in inspect.getsource(GemmaRMSNorm.forward_native)
+    assert "torch.zeros(hidden_size)" in inspect.getsource(GemmaRMSNorm.__init__)
+
+
+def test_sliding_window_layers_get_their_spec_and_the_impl_its_window():  # models/qwen3.py, attention/backend.py
+    from vllm.model_executor.layers.attention import Attention
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+    init = inspect.getsource(Attention.__init__)
+    assert "per_layer_sliding_window" in inspect.signature(Attention.__init__).parameters
+    assert "sliding_window = per_layer_sliding_window" in init
+    spec_src = inspect.getsource(Attention.get_kv_cache_spec)
+    assert "SlidingWindowSpec(" in spec_src and "sliding_window=self.sliding_window" in spec_src
+    # the impl is built with the window as its sixth positional argument (after alibi_slopes)
+    impl_call = init[init.index("self.impl = impl_cls("):]
+    assert re.match(r"self\.impl = impl_cls\([^\n]*\n\s*num_heads,\s*head_size,\s*scale,\s*num_kv_heads,\s*alibi_slopes,\s*sliding_window,", impl_call)
+    assert "sliding_window" in {f.name for f in __import__("dataclasses").fields(SlidingWindowSpec)}
+
+
+def test_hybrid_kv_cache_rules_the_accounting_mirrors():  # accounting.py: KVFootprint with sliding layers
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+    assert CpuPlatform.support_hybrid_kv_cache()  # the hybrid manager stays on for CPU
+    grouping = inspect.getsource(kv_cache_utils._get_kv_cache_groups_uniform_page_size)
+    assert "group_size = min_num_layers" in grouping and "if max_num_layers < min_num_layers * 1.5:" in grouping
+    admission = inspect.getsource(SlidingWindowSpec.max_admission_blocks_per_request)
+    assert "self.sliding_window - 1 + self.extra_retained_tokens + max_in_flight_tokens" in admission
+    assert "return cdiv(num_tokens, self.block_size) + 1" in admission
+    concurrency = inspect.getsource(kv_cache_utils.get_max_concurrency_for_kv_cache_config)
+    assert "group.kv_cache_spec.max_memory_usage_bytes(vllm_config)" in concurrency

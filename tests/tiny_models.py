@@ -276,3 +276,63 @@ def make_tiny_qwen3(
             if name.endswith(("q_norm.weight", "k_norm.weight")):
                 p.copy_(0.5 + torch.rand(p.shape, generator=gen))
     return _save(model, dir)
+
+
+def make_tiny_gemma3(
+    dir: str | Path,
+    *,
+    hidden: int = 128,
+    layers: int = 3,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 32,
+    sliding_window: int = 16,
+    seed: int = 0,
+    **config_overrides: Any,
+) -> Path:
+    """Tiny text-only Gemma 3 (``Gemma3ForCausalLM``): QK-norm, sliding-window and global layers, GQA.
+
+    What sets it apart from the Qwen3 builder, each chosen so a converter or server that ignores it fails:
+    layers ``sliding, full, sliding`` (window ``sliding_window`` = 16 tokens, far below the test prompts), a
+    RoPE base per layer type (10^4 local, 10^6 global), ``query_pre_attn_scalar`` 24 (the softmax scale is
+    24^-0.5, not head_dim^-0.5), Gemma's ``1 + weight`` norms with q/k norm weights drawn from [-0.5, 0.5]
+    (gains 0.5-1.5), tied embeddings scaled by sqrt(hidden).
+    """
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    dir = make_tokenizer(dir)
+    layer_types = ["sliding_attention" if i % 3 != 1 else "full_attention" for i in range(layers)]
+    config = Gemma3TextConfig(
+        **_special_ids(dir),
+        **{
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "head_dim": head_dim,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": sliding_window,
+            "layer_types": layer_types,
+            "max_position_embeddings": 2048,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
+            "tie_word_embeddings": True,
+            "torch_dtype": "float32",
+            **config_overrides,
+        },
+    )
+    config.architectures = ["Gemma3ForCausalLM"]
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config)
+    _spread_init(model, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(torch.rand(p.shape, generator=gen) - 0.5)  # gain 1 + w in [0.5, 1.5]
+            elif "norm" in name:
+                p.zero_()  # Gemma's RMSNorm scales by 1 + weight: gain 1
+    return _save(model, dir)

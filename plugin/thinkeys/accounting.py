@@ -18,8 +18,23 @@ for a model whose attention layers all share one full-attention spec::
 
 A thin-key model caches keys of width ``head_size = rank`` next to values of width
 ``head_size_v = head_dim``; the stock model caches both at ``head_dim``. Like vLLM, capacity counts
-every block, including the one null block its ``BlockPool`` keeps back, and every layer caches every
-token (exact for full attention; an upper bound for sliding-window layers, which vLLM caps).
+every block, including the one null block its ``BlockPool`` keeps back.
+
+Models with sliding-window layers among full-attention ones (Gemma 3: ``layer_types``) get vLLM's
+hybrid KV-cache manager, which vLLM 0.32 keeps on for CPU too (``CpuPlatform.support_hybrid_kv_cache``)
+unless ``--disable-hybrid-kv-cache-manager`` is given. Its rule (``_get_kv_cache_groups_uniform_page_size``,
+``SlidingWindowSpec.max_memory_usage_bytes``), with F full and S sliding layers of window W, all with the
+same page (thin keys make every layer's page ``r + d`` wide alike)::
+
+    group_size       = min(F, S), or max(F, S) when max < 1.5 * min
+    groups           = cdiv(F, group_size) full + cdiv(S, group_size) sliding; every block of the shared
+                       pool holds one page of each layer of one group
+    bytes_per_block  = group_size * page_size_bytes
+    blocks_per_req   = full groups * cdiv(max_model_len, block_size)
+                     + sliding groups * (cdiv(min(W - 1 + max_in_flight_tokens, max_model_len), block_size) + 1)
+
+where ``max_in_flight_tokens`` is the engine's (``max_num_batched_tokens`` times the concurrent
+batches: 2 with async scheduling). With the hybrid manager off every layer counts as full attention.
 
 The per-token cell is described by :class:`AttentionGeometry` (cached key width, value width, a
 shared-K=V flag) and :class:`KVCacheDtype` (bytes per element plus per-(token, head) scale bytes),
@@ -134,8 +149,16 @@ class AttentionGeometry(BaseModel):
     model_dtype: str | None = Field(default=None, description="weights dtype, what KV dtype 'auto' means")
     max_position_embeddings: int | None = None
     sliding_window: int | None = Field(
-        default=None, description="window of sliding-window layers; vLLM caps their KV, this accounting does not"
+        default=None, description="window (tokens) of the sliding-window layers; vLLM caps their KV"
     )
+    num_sliding_layers: int = Field(
+        default=0, ge=0, description="layers that attend within sliding_window (layer_types 'sliding_attention')"
+    )
+
+    @property
+    def hybrid(self) -> bool:
+        """Sliding-window layers next to full-attention ones (vLLM's hybrid KV-cache manager groups them)."""
+        return self.num_sliding_layers > 0 and self.sliding_window is not None
 
     @property
     def rank(self) -> int:
@@ -248,6 +271,7 @@ def geometry_from_config(config: Any, *, rank: int | None = None, name: str | No
 
     dtype = get("dtype")
     uses_window = _lookup(text_config, "use_sliding_window")
+    layer_types = _lookup(text_config, "layer_types") or []
     return make_geometry(
         name=name if name is not None else _config_name(config),
         num_layers=int(num_layers),
@@ -260,6 +284,7 @@ def geometry_from_config(config: Any, *, rank: int | None = None, name: str | No
         max_position_embeddings=get("max_position_embeddings"),
         # Qwen2 configs carry a window they do not use unless use_sliding_window is set.
         sliding_window=None if uses_window is False else get("sliding_window"),
+        num_sliding_layers=sum(t == "sliding_attention" for t in layer_types) if get("sliding_window") else 0,
     )
 
 
@@ -294,6 +319,39 @@ class KVFootprint(BaseModel):
     geometry: AttentionGeometry
     kv_dtype: KVCacheDtype
     block_size: int = Field(ge=1, description="tokens per KV block")
+    max_in_flight_tokens: int | None = Field(
+        default=None, ge=1,
+        description="the engine's max_in_flight_tokens (max_num_batched_tokens x concurrent batches); "
+        "needed for sliding-window layers under the hybrid KV-cache manager",
+    )
+    hybrid_kv_cache_manager: bool = Field(
+        default=True, description="vLLM's hybrid manager (the default): sliding-window layers keep only the window"
+    )
+
+    @property
+    def _groups(self) -> tuple[int, int, int]:
+        """(layers per KV-cache group, full-attention groups, sliding-window groups), vLLM's grouping."""
+        g = self.geometry
+        if not (g.hybrid and self.hybrid_kv_cache_manager):
+            return g.num_layers, 1, 0
+        full, sliding = g.num_layers - g.num_sliding_layers, g.num_sliding_layers
+        if full == 0:  # one uniform sliding-window group
+            return sliding, 0, 1
+        size = min(full, sliding)
+        if max(full, sliding) < 1.5 * size:
+            size = max(full, sliding)
+        return size, -(-full // size), -(-sliding // size)
+
+    def _sliding_blocks(self, context_tokens: int) -> int:
+        """Blocks one sliding-window group admits for a request of ``context_tokens`` (vLLM's admission cap)."""
+        if self.max_in_flight_tokens is None:
+            raise ThinKeyError(
+                "a model with sliding-window layers needs the engine's max_in_flight_tokens "
+                "(max_num_batched_tokens x concurrent batches) to count its KV blocks"
+            )
+        window = self.geometry.sliding_window
+        tokens = min(window - 1 + self.max_in_flight_tokens, context_tokens)
+        return -(-tokens // self.block_size) + 1
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -317,12 +375,25 @@ class KVFootprint(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def bytes_per_block(self) -> int:
-        """One block across all layers: the divisor vLLM turns KV memory into blocks with."""
-        return self.geometry.num_layers * self.page_size_bytes
+        """One block of vLLM's pool: the divisor it turns KV memory into blocks with (all layers, or with
+        the hybrid manager one page of each layer of one group)."""
+        return self._groups[0] * self.page_size_bytes
 
     def blocks_for_tokens(self, num_tokens: int) -> int:
-        """Blocks a request with ``num_tokens`` cached tokens holds (whole blocks)."""
-        return -(-num_tokens // self.block_size)
+        """Blocks a request with ``num_tokens`` cached tokens holds (whole blocks, summed over KV-cache groups;
+        a sliding-window group holds at most the window's blocks)."""
+        _, full, sliding = self._groups
+        blocks = -(-num_tokens // self.block_size)
+        if not sliding:
+            return full * blocks
+        window = self.geometry.sliding_window
+        return full * blocks + sliding * min(blocks, -(-(window - 1) // self.block_size) + 1)
+
+    def blocks_per_request(self, context_tokens: int) -> int:
+        """Blocks vLLM reserves for one request of ``context_tokens`` (``get_max_concurrency_for_kv_cache_config``)."""
+        _, full, sliding = self._groups
+        per_full = -(-context_tokens // self.block_size)
+        return full * per_full + (sliding * self._sliding_blocks(context_tokens) if sliding else 0)
 
     def bytes_for_tokens(self, num_tokens: int) -> int:
         """KV bytes a request with ``num_tokens`` cached tokens occupies (whole blocks)."""
@@ -338,7 +409,7 @@ class KVFootprint(BaseModel):
         """Capacity of a cache of ``num_blocks`` blocks (e.g. the count the engine allocated)."""
         if context_tokens < 1:
             raise ThinKeyError(f"context length must be >= 1 token, got {context_tokens}")
-        blocks_per_request = self.blocks_for_tokens(context_tokens)
+        blocks_per_request = self.blocks_per_request(context_tokens)
         # The exact float expressions of vLLM's get_max_concurrency_for_kv_cache_config and
         # get_kv_cache_capacity, so capacity_tokens matches its kv_cache_size_tokens bit for bit.
         max_concurrency = num_blocks / blocks_per_request
@@ -362,7 +433,9 @@ class KVCapacity(BaseModel):
     num_blocks: int = Field(description="blocks in the cache (vLLM's num_gpu_blocks)")
     block_size: int
     context_tokens: int = Field(description="tokens per request the concurrency is counted at")
-    blocks_per_request: int = Field(description="cdiv(context_tokens, block_size)")
+    blocks_per_request: int = Field(
+        description="cdiv(context_tokens, block_size); summed over KV-cache groups with sliding-window layers"
+    )
     max_concurrency: float = Field(description="num_blocks / blocks_per_request: vLLM's 'Maximum concurrency'")
     capacity_tokens: int = Field(description="int(max_concurrency * context_tokens): vLLM's kv_cache_size_tokens")
     max_users: int = Field(description="whole requests of context_tokens that fit at once")

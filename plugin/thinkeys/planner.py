@@ -42,6 +42,9 @@ from thinkeys.checkpoint import ThinKeyError, is_thin_key_config
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "presets"
 #: vLLM's default block size (CacheConfig.DEFAULT_BLOCK_SIZE); its CPU platform uses 128.
 DEFAULT_BLOCK_SIZE = 16
+#: vLLM 0.32 CPU's default max_num_batched_tokens for an OpenAI server; CPU runs no async scheduling, so this
+#: is its max_in_flight_tokens, which sizes the blocks of sliding-window layers (see thinkeys.accounting).
+DEFAULT_MAX_IN_FLIGHT_TOKENS = 2048
 
 
 # --- inputs ---------------------------------------------------------------------------------
@@ -176,13 +179,17 @@ def make_plan(
     block_size: int = DEFAULT_BLOCK_SIZE,
     presets_dir: Path = PRESETS_DIR,
     shared_kv: bool = False,
+    max_in_flight_tokens: int = DEFAULT_MAX_IN_FLIGHT_TOKENS,
+    hybrid_kv_cache_manager: bool = True,
 ) -> Plan:
     """The plan for one model (preset name or config path), rank, KV memory and context.
 
     ``kv_dtype`` is the cache dtype of the planned (thin or shared) model, e.g. ``fp8`` or
     ``int8_per_token_head``; the stock model it is compared with keeps the model's own dtype.
     ``shared_kv`` plans a shared K=V checkpoint (one cached vector per token and KV head; key
-    width = head_dim, so ``rank`` must be left out or equal head_dim).
+    width = head_dim, so ``rank`` must be left out or equal head_dim). ``max_in_flight_tokens`` and
+    ``hybrid_kv_cache_manager`` matter for models with sliding-window layers (Gemma 3): vLLM's
+    ``max_num_batched_tokens`` (times 2 with async scheduling) and whether its hybrid manager is on.
     """
     name, config = load_config(source, presets_dir)
     notes: list[str] = []
@@ -214,7 +221,13 @@ def make_plan(
     if kv_dtype == "auto" and dtype_note:
         notes.append(dtype_note)
     cache_dtype: KVCacheDtype = resolve_kv_dtype(kv_dtype, model_dtype)
-    if geometry.sliding_window and geometry.sliding_window < context_tokens:
+    if geometry.hybrid and hybrid_kv_cache_manager:
+        notes.append(
+            f"{geometry.num_sliding_layers} of {geometry.num_layers} layers attend within {geometry.sliding_window} tokens: "
+            f"vLLM's hybrid KV-cache manager keeps only their window (counted with max_in_flight_tokens "
+            f"{max_in_flight_tokens}); bytes/token counts every layer"
+        )
+    elif geometry.sliding_window and geometry.sliding_window < context_tokens:
         notes.append(
             f"the config sets sliding_window={geometry.sliding_window}: vLLM keeps at most the window in "
             "sliding-window layers, so these figures (every layer caches every token) are an upper bound"
@@ -224,7 +237,10 @@ def make_plan(
             f"context {context_tokens:,} is longer than the model's max_position_embeddings "
             f"{geometry.max_position_embeddings:,}"
         )
-    footprint = KVFootprint(geometry=geometry, kv_dtype=cache_dtype, block_size=block_size)
+    footprint = KVFootprint(
+        geometry=geometry, kv_dtype=cache_dtype, block_size=block_size,
+        max_in_flight_tokens=max_in_flight_tokens, hybrid_kv_cache_manager=hybrid_kv_cache_manager,
+    )
     comparison = compare(
         footprint,
         kv_memory_bytes=parse_bytes(kv_memory),
@@ -319,6 +335,15 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help=f"tokens per KV block (vLLM default {DEFAULT_BLOCK_SIZE}; CPU uses 128)"
     )
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=DEFAULT_MAX_IN_FLIGHT_TOKENS,
+        help="the engine's max_num_batched_tokens (sizes sliding-window layers' blocks, e.g. Gemma 3's; "
+        f"default {DEFAULT_MAX_IN_FLIGHT_TOKENS}, vLLM CPU's for a server)",
+    )
+    parser.add_argument(
+        "--disable-hybrid-kv-cache-manager", action="store_true",
+        help="plan as vLLM runs with --disable-hybrid-kv-cache-manager: sliding-window layers cache every token",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -333,6 +358,8 @@ def run(args: argparse.Namespace) -> int:
         kv_dtype=args.kv_dtype,
         block_size=args.block_size,
         shared_kv=args.shared_kv,
+        max_in_flight_tokens=args.max_num_batched_tokens,
+        hybrid_kv_cache_manager=not args.disable_hybrid_kv_cache_manager,
     )
     print(plan.model_dump_json(indent=2) if args.json else format_plan(plan))
     return 0

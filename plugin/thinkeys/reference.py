@@ -13,9 +13,11 @@ read and trusted::
     q', k' <- apply_thin_rope(., positions, thin_rope_freqs)   (first rope_dims of r; none for GPT-2)
     out = softmax(q' k'^T / sqrt(d) + causal mask) v             (GQA: each KV head serves H / Hkv queries)
 
-QK-norm families (Qwen3, :class:`ThinQKNormAttention`): q and k are projected d wide and
+QK-norm families (Qwen3, Gemma 3, :class:`ThinQKNormAttention`): q and k are projected d wide and
 normalised by the source's own ``q_norm`` / ``k_norm``, then mapped to r by the checkpoint's
-``thin_q_map`` / ``thin_k_map`` (``[Hkv, r, d]``), then rotated as above.
+``thin_q_map`` / ``thin_k_map`` (``[Hkv, r, d]``), then rotated as above. Gemma 3's softmax scale is
+its ``query_pre_attn_scalar ** -0.5``, and its sliding-window layers get transformers' own
+sliding-window mask (the model builds one mask per layer type and hands each layer its own).
 
 Shared K=V checkpoints (``thin_keys.shared_kv``): the value is the un-rotated key projection,
 ``v = W_K' x + b_K'`` (the checkpoint's ``v_proj``, equal to ``k_proj``, is loaded and not used).
@@ -40,7 +42,7 @@ import torch
 from torch import nn
 
 from thinkeys import hf_io
-from thinkeys.checkpoint import KEY_MAP_NAME, QUERY_MAP_NAME, REBUILD_TABLE_NAME, ThinKeyConfig, ThinKeyError
+from thinkeys.checkpoint import KEY_MAP_NAME, QUERY_MAP_NAME, REBUILD_TABLE_NAME, ThinKeyConfig, ThinKeyError, attention_scale
 from thinkeys.rope import apply_thin_rope
 
 #: transformers class ("module:Class") built for each source architecture.
@@ -49,6 +51,7 @@ SOURCE_MODELS = {
     "MistralForCausalLM": "transformers:MistralForCausalLM",
     "Qwen2ForCausalLM": "transformers:Qwen2ForCausalLM",
     "Qwen3ForCausalLM": "transformers:Qwen3ForCausalLM",
+    "Gemma3ForCausalLM": "transformers:Gemma3ForCausalLM",
     "GPT2LMHeadModel": "transformers:GPT2LMHeadModel",
 }
 
@@ -105,7 +108,7 @@ class ThinAttention(_KeepsFreqsInFloat32):
         self.shared_kv = thin.shared_kv
         self.rebuild = thin.rebuild
         self.query_width = thin.query_width
-        self.scale = 1.0 / math.sqrt(thin.head_dim)  # the source model's scale: q'.k' approximates q.k
+        self.scale = attention_scale(thin, config)  # the source model's scale: q'.k' approximates q.k
         hidden, r, d = config.hidden_size, thin.rank, thin.head_dim
         # Bias layout is the source module's (Qwen2: q/k/v biases; Llama: attention_bias).
         self.q_proj = nn.Linear(hidden, self.num_heads * thin.query_width, bias=like.q_proj.bias is not None)

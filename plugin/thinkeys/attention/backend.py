@@ -18,6 +18,10 @@ Touch points with vLLM internals (pinned version; each covered by tests/test_vll
 scales, and of shared K=V caches), the layer's ``_k_scale_float`` / ``_v_scale_float``, and
 ``register_backend`` (in ``thinkeys.register``).
 
+Sliding-window layers (Gemma 3): the impl keeps vLLM's ``sliding_window`` and hands it to
+``paged.paged_attention``, which runs those layers on the PyTorch path over indices that gather only
+the window (built once per step and window); the compiled kernels are never given a windowed layer.
+
 8-bit caches (``--kv-cache-dtype fp8 | fp8_e4m3 | fp8_e5m2 | int8_per_token_head |
 fp8_per_token_head``): keys and values are quantized on write and decoded on read (``quant.py``),
 by the compiled kernel in place (or by the PyTorch path when the kernel is not available).
@@ -137,6 +141,9 @@ class ThinKeyMetadataBuilder(AttentionMetadataBuilder[ThinPagedMetadata]):
 
 
 class ThinKeyAttentionImpl(AttentionImpl[ThinPagedMetadata]):
+    #: Whether layers with a sliding window are served (masked by :func:`paged.paged_attention`).
+    supports_sliding_window: ClassVar[bool] = True
+
     def __init__(
         self,
         num_heads: int,
@@ -156,7 +163,10 @@ class ThinKeyAttentionImpl(AttentionImpl[ThinPagedMetadata]):
             name
             for name, bad in (
                 ("alibi_slopes", alibi_slopes is not None),
-                ("sliding_window", sliding_window is not None),
+                (
+                    f"sliding_window={sliding_window} (this backend attends over the whole context)",
+                    sliding_window is not None and not self.supports_sliding_window,
+                ),
                 ("logits_soft_cap", bool(logits_soft_cap)),
                 ("kv sharing", kv_sharing_target_layer_name is not None),
                 (
@@ -178,7 +188,8 @@ class ThinKeyAttentionImpl(AttentionImpl[ThinPagedMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
-        self.sliding_window = None
+        # Keys at positions p - W < j <= p only (Gemma 3's local layers); such layers take the PyTorch path.
+        self.sliding_window = sliding_window
         self._codec: KVCodec | None = None
 
     def _slot_codec(self, kv_cache: torch.Tensor) -> KVCodec:
@@ -227,7 +238,10 @@ class ThinKeyAttentionImpl(AttentionImpl[ThinPagedMetadata]):
         if attn_metadata is None:  # profiling / warm-up run
             return output.zero_()
         n = attn_metadata.num_actual_tokens
-        paged_attention(query[:n], kv_cache, attn_metadata, self.scale, output[:n], self.cache_format(layer, kv_cache))
+        paged_attention(
+            query[:n], kv_cache, attn_metadata, self.scale, output[:n], self.cache_format(layer, kv_cache),
+            sliding_window=self.sliding_window,
+        )
         return output
 
 

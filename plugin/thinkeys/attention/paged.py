@@ -49,6 +49,7 @@ class PrefillRequest:
     kv_blocks: torch.Tensor  # [kv_len] block id of every cached position
     kv_offsets: torch.Tensor  # [kv_len] offset inside that block
     mask: torch.Tensor | None  # [q_len, kv_len] bool (True = attend); None = plain causal (no cached prefix)
+    kv_positions: torch.Tensor | None = None  # [kv_len] position of each gathered key; None = 0 .. kv_len - 1
 
 
 @dataclass
@@ -69,7 +70,29 @@ class ThinPagedMetadata:
     decode_blocks: torch.Tensor | None = None  # [n_dec, max_len] block id per position (padded with 0)
     decode_offsets: torch.Tensor | None = None  # [n_dec, max_len]
     decode_mask: torch.Tensor | None = None  # [n_dec, 1, 1, max_len] bool, True = real position
+    decode_positions: torch.Tensor | None = None  # [n_dec, max_len] key positions (windowed); None = 0 .. max_len - 1
     prefills: list[PrefillRequest] = field(default_factory=list)
+    # Sliding window (tokens) these indices honour; None = full causal attention.
+    sliding_window: int | None = None
+    # What windowed() rebuilds from: the step's host offsets and lengths, the block table, the block size.
+    block_size: int = 0
+    _source: tuple | None = field(default=None, repr=False)
+    _windowed: dict = field(default_factory=dict, repr=False)
+
+    def windowed(self, window: int) -> "ThinPagedMetadata":
+        """This step's metadata for layers that attend within ``window`` tokens (PyTorch-path indices that
+        gather only the window's keys and mask the rest). Built on first use and shared by every such layer."""
+        if window == self.sliding_window:
+            return self
+        if window not in self._windowed:
+            if self._source is None:
+                raise RuntimeError("metadata without its source offsets cannot be re-windowed")
+            qsl, lens, table = self._source
+            self._windowed[window] = build_metadata(
+                query_start_loc=qsl, seq_lens=lens, block_table=table, block_size=self.block_size,
+                num_actual_tokens=self.num_actual_tokens, kernel=False, sliding_window=window,
+            )
+        return self._windowed[window]
 
 
 def _token_locations(
@@ -94,8 +117,14 @@ def build_metadata(
     num_actual_tokens: int,
     torch_path: bool = True,
     kernel: bool = True,
+    sliding_window: int | None = None,
 ) -> ThinPagedMetadata:
     """Metadata for :func:`paged_attention`, from host-side query offsets and sequence lengths.
+
+    ``sliding_window`` W: the query at position p sees keys p - W < j <= p (vLLM's and transformers'
+    convention); the PyTorch path's indices then gather only those keys (positions before the window
+    may sit in blocks vLLM's sliding-window manager has already freed) and the compiled kernel, which
+    has no lower bound on key positions, is not used (``kernel`` is forced off).
 
     ``block_table`` is ``[num_reqs, max_blocks]`` on the compute device. The compiled kernel needs
     only the three tensors; ``torch_path=False`` skips the per-request Python work that builds the
@@ -105,12 +134,23 @@ def build_metadata(
     num_reqs = lens_t.shape[0]
     query_lens_t = qsl_t[1 : num_reqs + 1] - qsl_t[:num_reqs]  # [num_reqs]
     num_decodes = int((query_lens_t == 1).to(torch.int32).cumprod(0).sum())  # leading decodes
-    meta = ThinPagedMetadata(num_actual_tokens=num_actual_tokens, num_decodes=num_decodes, kernel=kernel, torch_path=torch_path)
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 token, got {sliding_window}")
+    windowed = sliding_window is not None
+    meta = ThinPagedMetadata(
+        num_actual_tokens=num_actual_tokens,
+        num_decodes=num_decodes,
+        kernel=kernel and not windowed,
+        torch_path=torch_path or windowed,
+        sliding_window=sliding_window,
+        block_size=block_size,
+        _source=(qsl_t, lens_t, block_table),
+    )
     if block_table.device.type == "cpu":  # the compiled kernel is CPU-only; no device->host copies
         meta.query_start_loc = qsl_t[: num_reqs + 1]
         meta.seq_lens = lens_t
         meta.block_table = block_table[:num_reqs].to(torch.int32)
-    if not torch_path:
+    if not meta.torch_path:
         if meta.block_table is None:
             raise ValueError("torch_path=False needs host tensors: the compiled kernel runs on the CPU only")
         return meta
@@ -119,7 +159,7 @@ def build_metadata(
     query_start_loc, seq_lens = qsl_t.tolist(), lens_t.tolist()
     query_lens = query_lens_t.tolist()
 
-    if num_decodes:
+    if num_decodes and not windowed:
         lens = torch.tensor(seq_lens[:num_decodes], device=device)
         max_len = int(max(seq_lens[:num_decodes]))
         positions = torch.arange(max_len, device=device)  # [max_len]
@@ -128,20 +168,36 @@ def build_metadata(
         meta.decode_blocks = torch.gather(block_table[:num_decodes], 1, block_idx)
         meta.decode_offsets = (positions % block_size).expand(num_decodes, max_len)
         meta.decode_mask = valid[:, None, None, :]
+    elif num_decodes:  # the last W positions of each decode: start = max(0, len - W)
+        lens = torch.tensor(seq_lens[:num_decodes], device=device)
+        span = min(int(max(seq_lens[:num_decodes])), sliding_window)
+        positions = (lens - sliding_window).clamp_min(0)[:, None] + torch.arange(span, device=device)  # [n_dec, span]
+        valid = positions < lens[:, None]
+        positions = torch.where(valid, positions, 0)
+        meta.decode_blocks = torch.gather(block_table[:num_decodes], 1, positions // block_size)
+        meta.decode_offsets = positions % block_size
+        meta.decode_mask = valid[:, None, None, :]
+        meta.decode_positions = positions
 
     for i in range(num_decodes, num_reqs):
         q_len, kv_len = query_lens[i], seq_lens[i]
         if q_len == 0:  # padding request
             continue
-        positions = torch.arange(kv_len, device=device)
-        blocks, offsets = _token_locations(block_table[i], positions, block_size)
         context = kv_len - q_len
+        first = max(0, context - sliding_window + 1) if windowed else 0  # the first query's earliest key
+        positions = torch.arange(first, kv_len, device=device)
+        blocks, offsets = _token_locations(block_table[i], positions, block_size)
         mask = None
-        if context:
-            q_pos = torch.arange(context, kv_len, device=device)
-            mask = positions[None, :] <= q_pos[:, None]  # [q_len, kv_len]
+        if context or windowed:
+            q_pos = torch.arange(context, kv_len, device=device)[:, None]
+            mask = positions[None, :] <= q_pos  # [q_len, kv_len - first]
+            if windowed:
+                mask &= positions[None, :] > q_pos - sliding_window
         meta.prefills.append(
-            PrefillRequest(query_start_loc[i], query_start_loc[i + 1], kv_len, blocks, offsets, mask)
+            PrefillRequest(
+                query_start_loc[i], query_start_loc[i + 1], kv_len - first, blocks, offsets, mask,
+                kv_positions=positions if first else None,
+            )
         )
     return meta
 
@@ -250,12 +306,19 @@ def paged_attention(
     scale: float,
     output: torch.Tensor,
     fmt: CacheFormat | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[T, H, r]`` over the cache; writes ``output`` ``[T, H, d]``.
 
     The compiled kernel when it is loaded and takes these slots (plain in the query's dtype, or
-    8-bit key | value slots), else :func:`paged_attention_torch`.
+    8-bit key | value slots), else :func:`paged_attention_torch`. A layer with a ``sliding_window``
+    always takes the PyTorch path, on this step's windowed indices (:meth:`ThinPagedMetadata.windowed`):
+    the compiled kernels have no lower bound on key positions, so they are never handed a window.
     """
+    if sliding_window is not None:
+        return paged_attention_torch(query, kv_cache, meta.windowed(sliding_window), scale, output, fmt)
+    if meta.sliding_window is not None:
+        raise RuntimeError(f"metadata windowed to {meta.sliding_window} tokens used for a full-attention layer")
     if use_kernel(query, kv_cache, meta, fmt) and output.dtype == query.dtype:
         scales = (1.0, 1.0) if fmt is None else (fmt.k_scale, fmt.v_scale)
         return kernels.paged_attention(
@@ -301,7 +364,9 @@ def paged_attention_torch(
     n_dec = meta.num_decodes
     if n_dec:
         slots = kv_cache[meta.decode_blocks, :, meta.decode_offsets]  # [n_dec, max_len, H_kv, slot]
-        positions = torch.arange(slots.shape[1], device=slots.device).expand(n_dec, -1)
+        positions = meta.decode_positions
+        if positions is None:
+            positions = torch.arange(slots.shape[1], device=slots.device).expand(n_dec, -1)
         k, v = _read_slots(slots, r, query.dtype, fmt, positions)
         out = F.scaled_dot_product_attention(
             query[:n_dec].unsqueeze(2),  # [n_dec, H, 1, r]
@@ -315,7 +380,7 @@ def paged_attention_torch(
 
     for req in meta.prefills:
         slots = kv_cache[req.kv_blocks, :, req.kv_offsets]  # [L, H_kv, slot]
-        positions = torch.arange(slots.shape[0], device=slots.device)
+        positions = req.kv_positions if req.kv_positions is not None else torch.arange(slots.shape[0], device=slots.device)
         k, v = _read_slots(slots, r, query.dtype, fmt, positions)
         q = query[req.query_start : req.query_end].transpose(0, 1)  # [H, q_len, r]
         out = F.scaled_dot_product_attention(

@@ -15,7 +15,9 @@ view turns into ``[T * d / r, H, r]`` rows of the same memory (the checkpoint fo
 ``r | d``), and :meth:`ThinKeyRebuildImpl.forward` views it back as ``[T, H, d]``. No copy, no
 change to vLLM's spec or its page size; the output is ``[T, H * d]`` as for every thin layer.
 
-Two read paths share the metadata of ``paged.py``:
+Sliding-window layers (Gemma 3 converted with ``rebuild``) always take the PyTorch path below, on the
+step's windowed indices (``ThinPagedMetadata.windowed``): the rebuild kernel has no lower bound on key
+positions. Otherwise two read paths share the metadata of ``paged.py``:
 
 - the compiled kernel (``rebuild_kernel.py``, ``csrc/rebuild_attention.cpp``) for plain float
   caches and 8-bit caches (every format of ``quant.KERNEL_FORMATS``; ``rebuild_kernel.reads_8bit``):
@@ -80,6 +82,8 @@ class ThinKeyRebuildMetadataBuilder(ThinKeyMetadataBuilder):
 
 
 class ThinKeyRebuildImpl(ThinKeyAttentionImpl):
+    #: Sliding-window layers (Gemma 3 rebuild) take the PyTorch path on windowed indices; the kernel has no window.
+    supports_sliding_window = True
     #: [H_kv, d, r] float32 expansion table A^T of the layer (set by the layer after construction).
     rebuild_table: torch.Tensor | None = None
     #: [H_kv, d / 2] float32: the source's RoPE frequencies (set by the layer).
@@ -117,6 +121,10 @@ class ThinKeyRebuildImpl(ThinKeyAttentionImpl):
         query = query.reshape(-1, self.num_heads, d)  # vLLM viewed the flat [T, H * d] query as [T * d / r, H, r]
         n = attn_metadata.num_actual_tokens
         eight_bit = self.kv_cache_dtype in EIGHT_BIT_DTYPES
+        if self.sliding_window is not None:  # keys p - W < j <= p: never the kernel, which has no lower bound
+            meta = attn_metadata.windowed(self.sliding_window)
+            paged_attention_torch(query[:n], kv_cache, meta, self.scale, output[:n], self.read_format(layer, kv_cache))
+            return output
         if (
             attn_metadata.query_start_loc is not None
             and rebuild_kernel.available()

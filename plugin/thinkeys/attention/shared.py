@@ -80,6 +80,8 @@ class ThinKeySharedKVMetadataBuilder(ThinKeyMetadataBuilder):
 
 
 class ThinKeySharedKVImpl(ThinKeyAttentionImpl):
+    #: Shared K=V checkpoints come from sources converted without sliding windows.
+    supports_sliding_window = False
     #: [H_kv, rope_dims / 2] RoPE table of the layer (set by the layer after construction); None without RoPE.
     key_rope_freqs: torch.Tensor | None = None
 

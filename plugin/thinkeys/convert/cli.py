@@ -14,7 +14,7 @@ from thinkeys.convert.mixed import DEFAULT_NOPE_CONTEXT
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", help="Hugging Face checkpoint folder (Llama, Mistral, Qwen2, Qwen3 or GPT-2)")
+    parser.add_argument("src", metavar="SRC", help="Hugging Face checkpoint folder (Llama, Mistral, Qwen2, Qwen3, Gemma 3 or GPT-2)")
     parser.add_argument("dst", metavar="DST", help="folder to write the thin-key checkpoint to (must not exist)")
     parser.add_argument("--rank", "-r", type=int, default=None, help="key width r per head (1..head_dim; even with RoPE)")
     parser.add_argument(
@@ -33,7 +33,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         "slowly turning pairs into an unrotated low-rank part fitted to real activations (needs --calibration); "
         "'rebuild' caches an r-wide pre-RoPE latent and rebuilds the full key at read time (queries unchanged; "
         "joint query/key fit with --calibration, else the SVD of the key projection; slower attention); "
-        "Qwen3 (q/k norm before RoPE) takes pairs, mixed or rebuild; GPT-2 has no RoPE ('none', the default there)",
+        "Qwen3 and Gemma 3 (q/k norm before RoPE) take pairs, mixed or rebuild; GPT-2 has no RoPE ('none', the default there)",
     )
     parser.add_argument(
         "--calibration",

@@ -37,7 +37,7 @@ from thinkeys.convert.qk_norm import PostNormCalibration
 from thinkeys.convert.families import Geometry, layout_for
 from thinkeys.convert.mixed import DEFAULT_NOPE_CONTEXT, build_thin_layer
 from thinkeys.convert.rebuild import rebuild_factors, rebuild_layer
-from thinkeys.convert.rope_strategies import source_inv_freq, thin_basis
+from thinkeys.convert.rope_strategies import layer_inv_freqs, thin_basis
 from thinkeys.convert.svd import absorb, retained_key_energy
 
 #: Config key (beside ``thin_keys``) recording how a data-aware conversion was made.
@@ -50,8 +50,7 @@ UNSUPPORTED_SOURCES = {
     "Qwen3MoeForCausalLM": "Qwen3-MoE (mixture-of-experts MLPs and expert routing are not served by the thin-key models; dense Qwen3ForCausalLM is)",
     "Qwen2MoeForCausalLM": "Qwen2-MoE (mixture-of-experts MLPs are not served by the thin-key models; dense Qwen2ForCausalLM is)",
     "MixtralForCausalLM": "Mixtral (mixture-of-experts MLPs are not served by the thin-key models; dense MistralForCausalLM is)",
-    "Gemma3ForCausalLM": "Gemma 3 (its sliding-window layers are not honoured by the thin-key attention backend yet)",
-    "Gemma3ForConditionalGeneration": "Gemma 3 with vision (multimodal models are not supported, and text-only Gemma 3 is not either yet: sliding-window layers)",
+    "Gemma3ForConditionalGeneration": "Gemma 3 with vision (multimodal models are not supported: the image tower and its bidirectional image-token attention are not served by the thin-key models; convert the text-only Gemma3ForCausalLM)",
     "Gemma2ForCausalLM": "Gemma 2 (sliding-window layers and attention-logit soft-capping are not supported by the thin-key backend)",
     "GptOssForCausalLM": "gpt-oss (attention sinks and sliding-window layers are not supported by the thin-key backend)",
     "DeepseekV2ForCausalLM": "DeepSeek-V2 (MLA already caches a compressed latent; there is no per-head key projection to thin)",
@@ -112,7 +111,8 @@ class _Plan:
     geometry: Geometry
     thin: ThinKeyConfig
     dtype: torch.dtype | None
-    inv_freq: torch.Tensor | None
+    inv_freq: torch.Tensor | None  # [d/2] of layer 0 (every layer's, except in models with per-layer-type RoPE)
+    layer_inv_freq: list[torch.Tensor] | None = None  # [d/2] per layer (Gemma 3: local base on sliding layers)
 
 
 def _check_calibration(strategy: RopeStrategy, calibration: Any, architecture: str, hf_config: Any) -> None:
@@ -208,7 +208,8 @@ def _plan(src: str | Path, dst: str | Path, rank: int, rope: str | RopeStrategy 
         raise ThinKeyError(f"rank {rank} is odd: RoPE rotates pairs of dims, so with RoPE the rank must be even")
     if not family.rotary and (getattr(hf_config, "scale_attn_by_inverse_layer_idx", False) or getattr(hf_config, "add_cross_attention", False)):
         raise ThinKeyError(f"{config_path}: scale_attn_by_inverse_layer_idx / add_cross_attention are not supported")
-    inv_freq = source_inv_freq(arch, hf_config, d) if family.rotary else None
+    layer_inv_freq = layer_inv_freqs(arch, hf_config, d) if family.rotary else None
+    inv_freq = layer_inv_freq[0] if layer_inv_freq else None
     _check_calibration(strategy, calibration, arch, hf_config)
     if not hf_io.has_tokenizer(src):
         raise ThinKeyError(
@@ -227,19 +228,36 @@ def _plan(src: str | Path, dst: str | Path, rank: int, rope: str | RopeStrategy 
         rope_dims=d if strategy == RopeStrategy.REBUILD else rank if strategy != RopeStrategy.NONE else 0,
         source_architecture=arch,
     )
-    return _Plan(src, dst, raw, hf_config, arch, geo, thin, DTYPES[dtype] if dtype else None, inv_freq)
+    return _Plan(src, dst, raw, hf_config, arch, geo, thin, DTYPES[dtype] if dtype else None, inv_freq, layer_inv_freq)
 
 
 def _refuse_unsupported_attention(config_path: Path, arch: str, raw: dict[str, Any]) -> None:
     """Attention features of a supported architecture that thin keys do not carry (one line each)."""
     layer_types = raw.get("layer_types") or []
+    if arch == "Gemma3ForCausalLM":
+        # Gemma 3's sliding-window layers are served (the backend honours the window); what it does not carry:
+        if raw.get("attn_logit_softcapping") is not None:
+            raise ThinKeyError(
+                f"{config_path}: Gemma3ForCausalLM with attn_logit_softcapping is not supported: "
+                "the thin-key attention backend does not soft-cap attention logits"
+            )
+        if raw.get("use_bidirectional_attention"):
+            raise ThinKeyError(
+                f"{config_path}: Gemma3ForCausalLM with use_bidirectional_attention is not supported: "
+                "the thin-key attention backend serves causal decoders only"
+            )
+        return _refuse_sinks(config_path, raw)
     # Mistral configs apply their sliding_window by default; Qwen configs only with use_sliding_window.
     mistral_window = arch == "MistralForCausalLM" and raw.get("sliding_window") is not None
     if raw.get("use_sliding_window") or "sliding_attention" in layer_types or mistral_window:
         raise ThinKeyError(
             f"{config_path}: {arch} with sliding-window layers is not supported: the thin-key attention "
-            "backend attends over the whole context; convert a checkpoint with use_sliding_window false"
+            "backend honours sliding windows only for Gemma 3 so far; convert a checkpoint with use_sliding_window false"
         )
+    _refuse_sinks(config_path, raw)
+
+
+def _refuse_sinks(config_path: Path, raw: dict[str, Any]) -> None:
     if raw.get("attention_sinks") or raw.get("sinks") or raw.get("dual_chunk_attention_config"):
         raise ThinKeyError(
             f"{config_path}: attention sinks / dual-chunk attention are not supported by the thin-key attention backend"
@@ -285,6 +303,7 @@ def run_conversion(
     qk_norm = thin.family.qk_norm  # the maps act after q/k norm and are stored, not absorbed
     for i in tqdm(range(geo.num_layers), desc="converting layers", unit="layer", disable=not progress):
         qk = layout.read(state, i)
+        inv_freq = plan.layer_inv_freq[i] if plan.layer_inv_freq else None  # this layer's RoPE (Gemma 3: per layer type)
         # What the strategies look at: q/k themselves, or a linear stand-in for the normalised q/k.
         seen = layout.post_norm_proxy(state, i, qk) if qk_norm else qk
         if thin.rope == RopeStrategy.REBUILD:  # cached latent B k, rebuilt A^T c at read (convert/rebuild.py)
@@ -298,10 +317,10 @@ def run_conversion(
             thin_qk = None if qk_norm else rebuild_layer(qk, b)
             q_map, k_map = None, b  # QK-norm: the latent is B k_norm(k); queries are the source's
             state[rebuild_table_name(layout.layer_prefix(i))] = expand.to(torch.float32).contiguous()  # [Hkv, d, r]
-            freqs = plan.inv_freq.to(torch.float32)[None].expand(geo.num_kv_heads, -1)  # the source's own RoPE
+            freqs = inv_freq.to(torch.float32)[None].expand(geo.num_kv_heads, -1)  # the source's own RoPE
         elif calibration is not None:  # data-aware: calibrated pairs, or mixed (thinkeys.convert.mixed)
             layer = build_thin_layer(
-                seen, thin.rank, plan.inv_freq, calibration.layer_moments(i, qk),
+                seen, thin.rank, inv_freq, calibration.layer_moments(i, qk),
                 nope_context=nope_context if thin.rope == RopeStrategy.MIXED else None,
             )
             u, sv, _ = torch.linalg.svd(layer.key_map.transpose(1, 2), full_matrices=False)  # u: [Hkv, d, r]
@@ -314,7 +333,7 @@ def run_conversion(
             thin_qk, freqs = layer.qk, layer.freqs
             q_map, k_map = layer.query_map, layer.key_map  # [Hkv, r, d]
         else:
-            basis = thin_basis(thin.rope, seen, thin.rank, plan.inv_freq)  # basis: [Hkv, d, r]
+            basis = thin_basis(thin.rope, seen, thin.rank, inv_freq)  # basis: [Hkv, d, r]
             energy[i] = retained_key_energy(seen.k_weight, basis.basis)
             thin_qk, freqs = (None if qk_norm else absorb(qk, basis.basis)), basis.freqs
             q_map = k_map = basis.basis.transpose(1, 2)  # [Hkv, r, d]
@@ -326,7 +345,9 @@ def run_conversion(
                 setattr(thin_qk, name, None if t is None else t.to(out_dtype).contiguous())
             layout.write(state, i, thin_qk)
         if freqs is not None:
-            state[rope_freqs_name(layout.layer_prefix(i))] = freqs.contiguous()  # [Hkv, r/2] float32
+            # a copy of its own: with one KV head, expand() is a no-op and the layers sharing a RoPE base would
+            # store one tensor under several names, which the safetensors writer keeps only once
+            state[rope_freqs_name(layout.layer_prefix(i))] = freqs.clone(memory_format=torch.contiguous_format)  # [Hkv, r/2] float32
 
     config = dict(plan.raw_config)
     config["architectures"] = [thin.thin_architecture]

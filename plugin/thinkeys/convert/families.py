@@ -27,6 +27,8 @@ so the thin checkpoint is the source checkpoint with thinner q/k:
       model.layers.{i}.self_attn.q_norm.weight  [d]   (read: the gain of every normalised query dim)
       model.layers.{i}.self_attn.k_norm.weight  [d]
 
+  Gemma 3 has the same names; its norms scale by ``1 + weight`` (``GemmaQKNormLayout``).
+
 The pre-attention norm gain (``input_layernorm`` / ``ln_1`` weight) is read too: it scales each
 input feature of q and k, so the data-free pair-selection criterion weighs columns by it.
 """
@@ -172,6 +174,12 @@ class QKNormLayout(LlamaLayout):
         state[k_name] = k_map.contiguous()
 
 
+class GemmaQKNormLayout(QKNormLayout):
+    """Gemma 3: as Qwen3, but Gemma's RMSNorm scales by ``1 + weight`` (a stored 0 is a gain of 1)."""
+
+    norm_offset = 1.0
+
+
 class GPT2Layout:
     """GPT-2: fused ``c_attn`` Conv1D, weight stored input-major ``[D, 3D]`` (transposed vs. Linear)."""
 
@@ -216,6 +224,7 @@ LAYOUTS = {
     SourceFamily.LLAMA: LlamaLayout,
     SourceFamily.QWEN2: LlamaLayout,
     SourceFamily.QWEN3: QKNormLayout,
+    SourceFamily.GEMMA3: GemmaQKNormLayout,
     SourceFamily.GPT2: GPT2Layout,
 }
 

@@ -1,4 +1,4 @@
-"""Calibration statistics of QK-norm families (Qwen3): moments of the *normalised* queries and keys.
+"""Calibration statistics of QK-norm families (Qwen3, Gemma 3): moments of the *normalised* queries and keys.
 
 In a QK-norm model the key is ``k_norm(W_K x)``, not a linear function of the attention input, so
 the input moments of :class:`~thinkeys.convert.calibration.Calibration` cannot give the key
@@ -30,6 +30,8 @@ from thinkeys.convert.calibration import (
 from thinkeys.convert.families import QueryKey
 
 _FORMAT = "thinkeys-postnorm-calibration-v1"
+#: Source architectures whose transformers attention applies q_norm / k_norm to ``[B, heads, T, d]``.
+HEADS_FIRST_NORMS = ("Gemma3ForCausalLM",)
 
 
 @dataclass
@@ -114,12 +116,15 @@ def collect_post_norm_calibration(
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     n_layers, n_kv = config.num_hidden_layers, config.num_key_value_heads
     d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    # transformers' Qwen3 normalises [B, T, heads, d]; its Gemma 3 normalises after the head transpose, [B, heads, T, d].
+    heads_first = (getattr(config, "architectures", None) or [None])[0] in HEADS_FIRST_NORMS
     q_moment = torch.zeros(n_layers, n_kv, d, d, dtype=torch.float64)
     k_moment = torch.zeros(n_layers, n_kv, d, d, dtype=torch.float64)
     k_sum = torch.zeros(n_layers, n_kv, d, dtype=torch.float64)
 
     def q_hook(i: int):
         def hook(module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+            out = out.transpose(-3, -2) if heads_first else out  # [B, T, H, d]
             q = out.reshape(-1, n_kv, out.shape[-2] // n_kv, d).to(torch.float64)  # [T, Hkv, group, d]
             q_moment[i] += torch.einsum("tgjd,tgje->gde", q, q)  # summed over the group's heads
 
@@ -127,6 +132,7 @@ def collect_post_norm_calibration(
 
     def k_hook(i: int):
         def hook(module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+            out = out.transpose(-3, -2) if heads_first else out  # [B, T, Hkv, d]
             k = out.reshape(-1, n_kv, d).to(torch.float64)  # [T, Hkv, d]
             k_moment[i] += torch.einsum("tgd,tge->gde", k, k)
             k_sum[i] += k.sum(0)

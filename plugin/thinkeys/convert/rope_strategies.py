@@ -50,6 +50,7 @@ ROTARY_EMBEDDINGS = {
     "MistralForCausalLM": "transformers.models.mistral.modeling_mistral:MistralRotaryEmbedding",
     "Qwen2ForCausalLM": "transformers.models.qwen2.modeling_qwen2:Qwen2RotaryEmbedding",
     "Qwen3ForCausalLM": "transformers.models.qwen3.modeling_qwen3:Qwen3RotaryEmbedding",
+    "Gemma3ForCausalLM": "transformers.models.gemma3.modeling_gemma3:Gemma3RotaryEmbedding",
 }
 
 
@@ -59,35 +60,53 @@ class ThinBasis:
     freqs: torch.Tensor | None  # [Hkv, r/2] float32, None without RoPE
 
 
-def source_inv_freq(architecture: str, config: Any, head_dim: int) -> torch.Tensor:
+def source_inv_freq(architecture: str, config: Any, head_dim: int, layer_type: str | None = None) -> torch.Tensor:
     """The source model's RoPE inverse frequencies ``[d/2]`` (float32), as transformers computes them.
 
     Built by the architecture's own rotary-embedding class, so ``linear`` and ``llama3`` scaling
     are honoured. Refused: ``dynamic`` (frequencies change with sequence length, a fixed table
     cannot hold them), types with an attention factor != 1 (``yarn``, ``longrope``: they also
-    rescale cos/sin, which the thin RoPE does not), and partial rotary embeddings.
+    rescale cos/sin, which the thin RoPE does not), and partial rotary embeddings. Models with one
+    RoPE per layer type (Gemma 3: ``rope_parameters`` keyed by ``sliding_attention`` /
+    ``full_attention``) give the table of ``layer_type``.
     """
     module, cls = ROTARY_EMBEDDINGS[architecture].split(":")
-    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    params = getattr(config, "rope_parameters", None) or {}
+    if layer_type is not None:
+        params = params.get(layer_type) or {}
+    rope_type = params.get("rope_type", "default")
     if rope_type == "dynamic":
         raise ThinKeyError(
             "config.json: rope_type 'dynamic' changes its frequencies with the sequence length; thin keys "
             "store one fixed table per layer. Supported rope types: default, linear, llama3"
         )
     rotary = getattr(importlib.import_module(module), cls)(config)
-    if abs(float(rotary.attention_scaling) - 1.0) > 1e-12:
+    prefix = "" if layer_type is None else f"{layer_type}_"
+    scaling = float(getattr(rotary, f"{prefix}attention_scaling"))
+    if abs(scaling - 1.0) > 1e-12:
         raise ThinKeyError(
-            f"config.json: rope_type {rope_type!r} scales attention by {float(rotary.attention_scaling):.4g} "
+            f"config.json: rope_type {rope_type!r} scales attention by {scaling:.4g} "
             "(an attention factor != 1, as yarn/longrope do), which thin-key RoPE does not apply. "
             "Supported rope types: default, linear, llama3"
         )
-    inv_freq = rotary.inv_freq.detach().to(torch.float32)
+    inv_freq = getattr(rotary, f"{prefix}inv_freq").detach().to(torch.float32)
     if inv_freq.numel() != head_dim // 2:
         raise ThinKeyError(
             f"config.json: RoPE rotates {2 * inv_freq.numel()} of the {head_dim} head dims (partial rotary); "
             "only full-width RoPE is supported"
         )
     return inv_freq
+
+
+def layer_inv_freqs(architecture: str, config: Any, head_dim: int) -> list[torch.Tensor]:
+    """Every layer's RoPE inverse frequencies (``[d/2]`` each): one table for all layers, or, where the
+    config has ``layer_types`` with per-type ``rope_parameters`` (Gemma 3), the table of each layer's type."""
+    layer_types = getattr(config, "layer_types", None)
+    params = getattr(config, "rope_parameters", None) or {}
+    if layer_types and all(t in params for t in set(layer_types)):
+        tables = {t: source_inv_freq(architecture, config, head_dim, t) for t in sorted(set(layer_types))}
+        return [tables[t] for t in layer_types]
+    return [source_inv_freq(architecture, config, head_dim)] * config.num_hidden_layers
 
 
 def pair_scores(qk: QueryKey) -> torch.Tensor:

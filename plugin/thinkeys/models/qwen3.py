@@ -62,6 +62,7 @@ class ThinKeyQKNormAttention(nn.Module):
         quant_config: QuantizationConfig | None,
         prefix: str,
         norm_cls: type[nn.Module] = RMSNorm,
+        sliding_window: int | None = None,
     ) -> None:
         super().__init__()
         tp_size = get_tensor_model_parallel_world_size()
@@ -109,6 +110,8 @@ class ThinKeyQKNormAttention(nn.Module):
             prefix=f"{prefix}.attn",
             attn_backend=select_attention_backend(r, d, rebuild=self.rebuild),
             head_size_v=d,
+            # A sliding-window layer (Gemma 3): vLLM gives it a SlidingWindowSpec, the backend masks by it.
+            per_layer_sliding_window=sliding_window,
         )
         if self.rebuild:  # the backend reads the same Parameter objects, loaded in place
             self.attn.impl.rebuild_table = getattr(self, REBUILD_TABLE_NAME)

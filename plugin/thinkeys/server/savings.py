@@ -155,6 +155,9 @@ class ServerSavings:
             geometry=geometry,
             kv_dtype=resolve_kv_dtype(cache_config.cache_dtype, model_config.dtype),
             block_size=cache_config.block_size,
+            # Sliding-window layers (Gemma 3): how vLLM's hybrid KV-cache manager sizes them.
+            max_in_flight_tokens=int(vllm_config.max_in_flight_tokens),
+            hybrid_kv_cache_manager=not vllm_config.scheduler_config.disable_hybrid_kv_cache_manager,
         )
         num_blocks = int(cache_config.num_gpu_blocks or 0)
         warnings: list[str] = []

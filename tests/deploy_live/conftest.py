@@ -316,7 +316,7 @@ class Deployments:
                 if name not in self.started:
                     self.start(name, **settings)
 
-    def get(self, key: str, timeout_s: float = 900) -> Project:
+    def get(self, key: str, timeout_s: float = 1500) -> Project:
         """The deployment, once its ``up -d`` has returned (it must have succeeded)."""
         self.start_ahead(key)
         process, _ = self.started[key]

@@ -32,7 +32,7 @@ DEPLOYMENTS = {"serve": {}}  # the README's `up -d` with the default settings (s
 def served(deployments):
     project = deployments.get("serve")
     try:
-        project.wait_healthy(timeout_s=900)
+        project.wait_healthy(timeout_s=1500)
         FIGURES["compose up -d to healthy (/health; all deployments starting together), s"] = round(deployments.since_start("serve"), 1)
         yield project
     finally:
@@ -144,7 +144,7 @@ def test_killing_the_engine_restarts_the_container_under_its_policy_and_it_serve
         assert time.monotonic() - t0 < 120, f"the container did not exit after its engine was killed: {served.state()}"
         time.sleep(1)
     assert served.restart_count() == before + 1
-    served.wait_healthy(timeout_s=600)
+    served.wait_healthy(timeout_s=1200)
     c = client(served)
     out = c.completions.create(model=MODEL_NAME, prompt="The capital of France is", max_tokens=4, temperature=0)
     assert out.usage.completion_tokens == 4

@@ -36,7 +36,7 @@ def test_beyond_loopback_without_a_key_it_refuses_once_per_try_and_stops(deploym
             state = project.state()
             if state["Status"] == "exited":
                 break
-        assert time.monotonic() - t0 < 600, f"still restarting after 10 min: {state}"
+        assert time.monotonic() - t0 < 1200, f"still restarting after 20 min: {state}"
         time.sleep(2)
     assert state["ExitCode"] == 2 and project.restart_count() == 5  # on-failure:5, then stopped for good
     logs = project.logs()
@@ -52,7 +52,7 @@ def test_beyond_loopback_without_a_key_it_refuses_once_per_try_and_stops(deploym
 def test_beyond_loopback_with_a_key_requests_need_it(deployments):
     key = KEY
     project = deployments.get("keyed")
-    project.wait_healthy(timeout_s=900)
+    project.wait_healthy(timeout_s=1500)
     url = f"{project.base_url}/v1/completions"
     body = {"model": "smollm2-thin", "prompt": "Hello", "max_tokens": 2}
     assert httpx.post(url, json=body, timeout=60).status_code == 401

@@ -56,7 +56,7 @@ def scaled(deployments):
         replicas = project.containers("thinkeys")
         assert len(replicas) == REPLICAS, replicas
         for replica in replicas:
-            project.wait_healthy(timeout_s=900, container=replica)
+            project.wait_healthy(timeout_s=1500, container=replica)
         assert wait_http(f"{project.base_url}/health", timeout_s=60).status_code == 200  # through nginx
         FIGURES["scale: up -d to both replicas and nginx answering, s"] = round(deployments.since_start("scale"), 1)
         yield project

@@ -33,7 +33,7 @@ def served(deployments):
     project = deployments.get("serve")
     try:
         project.wait_healthy(timeout_s=1500)
-        FIGURES["compose up -d to healthy (/health; all deployments starting together), s"] = round(deployments.since_start("serve"), 1)
+        FIGURES["compose up -d to healthy (/health; test_3's deployments starting alongside), s"] = round(deployments.since_start("serve"), 1)
         yield project
     finally:
         deployments.down("serve")

@@ -28,7 +28,7 @@ ALL_PROMPTS = SHORT_PROMPTS + [LONG_PROMPT] + PREFIX_PROMPTS
 
 
 def pytest_ignore_collect(collection_path, config):
-    """tests/deploy_live (``make deploy-test``: containers on a Docker engine, ~10 min) runs only when named."""
+    """tests/deploy_live (``make deploy-test``: containers on a Docker engine, 15-25 min) runs only when named."""
     if collection_path.name == "deploy_live" and collection_path.parent == Path(__file__).parent:
         return not any("deploy_live" in str(arg) for arg in config.args)
     return None

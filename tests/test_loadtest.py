@@ -223,3 +223,21 @@ def test_chat_api(servers, tmp_path):
                  "--out", str(tmp_path), *WORKLOAD_ARGS]) == 0  # fmt: skip
     (step,) = json.loads((tmp_path / "loadtest.json").read_text())["results"][0]["steps"]
     assert step["completed"] == 2 and step["output_tokens"] == 2 * 96
+
+
+def test_a_stream_that_ends_short_counts_as_failed():
+    """vLLM ends an aborted stream with a last event and [DONE], which `vllm bench serve`'s request function
+    takes for a success; every load-test request ignores EOS, so fewer tokens than asked means it was cut."""
+    from vllm.benchmarks.lib.endpoint_request_func import RequestFuncOutput
+
+    from thinkeys.loadtest.ramp import _fail_if_cut_short
+
+    whole = RequestFuncOutput(success=True, output_tokens=8, ttft=0.1, itl=[0.1] * 7)
+    usage_short = RequestFuncOutput(success=True, output_tokens=3, ttft=0.1, itl=[0.1] * 2)
+    no_usage_short = RequestFuncOutput(success=True, output_tokens=0, ttft=0.1, itl=[0.1] * 4)
+    failed = RequestFuncOutput(success=False, error="connection reset")
+    for output in (whole, usage_short, no_usage_short, failed):
+        _fail_if_cut_short(output, 8)
+    assert whole.success and not usage_short.success and not no_usage_short.success and not failed.success
+    assert usage_short.error == "the stream ended after 3 of 8 tokens (aborted by the server)"
+    assert no_usage_short.error.startswith("the stream ended after 5 of 8") and failed.error == "connection reset"

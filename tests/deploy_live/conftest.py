@@ -29,12 +29,31 @@ import harness  # noqa: E402
 ROOT = harness.ROOT
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+SCALE_FILE = DEPLOY / "docker-compose.scale.yml"
 PROJECT_PREFIX = "thinkeys-dt-"
 IMAGE = "vllm-thinkeys:cpu"
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # Captured before any test runs: a developer's THINKEYS_* settings pick the folders, never the services.
 _MODELS_DIR = os.environ.get("THINKEYS_MODELS_DIR")
 _DATA_DIR = os.environ.get("THINKEYS_DATA_DIR")
+
+
+# Greedy answers of the single-container server (test_2), which the two-node deployment (test_6) must reproduce.
+REFERENCE_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Thin keys and full values"]
+REFERENCE: dict[str, list[str]] = {}
+SERVED_MODEL_NAME = "smollm2-thin"  # THINKEYS_SERVED_MODEL_NAME's default
+
+
+def greedy_tokens(base_url: str, prompt: str, max_tokens: int = 24) -> list[str]:
+    """The greedy continuation of ``prompt``, token by token (vLLM's logprobs give each sampled token)."""
+    response = httpx.post(f"{base_url}/v1/completions", timeout=300, json={
+        "model": SERVED_MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 0,
+        "ignore_eos": True,
+    })  # fmt: skip
+    assert response.status_code == 200, response.text
+    tokens = response.json()["choices"][0]["logprobs"]["tokens"]
+    assert len(tokens) == max_tokens
+    return tokens
 
 
 # Figures the tests record (build and start-up times, what a stopped client saw), printed at the end of the run.
@@ -63,8 +82,15 @@ def docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
     return subprocess.run([harness.docker_bin(), *args], capture_output=True, text=True, check=check, timeout=timeout)
 
 
+TEST_LABEL = "org.thinkeys.deploy-test"  # on containers and networks a test makes without Compose
+
+
 def remove_leftovers() -> None:
     """Containers, networks and volumes of earlier runs' test projects (a killed run cannot clean up)."""
+    for container in docker("ps", "-aq", "--filter", f"label={TEST_LABEL}", check=False).stdout.split():
+        docker("rm", "-f", "-v", container, check=False)
+    for network in docker("network", "ls", "-q", "--filter", f"label={TEST_LABEL}", check=False).stdout.split():
+        docker("network", "rm", network, check=False)
     label = '{{index .Labels "com.docker.compose.project"}}'
     for kind, ls in (("container", ["ps", "-a"]), ("network", ["network", "ls"]), ("volume", ["volume", "ls"])):
         for item in docker(*ls, "-q", "--filter", "label=com.docker.compose.project", check=False).stdout.split():
@@ -80,11 +106,15 @@ class Project:
     name: str
     env: dict[str, str]
     port: int
+    files: tuple[Path, ...] = (COMPOSE_FILE,)  # -f of each, in order (the scale override after the base file)
+
+    def command(self, *args: str) -> list[str]:
+        # --env-file /dev/null: a developer's deploy/.env must not change what the test runs
+        files = [arg for f in self.files for arg in ("-f", str(f))]
+        return [*harness.compose_command(), "-p", self.name, "--env-file", os.devnull, *files, *args]
 
     def compose(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-        # --env-file /dev/null: a developer's deploy/.env must not change what the test runs
-        cmd = [*harness.compose_command(), "-p", self.name, "--env-file", os.devnull, "-f", str(COMPOSE_FILE), *args]
-        result = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout, cwd=ROOT)
+        result = subprocess.run(self.command(*args), capture_output=True, text=True, env=self.env, timeout=timeout, cwd=ROOT)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         return result
@@ -94,9 +124,12 @@ class Project:
         return f"http://127.0.0.1:{self.port}"
 
     def container(self, service: str = "thinkeys") -> str:
-        ids = self.compose("ps", "-a", "-q", service).stdout.split()
+        ids = self.containers(service)
         assert len(ids) == 1, f"expected one {service} container, got {ids}"
         return ids[0]
+
+    def containers(self, service: str = "thinkeys") -> list[str]:
+        return sorted(self.compose("ps", "-a", "-q", service).stdout.split())
 
     def state(self, service: str = "thinkeys") -> dict:
         return json.loads(docker("inspect", "--format", "{{json .State}}", self.container(service)).stdout)
@@ -107,18 +140,33 @@ class Project:
     def logs(self, service: str = "thinkeys") -> str:
         return self.compose("logs", "--no-color", "--no-log-prefix", service, check=False).stdout
 
-    def wait_healthy(self, timeout_s: float = 600, service: str = "thinkeys") -> float:
-        """Seconds until Docker reports the healthcheck healthy (the container must stay up meanwhile)."""
+    def wait_healthy(self, timeout_s: float = 600, service: str = "thinkeys", container: str | None = None) -> float:
+        """Seconds until the server answers /health (the container must stay up meanwhile).
+
+        The server itself is asked, over the project's network (the host reaches a container's address on
+        a bridge network the test's project created), every second: Docker's healthcheck polls every 15 s,
+        so waiting for it to say "healthy" adds up to 15 s to every start. Docker's own status is checked
+        by the tests that are about it.
+        """
         t0 = time.monotonic()
+        container = container or self.container(service)
         while time.monotonic() - t0 < timeout_s:
-            state = self.state(service)
-            health = (state.get("Health") or {}).get("Status")
-            if health == "healthy":
-                return time.monotonic() - t0
+            state = json.loads(docker("inspect", "--format", "{{json .State}}", container).stdout)
             if state["Status"] in ("exited", "dead"):
                 raise AssertionError(f"container stopped ({state}); logs:\n{self.logs(service)[-4000:]}")
-            time.sleep(2)
+            if state["Status"] == "running" and server_healthy(container):
+                return time.monotonic() - t0
+            time.sleep(1)
         raise AssertionError(f"not healthy after {timeout_s:.0f} s: {self.state(service)}; logs:\n{self.logs(service)[-4000:]}")
+
+    def wait_docker_healthy(self, timeout_s: float = 60, service: str = "thinkeys") -> float:
+        """Seconds until Docker's healthcheck reports healthy (what `docker compose ps` shows)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if (self.state(service).get("Health") or {}).get("Status") == "healthy":
+                return time.monotonic() - t0
+            time.sleep(1)
+        raise AssertionError(f"Docker's healthcheck not healthy after {timeout_s:.0f} s: {self.state(service)}")
 
     def down(self) -> None:
         self.compose("down", "--volumes", "--remove-orphans", "--timeout", "20", check=False, timeout=300)
@@ -207,6 +255,98 @@ def project_factory(engine, cpu_image, model_dirs, request):
     yield make
     for project in made:
         project.down()
+
+
+def container_ip(container: str) -> str:
+    """The container's address on its (first) network: reachable from the host on a bridge network."""
+    ips = docker("inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", container).stdout.split()
+    assert ips, f"{container} has no network address"
+    return ips[0]
+
+
+def server_healthy(container: str, port: int = 8000) -> bool:
+    try:
+        ip = container_ip(container)
+        return httpx.get(f"http://{ip}:{port}/health", timeout=5).status_code == 200
+    except (httpx.TransportError, AssertionError, subprocess.CalledProcessError):
+        return False
+
+
+class Deployments:
+    """The Compose projects (and other containers) the selected test modules run, each started ahead of its module.
+
+    Each test module lists what it runs in a module-level ``DEPLOYMENTS = {key: settings}`` (settings as for
+    :func:`new_project`, plus ``files``; or ``start``, a function that starts something else). The modules'
+    deployments are started in file order, ``AHEAD`` modules ahead of the one running: while a module's tests
+    run, the next module's servers start (a served model spends much of its start in one process, and the
+    refused starts of test_3 are mostly waiting), without every server of the suite in memory at once.
+    A module takes its deployment with :meth:`get`, which waits for ``up -d`` to return.
+    """
+
+    AHEAD = int(os.environ.get("THINKEYS_DEPLOY_AHEAD", "1"))
+
+    def __init__(self, model_dirs: tuple[Path, Path], plan: list[dict[str, dict]]) -> None:
+        self.model_dirs = model_dirs
+        self.plan = plan  # one {key: settings} per module, in file order
+        self.projects: dict[str, Project] = {}
+        self.started: dict[str, tuple[subprocess.Popen | None, float]] = {}
+
+    def start(self, key: str, files: tuple[Path, ...] = (COMPOSE_FILE,), start=None, **settings: str) -> Project:
+        """``start``, when given, starts something other than a Compose project: ``start(model_dirs)`` returns
+        an object with ``down()``, taken as it is by :meth:`get`."""
+        if key in self.projects:
+            return self.projects[key]
+        if start is not None:
+            self.projects[key] = start(self.model_dirs)
+            self.started[key] = (None, time.monotonic())
+            return self.projects[key]
+        project = new_project(key, self.model_dirs, **settings)
+        project.files = files
+        self.projects[key] = project
+        process = subprocess.Popen(project.command("up", "-d"), env=project.env, cwd=ROOT, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        self.started[key] = (process, time.monotonic())
+        return project
+
+    def start_ahead(self, key: str | None = None) -> None:
+        """Start the deployments of the module that runs ``key`` (the first module when None) and of the next AHEAD."""
+        index = next((i for i, group in enumerate(self.plan) if key in group), 0)
+        for group in self.plan[: index + 1 + self.AHEAD]:
+            for name, settings in group.items():
+                if name not in self.started:
+                    self.start(name, **settings)
+
+    def get(self, key: str, timeout_s: float = 1500) -> Project:
+        """The deployment, once its ``up -d`` has returned (it must have succeeded)."""
+        self.start_ahead(key)
+        process, _ = self.started[key]
+        if process is None:
+            return self.projects[key]
+        out, _ = process.communicate(timeout=timeout_s)
+        assert process.returncode == 0, f"{key}: up -d failed ({process.returncode}):\n{out[-4000:]}"
+        return self.projects[key]
+
+    def since_start(self, key: str) -> float:
+        return time.monotonic() - self.started[key][1]
+
+    def down(self, key: str) -> None:
+        if key in self.projects:
+            process, _ = self.started[key]
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+            self.projects.pop(key).down()
+
+
+@pytest.fixture(scope="session")
+def deployments(engine, cpu_image, model_dirs, request):
+    modules = sorted({item.module for item in request.session.items}, key=lambda m: m.__name__)
+    plan = [getattr(m, "DEPLOYMENTS") for m in modules if getattr(m, "DEPLOYMENTS", None)]
+    registry = Deployments(model_dirs, plan)
+    registry.start_ahead()
+    yield registry
+    for key in list(registry.projects):
+        registry.down(key)
 
 
 def wait_http(url: str, timeout_s: float = 60, **kw) -> httpx.Response:

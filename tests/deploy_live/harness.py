@@ -135,10 +135,11 @@ class StandIn:
     customize: list[str]  # shell run with "$1" = the root folder, after the packages are installed
     changes: list[str]  # Dockerfile instructions for `docker import --change`
     files: dict[str, Path] = field(default_factory=dict)  # machine files copied in: target path -> host path
+    suite: str = SUITE  # the Debian release the packages come from
 
     def digest(self) -> str:
         h = hashlib.sha256()
-        h.update(json.dumps([self.tag, SUITE, self.packages, self.customize, self.changes], sort_keys=True).encode())
+        h.update(json.dumps([self.tag, self.suite, self.packages, self.customize, self.changes], sort_keys=True).encode())
         for target, src in sorted(self.files.items()):
             h.update(target.encode())
             st = src.stat()
@@ -219,6 +220,28 @@ def python_standin() -> StandIn:
     )
 
 
+# The scale-out override's balancer. Its nginx.conf re-resolves the replicas' name (`server ... resolve` in an
+# upstream), which open-source nginx has since 1.27.3: bookworm's (1.22) and trixie's (1.26) nginx refuse it, so
+# this stand-in comes from Debian's next release (forky), whose nginx is newer than the 1.28 the tag names.
+NGINX_SUITE = "forky"
+
+
+def nginx_standin() -> StandIn:
+    """``nginx:1.28-alpine`` as deploy/docker-compose.scale.yml uses it: nginx in the foreground, its logs on
+    the container's stdout/stderr, ``wget`` for the healthcheck (busybox's in the official image)."""
+    customize = [
+        # as the official image: the logs go to `docker logs`
+        'ln -sf /dev/stdout "$1/var/log/nginx/access.log" && ln -sf /dev/stderr "$1/var/log/nginx/error.log"',
+        'rm -rf "$1/var/cache/apt/archives"/*.deb "$1/var/lib/apt/lists"/*',
+    ]
+    changes = [
+        "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "EXPOSE 80",  # (`docker import` takes no STOPSIGNAL: the image's SIGQUIT graceful stop is not copied)
+        'CMD ["nginx", "-g", "daemon off;"]',
+    ]
+    return StandIn(tag="nginx:1.28-alpine", packages=["nginx", "wget"], customize=[":", *customize], changes=changes, suite=NGINX_SUITE)
+
+
 def _image_label(docker: str, tag: str) -> str | None:
     """The stand-in label of a local image: None if there is no such image, "" if it is not a stand-in."""
     out = run([docker, "image", "inspect", "--format", "{{json .Config.Labels}}", tag], capture_output=True, check=False)
@@ -241,7 +264,7 @@ def ensure_base_image(spec: StandIn) -> str:
     if shutil.which("mmdebstrap") is None:
         _apt_install("mmdebstrap")
     t0 = time.monotonic()
-    log(f"building stand-in {spec.tag} from Debian {SUITE} packages (mmdebstrap)")
+    log(f"building stand-in {spec.tag} from Debian {spec.suite} packages (mmdebstrap)")
     with tempfile.TemporaryDirectory(prefix="standin-") as tmp:
         tarball = Path(tmp) / "rootfs.tar"
         hooks: list[str] = []
@@ -256,7 +279,7 @@ def ensure_base_image(spec: StandIn) -> str:
             # the machine's apt settings also apply while building the stand-in
             *[f"--aptopt={conf}" for conf in sorted(APT_CONF_DIR.glob("99*")) if conf.is_file()],
             f"--customize-hook=sh {hook} \"$1\"",
-            SUITE, str(tarball),
+            spec.suite, str(tarball),
         ]  # fmt: skip
         out = run(cmd, capture_output=True, check=False)
         if out.returncode != 0:
@@ -272,7 +295,14 @@ def ensure_base_image(spec: StandIn) -> str:
 
 
 def ensure_base_images() -> dict[str, str]:
-    return {spec.tag: ensure_base_image(spec) for spec in (python_standin(),)}
+    """Every stand-in, built side by side (each is mostly downloading and unpacking packages)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    specs = (python_standin(), nginx_standin())
+    if shutil.which("mmdebstrap") is None and any(_image_label(docker_bin(), s.tag) is None for s in specs):
+        _apt_install("mmdebstrap")  # once, before the threads
+    with ThreadPoolExecutor(len(specs)) as pool:
+        return dict(zip((s.tag for s in specs), pool.map(ensure_base_image, specs)))
 
 
 # --- compose ------------------------------------------------------------------------------------

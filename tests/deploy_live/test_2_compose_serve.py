@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_MODEL, FIGURES, docker, new_project
+from conftest import DEFAULT_MODEL, FIGURES, REFERENCE, REFERENCE_PROMPTS, docker, greedy_tokens
 
 MODEL_NAME = "smollm2-thin"  # THINKEYS_SERVED_MODEL_NAME's default
 # SmolLM2-135M-Instruct: 30 layers, 3 KV heads, head_dim 64; the default serves r = 32 keys (rebuild).
@@ -25,17 +25,18 @@ LAYERS, KV_HEADS, HEAD_DIM, RANK = 30, 3, 64, 32
 GiB = 1024**3
 
 
+DEPLOYMENTS = {"serve": {}}  # the README's `up -d` with the default settings (started with the others: conftest.Deployments)
+
+
 @pytest.fixture(scope="module")
-def served(engine, cpu_image, model_dirs):
-    project = new_project("serve", model_dirs)
-    t0 = time.monotonic()
-    project.compose("up", "-d")
+def served(deployments):
+    project = deployments.get("serve")
     try:
-        project.wait_healthy(timeout_s=900)
-        FIGURES["compose up -d to healthy, s"] = round(time.monotonic() - t0, 1)
+        project.wait_healthy(timeout_s=1500)
+        FIGURES["compose up -d to healthy (/health; test_3's deployments starting alongside), s"] = round(deployments.since_start("serve"), 1)
         yield project
     finally:
-        project.down()
+        deployments.down("serve")
 
 
 def client(project) -> openai.OpenAI:
@@ -43,6 +44,7 @@ def client(project) -> openai.OpenAI:
 
 
 def test_compose_up_turns_healthy_with_the_default_model_mounted_read_only(served):
+    served.wait_docker_healthy(timeout_s=60)  # the healthcheck polls every 15 s
     ps = json.loads(served.compose("ps", "--format", "json").stdout.splitlines()[0])
     assert ps["Health"] == "healthy" and ps["State"] == "running"
     # published on loopback only, at the port the test chose
@@ -80,6 +82,12 @@ def test_openai_client_gets_a_completion_a_chat_answer_and_a_stream(served):
             pieces.append(chunk.choices[0].delta.content or "")
             finish = chunk.choices[0].finish_reason or finish
     assert len([p for p in pieces if p]) >= 4 and finish in ("stop", "length"), pieces
+
+
+def test_greedy_answers_of_the_single_container_server(served):
+    for prompt in REFERENCE_PROMPTS:
+        REFERENCE[prompt] = greedy_tokens(served.base_url, prompt)
+    assert REFERENCE[REFERENCE_PROMPTS[0]][:3] != ["", "", ""]
 
 
 def test_savings_and_metrics_answer_and_the_engine_caches_thin_keys(served):
@@ -136,7 +144,7 @@ def test_killing_the_engine_restarts_the_container_under_its_policy_and_it_serve
         assert time.monotonic() - t0 < 120, f"the container did not exit after its engine was killed: {served.state()}"
         time.sleep(1)
     assert served.restart_count() == before + 1
-    served.wait_healthy(timeout_s=600)
+    served.wait_healthy(timeout_s=1200)
     c = client(served)
     out = c.completions.create(model=MODEL_NAME, prompt="The capital of France is", max_tokens=4, temperature=0)
     assert out.usage.completion_tokens == 4

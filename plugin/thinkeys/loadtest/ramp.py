@@ -180,6 +180,21 @@ async def _user(state: _UserState, func, inputs: list, session: aiohttp.ClientSe
         state.in_flight = False
 
 
+def _fail_if_cut_short(output, output_len: int) -> None:
+    """A request that streamed fewer than ``output_len`` tokens was cut short: count it as failed.
+
+    Every request ignores EOS, so a whole answer has exactly ``output_len`` tokens. vLLM ends a stream it
+    aborts (its server stopping, a replica behind a balancer going away) with a final event and ``[DONE]``,
+    which ``vllm bench serve``'s request function counts as a success once a first token has come.
+    """
+    if not output.success:
+        return
+    got = output.output_tokens or (len(output.itl) + 1 if output.ttft else 0)  # the usage figure, else the chunks
+    if got < output_len:
+        output.success = False
+        output.error = f"the stream ended after {got} of {output_len} tokens (aborted by the server)"
+
+
 def _latency(values) -> Latency:
     mean, pcts = values
     by_p = dict(pcts)
@@ -236,6 +251,8 @@ async def _run_step(target: Target, workload: Workload, users: int, samples: lis
             ends = [o.start_time + o.latency for o in outputs if o.success]
             duration = (max(ends) if ends and not pending else time.perf_counter()) - start
         pbar.close()
+    for output in outputs:
+        _fail_if_cut_short(output, workload.output_len)
     cancelled = sum(s.in_flight for s in states)
     not_sent = sum(len(reqs) - len(s.outputs) - s.in_flight for s, reqs in zip(states, inputs))
     with contextlib.redirect_stdout(io.StringIO()):  # calculate_metrics prints a summary of its own

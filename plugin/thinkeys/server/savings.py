@@ -5,8 +5,10 @@ back (vLLM syncs ``num_gpu_blocks``, ``kv_cache_size_tokens``, ``kv_cache_max_co
 ``block_size`` and ``max_model_len`` into the frontend's ``VllmConfig`` in its start-up handshake).
 The thin capacity is the engine's own figure; the stock capacity is what vLLM would allocate for
 the stock model in the same KV memory, computed by :mod:`thinkeys.accounting` (as is every other
-number here). Byte figures are per engine worker: the whole model at tensor/pipeline parallel
-size 1; with data parallelism, one engine.
+number here). Byte figures are for the whole model across pipeline-parallel stages (every stage caches
+its own layers in a budget of its own, and a block spans all stages: ``pp`` x the budget holds the
+engine's blocks of every layer), and per tensor-parallel rank (each rank caches its share of the KV
+heads); with data parallelism, one engine.
 
 Per-request figures count the tokens whose KV the engine has written as far as the API server
 knows: a request that has streamed ``n >= 1`` tokens has ``prompt + n - 1`` cached tokens (the
@@ -144,13 +146,10 @@ class ServerSavings:
         )
         model = str(model_config.served_model_name or model_config.model)
         geometry = geometry_from_config(model_config.hf_config, name=model)
-        # Per engine worker, as vLLM sizes pages (KV heads split by tensor parallelism).
-        geometry = geometry.model_copy(
-            update={
-                "num_kv_heads": model_config.get_num_kv_heads(parallel_config),
-                "num_layers": model_config.get_num_layers(parallel_config),
-            }
-        )
+        # Per tensor-parallel rank, as vLLM sizes pages (KV heads split by tensor parallelism); all the
+        # layers, whatever the pipeline stages (each stage has its own budget for its own layers).
+        pipeline_stages = int(getattr(parallel_config, "pipeline_parallel_size", 1) or 1)
+        geometry = geometry.model_copy(update={"num_kv_heads": model_config.get_num_kv_heads(parallel_config)})
         thin = KVFootprint(
             geometry=geometry,
             kv_dtype=resolve_kv_dtype(cache_config.cache_dtype, model_config.dtype),
@@ -162,7 +161,7 @@ class ServerSavings:
         num_blocks = int(cache_config.num_gpu_blocks or 0)
         warnings: list[str] = []
         if cache_config.kv_cache_memory_bytes is not None:
-            memory, source = int(cache_config.kv_cache_memory_bytes), "configured"
+            memory, source = int(cache_config.kv_cache_memory_bytes) * pipeline_stages, "configured"
             predicted = memory // thin.bytes_per_block
             if predicted != num_blocks and cache_config.num_gpu_blocks_override is None:
                 warnings.append(

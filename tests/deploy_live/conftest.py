@@ -40,20 +40,44 @@ _DATA_DIR = os.environ.get("THINKEYS_DATA_DIR")
 
 # Greedy answers of the single-container server (test_2), which the two-node deployment (test_6) must reproduce.
 REFERENCE_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Thin keys and full values"]
-REFERENCE: dict[str, list[str]] = {}
+REFERENCE: dict[str, "GreedyAnswer"] = {}  # the single-container server's greedy answers (test_2), by prompt
 SERVED_MODEL_NAME = "smollm2-thin"  # THINKEYS_SERVED_MODEL_NAME's default
 
 
-def greedy_tokens(base_url: str, prompt: str, max_tokens: int = 24) -> list[str]:
-    """The greedy continuation of ``prompt``, token by token (vLLM's logprobs give each sampled token)."""
+@dataclass
+class GreedyAnswer:
+    tokens: list[str]  # the greedy continuation, token by token
+    top: list[dict[str, float]]  # at each step, the TOP_LOGPROBS most likely tokens and their logprobs
+
+
+TOP_LOGPROBS = 5
+
+
+def greedy_answer(base_url: str, prompt: str, max_tokens: int = 24) -> GreedyAnswer:
+    """The greedy continuation of ``prompt`` with each step's top choices (vLLM's completion logprobs)."""
     response = httpx.post(f"{base_url}/v1/completions", timeout=300, json={
-        "model": SERVED_MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 0,
-        "ignore_eos": True,
+        "model": SERVED_MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        "logprobs": TOP_LOGPROBS, "ignore_eos": True,
     })  # fmt: skip
     assert response.status_code == 200, response.text
-    tokens = response.json()["choices"][0]["logprobs"]["tokens"]
-    assert len(tokens) == max_tokens
-    return tokens
+    logprobs = response.json()["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == max_tokens
+    return GreedyAnswer(logprobs["tokens"], logprobs["top_logprobs"])
+
+
+def assert_same_greedy(got: GreedyAnswer, want: GreedyAnswer, what: str) -> None:
+    """Greedy answers of one model served two ways (e.g. one container vs two pipeline stages), compared as vLLM's
+    own tests do (tests/models/utils.py: check_logprobs_close): the tokens agree up to the first difference, and
+    there each side's token is among the other's top choices (a near tie that bf16 rounding decides); after it
+    the continuations may differ."""
+    for i, (a, b) in enumerate(zip(got.tokens, want.tokens)):
+        if a == b:
+            continue
+        assert a in want.top[i] and b in got.top[i], (
+            f"{what}: token {i} is {a!r} where the reference has {b!r}, and not a near tie: "
+            f"ours {got.top[i]}, reference {want.top[i]}"
+        )
+        return
 
 
 # Figures the tests record (build and start-up times, what a stopped client saw), printed at the end of the run.

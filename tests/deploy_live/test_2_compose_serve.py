@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_MODEL, FIGURES, REFERENCE, REFERENCE_PROMPTS, docker, greedy_tokens
+from conftest import DEFAULT_MODEL, FIGURES, REFERENCE, REFERENCE_PROMPTS, docker, greedy_answer
 
 MODEL_NAME = "smollm2-thin"  # THINKEYS_SERVED_MODEL_NAME's default
 # SmolLM2-135M-Instruct: 30 layers, 3 KV heads, head_dim 64; the default serves r = 32 keys (rebuild).
@@ -86,8 +86,8 @@ def test_openai_client_gets_a_completion_a_chat_answer_and_a_stream(served):
 
 def test_greedy_answers_of_the_single_container_server(served):
     for prompt in REFERENCE_PROMPTS:
-        REFERENCE[prompt] = greedy_tokens(served.base_url, prompt)
-    assert REFERENCE[REFERENCE_PROMPTS[0]][:3] != ["", "", ""]
+        REFERENCE[prompt] = greedy_answer(served.base_url, prompt)
+    assert REFERENCE[REFERENCE_PROMPTS[0]].tokens[:3] != ["", "", ""]
 
 
 def test_savings_and_metrics_answer_and_the_engine_caches_thin_keys(served):

@@ -37,7 +37,7 @@ import pytest
 
 from conftest import (
     FIGURES, IMAGE, PROJECT_PREFIX, REFERENCE, REFERENCE_PROMPTS, SERVED_MODEL_NAME, TEST_LABEL, docker, free_port,
-    greedy_tokens, server_healthy,
+    GreedyAnswer, assert_same_greedy, greedy_answer, server_healthy,
 )  # fmt: skip
 
 NAME = PROJECT_PREFIX + "multinode"
@@ -113,14 +113,14 @@ def cluster(deployments):
 
 
 @pytest.fixture(scope="module")
-def reference(deployments) -> dict[str, list[str]]:
+def reference(deployments) -> dict[str, GreedyAnswer]:
     """test_2's single-container answers; when test_2 did not run, a single-container server of our own."""
     if not all(prompt in REFERENCE for prompt in REFERENCE_PROMPTS):
         project = deployments.start("serve")
         deployments.get("serve")
         project.wait_healthy(timeout_s=1500)
         for prompt in REFERENCE_PROMPTS:
-            REFERENCE[prompt] = greedy_tokens(project.base_url, prompt)
+            REFERENCE[prompt] = greedy_answer(project.base_url, prompt)
         deployments.down("serve")
     return REFERENCE
 
@@ -142,7 +142,7 @@ def test_two_containers_serve_one_model_as_two_pipeline_stages(cluster):
 
 def test_greedy_tokens_equal_the_single_container_ones(cluster, reference):
     for prompt in REFERENCE_PROMPTS:
-        assert greedy_tokens(cluster.base_url, prompt) == reference[prompt], prompt
+        assert_same_greedy(greedy_answer(cluster.base_url, prompt), reference[prompt], prompt)
 
 
 def test_savings_report_the_whole_model(cluster):

@@ -143,6 +143,8 @@ class ThinKeyMetadataBuilder(AttentionMetadataBuilder[ThinPagedMetadata]):
 class ThinKeyAttentionImpl(AttentionImpl[ThinPagedMetadata]):
     #: Whether layers with a sliding window are served (masked by :func:`paged.paged_attention`).
     supports_sliding_window: ClassVar[bool] = True
+    #: The backend's name, in errors.
+    backend_name: ClassVar[str] = ATTENTION_BACKEND_NAME
 
     def __init__(
         self,
@@ -234,9 +236,16 @@ class ThinKeyAttentionImpl(AttentionImpl[ThinPagedMetadata]):
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError(f"{ATTENTION_BACKEND_NAME} does not fuse output quantization")
+            raise NotImplementedError(f"{self.backend_name} does not fuse output quantization")
         if attn_metadata is None:  # profiling / warm-up run
             return output.zero_()
+        return self._attend(layer, query, kv_cache, attn_metadata, output)
+
+    def _attend(
+        self, layer: AttentionLayer, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: ThinPagedMetadata,
+        output: torch.Tensor,
+    ) -> torch.Tensor:
+        """This step's attention into ``output`` (the backends differ only here)."""
         n = attn_metadata.num_actual_tokens
         paged_attention(
             query[:n], kv_cache, attn_metadata, self.scale, output[:n], self.cache_format(layer, kv_cache),

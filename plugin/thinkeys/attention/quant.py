@@ -76,12 +76,15 @@ class KVCodec:
         return PER_TENSOR_FP8.get(self.kv_cache_dtype) or PER_TOKEN_HEAD.get(self.kv_cache_dtype)
 
     @property
+    def slot_encoding(self) -> str:
+        """How each vector of a slot is stored, as the compiled kernels name it: ``plain`` or an 8-bit format."""
+        return KERNEL_FORMATS[self.kv_cache_dtype] if self.quantized else "plain"
+
+    @property
     def kernel_format(self) -> str | None:
         """The main compiled kernel's ``cache_format`` for these slots; None for shared K=V slots (one vector:
-        the rebuild kernel reads those, ``rebuild_kernel.shared_kv_attention``)."""
-        if self.value_width == 0:
-            return None
-        return KERNEL_FORMATS[self.kv_cache_dtype] if self.quantized else "plain"
+        the rebuild kernel reads those, ``rebuild_kernel.shared_kv_attention``, with :attr:`slot_encoding`)."""
+        return None if self.value_width == 0 else self.slot_encoding
 
     @property
     def num_vectors(self) -> int:

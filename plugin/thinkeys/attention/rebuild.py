@@ -82,6 +82,7 @@ class ThinKeyRebuildMetadataBuilder(ThinKeyMetadataBuilder):
 
 
 class ThinKeyRebuildImpl(ThinKeyAttentionImpl):
+    backend_name = REBUILD_BACKEND_NAME
     #: Sliding-window layers (Gemma 3 rebuild) take the PyTorch path on windowed indices; the kernel has no window.
     supports_sliding_window = True
     #: [H_kv, d, r] float32 expansion table A^T of the layer (set by the layer after construction).
@@ -99,22 +100,9 @@ class ThinKeyRebuildImpl(ThinKeyAttentionImpl):
             key_expansion=self.rebuild_table,
         )
 
-    def forward(
-        self,
-        layer,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        kv_cache: torch.Tensor,
-        attn_metadata: ThinPagedMetadata | None,
-        output: torch.Tensor,
-        output_scale: torch.Tensor | None = None,
-        output_block_scale: torch.Tensor | None = None,
+    def _attend(
+        self, layer, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: ThinPagedMetadata, output: torch.Tensor
     ) -> torch.Tensor:
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError(f"{REBUILD_BACKEND_NAME} does not fuse output quantization")
-        if attn_metadata is None:  # profiling / warm-up run
-            return output.zero_()
         if self.rebuild_table is None or self.key_rope_freqs is None:
             raise RuntimeError(f"{REBUILD_BACKEND_NAME}: the layer did not set its expansion and RoPE tables")
         d = self.rebuild_table.shape[1]

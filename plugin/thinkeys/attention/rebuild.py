@@ -41,8 +41,6 @@ tests/test_vllm_contract.py.
 from __future__ import annotations
 
 import torch
-from vllm.v1.attention.backend import AttentionMetadataBuilder
-from vllm.v1.kv_cache_interface import AttentionSpec
 
 from thinkeys import REBUILD_BACKEND_NAME
 from thinkeys.attention import rebuild_kernel
@@ -66,18 +64,11 @@ class ThinKeyRebuildBackend(ThinKeyAttentionBackend):
 
 
 class ThinKeyRebuildMetadataBuilder(ThinKeyMetadataBuilder):
-    def __init__(self, kv_cache_spec: AttentionSpec, layer_names, vllm_config, device) -> None:
-        AttentionMetadataBuilder.__init__(self, kv_cache_spec, layer_names, vllm_config, device)
-        self.block_size = kv_cache_spec.block_size
-        # The rebuild kernel reads float and 8-bit caches (rebuild_kernel.reads_8bit); built (or loaded)
-        # here, at engine start-up.
-        self.use_kernel = (
-            torch.device(device).type == "cpu"
-            and rebuild_kernel.available()
-            and (
-                vllm_config.cache_config.cache_dtype not in EIGHT_BIT_DTYPES
-                or rebuild_kernel.reads_8bit(vllm_config.model_config.dtype)
-            )
+    def kernel_reads(self, vllm_config) -> bool:
+        """The rebuild kernel reads float and 8-bit latent caches (``rebuild_kernel.reads_8bit``)."""
+        return rebuild_kernel.available() and (
+            vllm_config.cache_config.cache_dtype not in EIGHT_BIT_DTYPES
+            or rebuild_kernel.reads_8bit(vllm_config.model_config.dtype)
         )
 
 

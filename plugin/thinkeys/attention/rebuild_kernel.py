@@ -133,6 +133,11 @@ def rope_tables(freqs: torch.Tensor, positions: int) -> tuple[torch.Tensor, torc
         return cached
 
 
+def _rope_for(freqs: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin covering every position of a batch whose longest sequence is ``seq_lens.max()``."""
+    return rope_tables(freqs, int(seq_lens.max()) if seq_lens.numel() else 1)
+
+
 def prepared_tables(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The expansion table ``[H_kv, d, r]`` as the kernel reads it: float32 ``[H_kv, r, d]`` and bf16 VNNI pairs
     ``[H_kv, ceil(r / 2), d rounded up to 16, 2]`` (zero padded). Cached per table tensor."""
@@ -174,7 +179,7 @@ def paged_attention(
     fp32 form each chunk is dequantized to fp32 (code * factor) and rebuilt like a float cache.
     """
     expand_t, pairs = prepared_tables(table)
-    cos, sin = rope_tables(freqs, int(seq_lens.max()) if seq_lens.numel() else 1)
+    cos, sin = _rope_for(freqs, seq_lens)
     torch.ops.thinkeys_rebuild.paged_attention(
         query, kv_cache, expand_t, pairs, cos, sin, block_table, query_start_loc, seq_lens, float(scale), output,
         cache_format, float(k_scale), float(v_scale),
@@ -203,7 +208,7 @@ def shared_kv_attention(
     """
     h_kv, d = kv_cache.shape[1], query.shape[-1]
     no_table, no_pairs, no_rope = _shared_kv_placeholders(h_kv, d)
-    cos, sin = rope_tables(no_rope if freqs is None else freqs, int(seq_lens.max()) if seq_lens.numel() else 1)
+    cos, sin = _rope_for(no_rope if freqs is None else freqs, seq_lens)
     torch.ops.thinkeys_rebuild.paged_attention(
         query, kv_cache, no_table, no_pairs, cos, sin, block_table, query_start_loc, seq_lens,
         float(scale), output, cache_format, float(k_scale), float(k_scale), True,

@@ -27,7 +27,6 @@ from typing import ClassVar
 
 import torch
 from vllm.utils.torch_utils import get_dtype_size
-from vllm.v1.attention.backend import AttentionMetadataBuilder
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from thinkeys import SHARED_KV_BACKEND_NAME
@@ -72,11 +71,9 @@ class ThinKeySharedKVBackend(ThinKeyAttentionBackend):
 
 
 class ThinKeySharedKVMetadataBuilder(ThinKeyMetadataBuilder):
-    def __init__(self, kv_cache_spec: AttentionSpec, layer_names, vllm_config, device) -> None:
-        AttentionMetadataBuilder.__init__(self, kv_cache_spec, layer_names, vllm_config, device)
-        self.block_size = kv_cache_spec.block_size
-        # One vector per slot: read by the rebuild kernel's fp32 form (shared_kv), built or loaded here.
-        self.use_kernel = torch.device(device).type == "cpu" and rebuild_kernel.available()
+    def kernel_reads(self, vllm_config) -> bool:
+        """One vector per slot: read by the rebuild kernel's fp32 form (``shared_kv``), float or 8-bit."""
+        return rebuild_kernel.available()
 
 
 class ThinKeySharedKVImpl(ThinKeyAttentionImpl):

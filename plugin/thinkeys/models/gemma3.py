@@ -57,20 +57,12 @@ class ThinKeyGemma3DecoderLayer(Gemma3DecoderLayer):
         if layer_type not in (SLIDING, FULL):
             raise ThinKeyError(f"thin-key Gemma 3: layer type {layer_type!r} is not one of {SLIDING}, {FULL}")
         self.hidden_size = config.hidden_size
-        self.self_attn = ThinKeyQKNormAttention(
-            thin=thin,
-            hidden_size=config.hidden_size,
-            total_num_heads=config.num_attention_heads,
-            total_num_kv_heads=config.num_key_value_heads,
-            qkv_bias=config.attention_bias,
-            rms_norm_eps=config.rms_norm_eps,
+        self.self_attn = ThinKeyQKNormAttention.from_config(
+            config, thin,
             scale=attention_scale(thin, config),  # query_pre_attn_scalar ** -0.5, the source's
-            cache_config=cache_config,
-            quant_config=quant_config,
-            prefix=f"{prefix}.self_attn",
-            norm_cls=GemmaRMSNorm,
-            sliding_window=config.sliding_window if layer_type == SLIDING else None,
-        )
+            cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.self_attn",
+            norm_cls=GemmaRMSNorm, sliding_window=config.sliding_window if layer_type == SLIDING else None,
+        )  # fmt: skip
         self.mlp = Gemma3MLP(
             hidden_size=config.hidden_size,
             intermediate_size=config.intermediate_size,

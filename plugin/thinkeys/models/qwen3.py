@@ -117,6 +117,25 @@ class ThinKeyQKNormAttention(nn.Module):
             self.attn.impl.rebuild_table = getattr(self, REBUILD_TABLE_NAME)
             self.attn.impl.key_rope_freqs = getattr(self, ROPE_FREQS_NAME)
 
+    @classmethod
+    def from_config(
+        cls, config, thin: ThinKeyConfig, *, scale: float, cache_config, quant_config, prefix: str, **kwargs
+    ) -> "ThinKeyQKNormAttention":
+        """The attention of a decoder layer of ``config`` (a Qwen3 or Gemma 3 ``PretrainedConfig``)."""
+        return cls(
+            thin=thin,
+            hidden_size=config.hidden_size,
+            total_num_heads=config.num_attention_heads,
+            total_num_kv_heads=config.num_key_value_heads,
+            qkv_bias=getattr(config, "attention_bias", False),
+            rms_norm_eps=config.rms_norm_eps,
+            scale=scale,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            prefix=prefix,
+            **kwargs,
+        )
+
     def _load_per_kv_head(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         """This rank's KV heads of a ``[Hkv, ...]`` table (a map or the RoPE frequencies)."""
         local = loaded[self._kv_head_start : self._kv_head_start + self.num_kv_heads]
@@ -156,18 +175,11 @@ class ThinKeyQwen3DecoderLayer(Qwen3DecoderLayer):
         if unsupported.get("per_layer_sliding_window") is not None or not getattr(config, "is_causal", True):
             raise ThinKeyError("thin-key Qwen3 serves causal decoders without sliding-window layers only")
         self.hidden_size = config.hidden_size
-        self.self_attn = ThinKeyQKNormAttention(
-            thin=thin,
-            hidden_size=config.hidden_size,
-            total_num_heads=config.num_attention_heads,
-            total_num_kv_heads=config.num_key_value_heads,
-            qkv_bias=getattr(config, "attention_bias", False),
-            rms_norm_eps=config.rms_norm_eps,
+        self.self_attn = ThinKeyQKNormAttention.from_config(
+            config, thin,
             scale=thin.head_dim**-0.5,  # the source model's scale: q'.k' approximates q.k
-            cache_config=cache_config,
-            quant_config=quant_config,
-            prefix=f"{prefix}.self_attn",
-        )
+            cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.self_attn",
+        )  # fmt: skip
         self.mlp = Qwen3MLP(
             hidden_size=config.hidden_size,
             intermediate_size=config.intermediate_size,

@@ -313,6 +313,9 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
       std::fill(s.vs.begin() + n, s.vs.begin() + srow, 0.0f);
       page = dst;
     }
+    if (page_start + BS < kv_end)  // the next page (blocks are scattered: no hardware prefetch across them)
+      prefetch_rows(p.cache + int64_t(blocks[b + 1]) * p.c_block + int64_t(w.kv_head) * p.c_head, std::min(BS, kv_end - page_start - BS),
+                    p.c_tok, p.slot_bytes);
     const int nt = pack_keys_bf16(page, row_elems, R, n, P, kt);
     if (t.use_brgemm) pack_values_vnni(page + R, row_elems, n, D, C, vp);
     attend_page_bf16(t, kt, nt, n, page_start, page + R, row_elems, vp, ks, vs);

@@ -800,6 +800,10 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
       std::fill(s.ks.begin() + nw, s.ks.begin() + srow, 0.0f);
       std::fill(s.vs.begin() + nw, s.vs.begin() + srow, 0.0f);
       page = dst;
+      if (page_start + BS < kv_end) {  // the next page's codes (blocks are scattered: no hardware prefetch across them)
+        const int nn = std::min(BS, (keep ? kv_len : kv_end) - page_start - BS);
+        prefetch_rows(p.cache8 + int64_t(blocks[b + 1]) * p.c_block + int64_t(w.head) * p.c_head, nn, p.c_tok, p.c_tok);
+      }
     }
     int32_t* kt = s.kt.data() + slot * kt_page;
     uint16_t* vp = s.vp.data() + slot * vp_page;

@@ -141,7 +141,7 @@ def plot(rows: list[dict]) -> None:
             ax.scatter(xs[0], y, marker="o", s=50, color=color)
             ax.scatter(xs[1], y, marker="s", s=50, color=color)
             ax.annotate(r["label"], (xs[1], y), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        ax.set_xlabel("users in the same KV memory (x stock bf16); o = bf16 cache, s = int8/token-head cache")
+        ax.set_xlabel("users per GiB of KV (x stock bf16); o = bf16 cache, s = int8 cache")
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
     fig.suptitle("SmolLM2-135M-Instruct: users per GiB vs quality on text no step read (lower right is better)")

@@ -16,7 +16,7 @@
 #   THINKEYS_BIND_ADDRESS       host address the port is published on; anything but loopback
 #                               makes THINKEYS_API_KEY mandatory (refuses to start)         default 127.0.0.1
 #   THINKEYS_RECOVERED          auto: apply the recovered weights shipped in the image for this
-#                               rank and strategy (configs/recovered/, r32-rebuild and r32-mixed)
+#                               rank and strategy (configs/recovered/: r32-rebuild, r16-rebuild, r32-mixed)
 #                               when the model is their base, else convert; none: always convert
 #                               (unrecovered); a path to a delta
 #                               from `thinkeys recovered make`: apply it (must fit the model)  default auto

@@ -110,8 +110,10 @@ def cmd_table(args: argparse.Namespace) -> None:
     for r in rows:
         users = " / ".join(f"{r['users_x'][kv]:.2f}x" for kv in KV_DTYPES)
         cost = " | ".join(f"{r['ppl'][k]:.2f} ({r['ppl_cost'][k]:+.1%})" for k in TEXTS)
-        recovery = ("-" if r["rank"] is None else "layer-wise + end-to-end" if r["label"].endswith("-lw-e2e")
-                    else "layer-wise" if r["label"].endswith("-lw") else "none")
+        recovery = ("-" if r["rank"] is None else "layer-wise + end-to-end" if "-lw-e2e" in r["label"]
+                    else "layer-wise" if "-lw" in r["label"] else "none")
+        if r["label"].endswith("-200k"):  # the same recipe with 3.4x the end-to-end tokens (session 8)
+            recovery += " (200k tokens)"
         if "-long-" in r["label"]:  # the session-7 recipe: 4x the layer-wise steps and windows
             recovery = f"long {recovery}"
         name = f"**{r['label']}** (default)" if r["label"] == args.default else r["label"]

@@ -23,7 +23,6 @@ DEFAULT_ROPE := rebuild
 RANK ?= $(DEFAULT_RANK)
 ROPE ?= $(DEFAULT_ROPE)
 DELTA := configs/recovered/smollm2-135m-instruct-thin-r$(RANK)-$(ROPE).safetensors
-DEFAULT_DELTA := configs/recovered/smollm2-135m-instruct-thin-r$(DEFAULT_RANK)-$(DEFAULT_ROPE).safetensors
 CONVERTED := $(MODELS)/SmolLM2-135M-Instruct-thin-r$(RANK)-$(ROPE)
 RECOVERED_MODEL := $(CONVERTED)-recovered
 SERVED := $(if $(and $(filter-out 0,$(RECOVERED)),$(wildcard $(DELTA))),$(RECOVERED_MODEL),$(CONVERTED))

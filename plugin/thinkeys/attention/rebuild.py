@@ -115,7 +115,7 @@ class ThinKeyRebuildImpl(ThinKeyAttentionImpl):
             rebuild_kernel.paged_attention(
                 query[:n], kv_cache, self.rebuild_table, self.key_rope_freqs, attn_metadata.block_table,
                 attn_metadata.query_start_loc, attn_metadata.seq_lens, self.scale, output[:n],
-                fmt.codec.kernel_format if eight_bit else "plain", fmt.k_scale, fmt.v_scale,
+                fmt.codec.slot_encoding, fmt.k_scale, fmt.v_scale,
             )
             return output
         if not attn_metadata.torch_path:

@@ -174,8 +174,10 @@ def test_compare_thin_keys_hold_1_6x_the_users_before_queueing(servers, tmp_path
 
 @pytest.mark.engine
 def test_run_reports_latencies_throughput_and_server_queue(servers, tmp_path):
+    # 6 requests per user: the queue gauges are sampled every 0.25 s, and on a quiet machine a step of 2 requests
+    # per user (about half a second) once fell between samples (max_running 0 with 3 users; session 8).
     code = main([
-        "loadtest", "run", "--url", servers["thin"] + "/v1", "--users", "1,3", "--requests-per-user", "2",
+        "loadtest", "run", "--url", servers["thin"] + "/v1", "--users", "1,3", "--requests-per-user", "6",
         "--out", str(tmp_path), *WORKLOAD_ARGS,
     ])  # fmt: skip
     assert code == 0
@@ -183,7 +185,7 @@ def test_run_reports_latencies_throughput_and_server_queue(servers, tmp_path):
     (result,) = data["results"]
     assert result["target"]["model"] == "thin" and "api_key" not in result["target"]
     for step in result["steps"]:
-        assert step["completed"] == step["requests"] == 2 * step["users"]
+        assert step["completed"] == step["requests"] == 6 * step["users"]
         assert step["output_tok_s"] > 0 and step["duration_s"] > 0
         for latency in ("ttft_ms", "tpot_ms", "e2e_ms"):
             assert 0 < step[latency]["p50"] <= step[latency]["p95"]

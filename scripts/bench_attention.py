@@ -12,9 +12,14 @@ per-call time, both as wall time and as the calling thread's CPU time (``time.th
 a busy shared machine inflates far less: with one thread every kernel runs on the caller's thread).
 Ratios are stock time / thin time (> 1: thin is faster).
 
+One layer's cache stays in the CPU's caches between calls (a 32 x 512 bf16 stock cache is 12 MB);
+``--layers N`` gives each of N layers its own cache and calls them in turn, as an engine does, so
+the pages come from memory (``--layers 30``: SmolLM2-135M's 30 layers).
+
     python scripts/bench_attention.py                     # the default table, 1 thread
     python scripts/bench_attention.py --torch-path        # + the PyTorch fallback (slow)
     python scripts/bench_attention.py --json bench-results/speed/attention.json
+    python scripts/bench_attention.py --rebuild --rank 32 --kv-format int8_per_token_head --stock-kv-cache-dtype fp8
 """
 
 from __future__ import annotations
@@ -105,21 +110,25 @@ def write_json(path: Path, payload: dict) -> None:
 class StockCase:
     """vLLM's CPU_ATTN: d-wide keys and values in [blocks, H_kv, block_size, 2d] (keys, then values)."""
 
-    def __init__(self, q, keys, values, block_table, qsl, seq_lens, slots, num_blocks, block_size, scale):
+    def __init__(self, q, keys, values, block_table, qsl, seq_lens, slots, num_blocks, block_size, scale, kv_cache_dtype="auto"):
         from vllm import _custom_ops as ops
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
         self.ops = ops
         T, H, d = q.shape
         H_kv = keys.shape[1]
-        self.isa = _get_attn_isa(q.dtype, block_size, d)
-        cache = torch.zeros(num_blocks, H_kv, block_size, 2 * d, dtype=q.dtype)
+        self.kv_cache_dtype = kv_cache_dtype
+        self.isa = _get_attn_isa(q.dtype, block_size, d, kv_cache_dtype)
+        # vLLM's own fp8 cache (--kv-cache-dtype fp8) is uint8 storage, scales 1.0 as an engine without checkpoint scales
+        storage = q.dtype if kv_cache_dtype == "auto" else torch.uint8
+        cache = torch.zeros(num_blocks, H_kv, block_size, 2 * d, dtype=storage)
         self.key_cache, self.value_cache = cache.view(num_blocks, H_kv, 2 * block_size, d).chunk(2, dim=2)
-        ops.cpu_attn_reshape_and_cache(keys, values, self.key_cache, self.value_cache, slots, self.isa)
+        ops.cpu_attn_reshape_and_cache(keys, values, self.key_cache, self.value_cache, slots, self.isa,
+                                       kv_cache_dtype=kv_cache_dtype)
         self.scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
             num_reqs=seq_lens.shape[0], num_heads=H, num_kv_heads=H_kv, head_dim=d, seq_lens=seq_lens,
             dtype=q.dtype, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=self.isa,
-            enable_kv_split=True,
+            enable_kv_split=True, kv_cache_dtype=kv_cache_dtype,
         )
         self.q, self.block_table, self.qsl, self.seq_lens, self.scale = q, block_table, qsl, seq_lens, scale
         self.out = torch.empty(T, H, d, dtype=q.dtype)
@@ -129,7 +138,7 @@ class StockCase:
             query=self.q, key_cache=self.key_cache, value_cache=self.value_cache, output=self.out,
             query_start_loc=self.qsl, seq_lens=self.seq_lens, scale=self.scale, causal=True,
             alibi_slopes=None, sliding_window=-1, block_table=self.block_table, softcap=0.0,
-            scheduler_metadata=self.scheduler_metadata, s_aux=None,
+            scheduler_metadata=self.scheduler_metadata, s_aux=None, kv_cache_dtype=self.kv_cache_dtype,
         )
 
 
@@ -256,7 +265,7 @@ def make_case(batch: int, context: int, query_len: int, args, torch_path: bool):
     q = torch.randn(batch * query_len, H, d, generator=g).to(dtype)
     scale = d**-0.5
     common = (block_table, qsl, seq_lens, slots, num_blocks, bs, scale)
-    stock = StockCase(q, keys, values, *common)
+    stock = StockCase(q, keys, values, *common, kv_cache_dtype=args.stock_kv_cache_dtype)
     if args.shared_kv:
         slow = SharedKVCase(q, keys, *common, torch_path=True, kv_format=args.kv_format) if torch_path else None
         return stock, SharedKVCase(q, keys, *common, kv_format=args.kv_format), slow
@@ -277,8 +286,23 @@ def time_calls(fn, reps: int) -> tuple[float, float]:
     return (time.perf_counter() - wall) / reps, (time.thread_time() - cpu) / reps
 
 
+class Layers:
+    """Calls the ops of ``len(ops)`` layers in turn, one per call: each layer has its own cache, as in an
+    engine, so with enough layers the caches do not stay in the CPU's caches between calls."""
+
+    def __init__(self, ops) -> None:
+        self.ops, self.i = ops, 0
+
+    def __call__(self) -> None:
+        self.ops[self.i]()
+        self.i = (self.i + 1) % len(self.ops)
+
+
 def run_case(name, batch, context, query_len, args) -> CaseResult:
     stock, thin, slow = make_case(batch, context, query_len, args, args.torch_path)
+    if args.layers > 1:
+        more = [make_case(batch, context, query_len, args, False)[:2] for _ in range(args.layers - 1)]
+        stock, thin = Layers([stock, *(s for s, _ in more)]), Layers([thin, *(t for _, t in more)])
     # warm-up; also sizes `reps` so a timed run takes about --target-ms of the slower kernel
     for fn in (stock, thin, stock, thin):
         fn()
@@ -300,7 +324,7 @@ def run_case(name, batch, context, query_len, args) -> CaseResult:
 def print_table(results: list[CaseResult], args) -> None:
     width = "shared K=V (one d-wide vector)" if args.shared_kv else f"r={args.rank}"
     print(f"\nattention op, one layer: H={args.heads} H_kv={args.kv_heads} d={args.head_dim} {width} "
-          f"{args.dtype} block {args.block_size}, thin cache {args.kv_format}, {args.threads} thread(s); ms per call, medians of {args.rounds} rounds")
+          f"{args.dtype} block {args.block_size}, thin cache {args.kv_format}, stock cache {args.stock_kv_cache_dtype}, {args.layers} layer(s), {args.threads} thread(s); ms per call, medians of {args.rounds} rounds")
     head = f"{'case':<16}{'batch':>6}{'ctx':>6}{'q':>6} | {'stock':>9}{'thin':>9}{'ratio':>7} | {'stock cpu':>10}{'thin cpu':>9}{'ratio':>7}"
     if args.torch_path:
         head += f" | {'torch path':>10}"
@@ -330,8 +354,9 @@ def plot(results: list[CaseResult], args) -> None:
     ax.set_xticks(list(x), labels, fontsize=7)
     ax.set_ylabel("stock time / thin time (> 1: thin faster)")
     cache = "" if args.kv_format == "plain" else f" ({args.kv_format} cache)"
+    stock_cache = "" if args.stock_kv_cache_dtype == "auto" else f" ({args.stock_kv_cache_dtype} cache)"
     what = "shared K=V" if args.shared_kv else f"thin keys (r={args.rank})"
-    ax.set_title(f"Attention op: {what}{cache} vs vLLM CPU_ATTN (d={args.head_dim}), {args.dtype}, "
+    ax.set_title(f"Attention op: {what}{cache} vs vLLM CPU_ATTN{stock_cache} (d={args.head_dim}), {args.dtype}, "
                  f"{args.threads} thread(s)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -349,7 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=128, help="vLLM's CPU default is 128")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--kv-format", default="plain", choices=["plain", "int8_per_token_head", "fp8_per_token_head", "fp8"],
-                   help="thin cache slots: plain (the activations' dtype) or an 8-bit format (stock stays plain); with --rebuild too")
+                   help="thin cache slots: plain (the activations' dtype) or an 8-bit format; with --rebuild too")
+    p.add_argument("--stock-kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="stock CPU_ATTN's cache: auto (the activations' dtype) or vLLM's own fp8 (e4m3, scale 1)")
+    p.add_argument("--layers", type=int, default=1,
+                   help="layers, each with its own cache, called in turn (30 = SmolLM2-135M: caches cold as in an engine)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (a vLLM CPU engine on 2 cores uses 1)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--target-ms", type=float, default=60.0, help="time per timed run of one kernel")

@@ -93,7 +93,9 @@ struct Problem {
 
 // Slot encodings the bf16 form reads: Plain (the cache's own bf16), or 8-bit codes widened to bf16
 // per page (attention_common.h widen_slot_bf16), their factors applied to scores and probabilities.
-struct PlainBf16 {};
+struct PlainBf16 {
+  static constexpr bool kPerTokenHead = false;
+};
 template <typename CodeT, bool kPerTokenHeadV>
 struct Codes8 {
   using Code = CodeT;
@@ -665,7 +667,7 @@ inline void rope_to_bf16(const float* __restrict k32, int Dv, int n, int D, cons
 template <int NB, int TB, bool kOddR>
 inline void expand_rope_bf16(const uint16_t* __restrict lat, int64_t stride, int n, int R, const int32_t* __restrict tbl,
                              const float* __restrict cos, const float* __restrict sin, int64_t cs_row, int64_t cs_off, int pos0, int t0,
-                             uint16_t* __restrict kb, int kb_stride, const uint16_t* pf, int pf_n, int slot_bytes) {
+                             uint16_t* __restrict kb, int kb_stride, const uint8_t* pf, int pf_n, int64_t pf_stride, int slot_bytes) {
   constexpr int D = 16 * NB, half = D / 2, HB = NB / 2;
   const int pairs = (R + 1) / 2;
   __m512 ca[HB], sa[HB];  // the page's angle
@@ -677,7 +679,7 @@ inline void expand_rope_bf16(const uint16_t* __restrict lat, int64_t stride, int
     const int nt = std::min(TB, n - j0);
     // the slots of the next chunk a few at a time, spread over this one (a burst would fill the miss buffers)
     for (int i = j0; i < std::min(j0 + TB, pf_n); ++i)
-      for (int o = 0; o < slot_bytes; o += 64) __builtin_prefetch(reinterpret_cast<const char*>(pf + int64_t(i) * stride) + o, 0, 3);
+      for (int o = 0; o < slot_bytes; o += 64) __builtin_prefetch(pf + int64_t(i) * pf_stride + o, 0, 3);
     __m512 a[TB][NB];
     for (int i = 0; i < TB; ++i)
       for (int b = 0; b < NB; ++b) a[i][b] = _mm512_setzero_ps();
@@ -715,11 +717,11 @@ inline bool fused_rope(int D) { return D == 32 || D == 64 || D == 128; }
 
 inline void expand_rope_page_bf16(const uint16_t* lat, int64_t stride, int n, int R, const uint16_t* tbl, int D, const float* cos,
                                   const float* sin, int64_t cs_row, int64_t cs_off, int pos0, int t0, uint16_t* kb, int kb_stride,
-                                  const uint16_t* pf, int pf_n, int slot_bytes) {
+                                  const uint8_t* pf, int pf_n, int64_t pf_stride, int slot_bytes) {
   const int32_t* t = reinterpret_cast<const int32_t*>(tbl);
 #define THINKEYS_FUSED(NB, TB)                                                                                          \
-  (R % 2 ? expand_rope_bf16<NB, TB, true>(lat, stride, n, R, t, cos, sin, cs_row, cs_off, pos0, t0, kb, kb_stride, pf, pf_n, slot_bytes)  \
-         : expand_rope_bf16<NB, TB, false>(lat, stride, n, R, t, cos, sin, cs_row, cs_off, pos0, t0, kb, kb_stride, pf, pf_n, slot_bytes))
+  (R % 2 ? expand_rope_bf16<NB, TB, true>(lat, stride, n, R, t, cos, sin, cs_row, cs_off, pos0, t0, kb, kb_stride, pf, pf_n, pf_stride, slot_bytes)  \
+         : expand_rope_bf16<NB, TB, false>(lat, stride, n, R, t, cos, sin, cs_row, cs_off, pos0, t0, kb, kb_stride, pf, pf_n, pf_stride, slot_bytes))
   switch (D) {
     case 32: THINKEYS_FUSED(2, 8); break;
     case 64: THINKEYS_FUSED(4, 4); break;
@@ -790,44 +792,51 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
     const uint16_t* page = reinterpret_cast<const uint16_t*>(p.cache + int64_t(blocks[b]) * p.c_block + int64_t(w.head) * p.c_head);
     const int n = std::min(BS, kv_end - page_start);
     const int slot = keep ? b : 0;
-    if constexpr (!kPlain) {  // the codes this visit reads (all the request's on the page when kept), widened; zero factors past them
-      const uint8_t* raw = p.cache8 + int64_t(blocks[b]) * p.c_block + int64_t(w.head) * p.c_head;
-      const int nw = keep ? std::min(BS, kv_len - page_start) : n;
-      uint16_t* dst = s.page8.data();
-      for (int j = 0; j < nw; ++j)
-        widen_slot_bf16<typename Enc::Code, Enc::kPerTokenHead>(raw + int64_t(j) * p.c_tok, dst + int64_t(j) * (R + D), R, D, p.k_scale,
-                                                                p.v_scale, s.ks[j], s.vs[j]);
+    const uint8_t* raw = kPlain ? nullptr : p.cache8 + int64_t(blocks[b]) * p.c_block + int64_t(w.head) * p.c_head;
+    // 8-bit: the codes this visit reads (all the request's on the page when kept) are widened into
+    // page8 a chunk at a time, just before their expansion, zero factors past them
+    const int nw = keep ? std::min(BS, kv_len - page_start) : n;
+    auto widen = [&](int j0, int j1) {
+      if constexpr (!kPlain) {
+        uint16_t* dst = s.page8.data();
+        for (int j = j0; j < j1; ++j)
+          widen_slot_bf16<typename Enc::Code, Enc::kPerTokenHead>(raw + int64_t(j) * p.c_tok, dst + int64_t(j) * (R + D), R, D, p.k_scale,
+                                                                  p.v_scale, s.ks[j], s.vs[j]);
+      }
+    };
+    if constexpr (!kPlain) {
       std::fill(s.ks.begin() + nw, s.ks.begin() + srow, 0.0f);
       std::fill(s.vs.begin() + nw, s.vs.begin() + srow, 0.0f);
-      page = dst;
-      if (page_start + BS < kv_end) {  // the next page's codes (blocks are scattered: no hardware prefetch across them)
-        const int nn = std::min(BS, (keep ? kv_len : kv_end) - page_start - BS);
-        prefetch_rows(p.cache8 + int64_t(blocks[b + 1]) * p.c_block + int64_t(w.head) * p.c_head, nn, p.c_tok, p.c_tok);
-      }
+      page = s.page8.data();
     }
+    // the cache rows of the next page (blocks are scattered: no hardware prefetch across them), as bytes
+    const bool next_page = page_start + BS < kv_end;
+    const uint8_t* next = !next_page ? nullptr
+                          : kPlain   ? reinterpret_cast<const uint8_t*>(p.cache + int64_t(blocks[b + 1]) * p.c_block + int64_t(w.head) * p.c_head)
+                                     : p.cache8 + int64_t(blocks[b + 1]) * p.c_block + int64_t(w.head) * p.c_head;
+    const int64_t row_stride = kPlain ? p.c_tok * 2 : p.c_tok;  // bytes from one cached token to the next
+    const int row_bytes = kPlain ? (R + D) * 2 : R + D + (Enc::kPerTokenHead ? 8 : 0);
+    const uint8_t* rows = kPlain ? reinterpret_cast<const uint8_t*>(page) : raw;
     int32_t* kt = s.kt.data() + slot * kt_page;
     uint16_t* vp = s.vp.data() + slot * vp_page;
     if (!keep || s.nt[b] == 0) {  // rebuild: every token the request has on this page, a chunk at a time
-      const int n_all = keep ? std::min(BS, kv_len - page_start) : n;
+      const int n_all = nw;
       const int nt = packed_tokens(n_all);
       for (int c0 = 0; c0 < n_all; c0 += kRebuildChunk) {
         const int m = std::min(kRebuildChunk, n_all - c0);
-        // the next chunk's slots (on this page or the next): prefetched while this one is rebuilt
-        const uint16_t* pf = nullptr;
+        widen(c0, c0 + m);
+        // the next chunk's cache rows (on this page or the next): prefetched while this one is rebuilt
+        const uint8_t* pf = nullptr;
         int pf_n = 0;
-        if (!kPlain) {
-          // the widened page is in L1/L2 already
-        } else if (c0 + kRebuildChunk < n_all) {
-          pf = page + (c0 + kRebuildChunk) * stride, pf_n = std::min(kRebuildChunk, n_all - c0 - kRebuildChunk);
-        } else if (page_start + BS < kv_end) {
-          pf = reinterpret_cast<const uint16_t*>(p.cache + int64_t(blocks[b + 1]) * p.c_block + int64_t(w.head) * p.c_head);
-          pf_n = std::min(kRebuildChunk, kv_end - page_start - BS);
+        if (c0 + kRebuildChunk < n_all) {
+          pf = rows + (c0 + kRebuildChunk) * row_stride, pf_n = std::min(kRebuildChunk, n_all - c0 - kRebuildChunk);
+        } else if (next_page) {
+          pf = next, pf_n = std::min(kRebuildChunk, (keep ? kv_len : kv_end) - page_start - BS);
         }
-        const int slot_bytes = (R + D) * 2;
-        if (!(fused && !amx) && pf) prefetch_rows(reinterpret_cast<const uint8_t*>(pf), pf_n, stride * 2, slot_bytes);
+        if (!(fused && !amx) && pf) prefetch_rows(pf, pf_n, row_stride, row_bytes);
         if (fused && !amx) {  // vdpbf16ps expansion with RoPE in registers
           expand_rope_page_bf16(page + c0 * stride, stride, m, R, tbl, D, p.cos, p.sin, cs_row, cs_off, page_start, c0, s.kb.data(), C * 32,
-                                pf, pf_n, slot_bytes);
+                                pf, pf_n, row_stride, row_bytes);
         } else {  // expansion (AMX brgemm or vdpbf16ps) into fp32, then RoPE
           expand_page_bf16(page + c0 * stride, stride, m, R, tbl, Dv, s.k32.data(), amx);
           rope_to_bf16(s.k32.data(), Dv, m, D, p.cos, p.sin, cs_row, cs_off, page_start, c0, s.kb.data(), C * 32);
@@ -837,6 +846,9 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
       pack_key_groups(s.kb.data(), C * 32, D, n_all, P, nt, (n_all + 15) / 16, nt / 16, kt);  // zero groups up to nt
       s.nt[b] = nt;
       s.vp_done[b] = 0;
+    } else if constexpr (!kPlain) {  // a kept page rebuilt by an earlier tile: only its values are widened again
+      widen(0, nw);
+      if (next_page) prefetch_rows(next, std::min(BS, kv_len - page_start - BS), row_stride, row_bytes);
     }
     if (t.use_brgemm && !s.vp_done[b]) {
       pack_values_vnni(page + R, stride, keep ? std::min(BS, kv_len - page_start) : n, D, C, vp);

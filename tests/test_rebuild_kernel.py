@@ -263,15 +263,25 @@ def test_bf16_form_without_amx_agrees(tmp_path):
 EIGHT_BIT_STORAGE = {"int8_per_token_head": torch.int8}  # vLLM's; the fp8 kinds are uint8
 
 
-def quantize_cache(case, kind, k_scale=1.0, v_scale=1.0):
+def kernel_table(kind, query, expand):
+    """The expansion table the kernel computes with: int8-rounded (rebuild_kernel.int8_table) where it expands
+    int8 latents in int8, else the table itself."""
+    if kind == "int8_per_token_head" and query.dtype == torch.bfloat16 and rebuild_kernel.int8_expansion(query.shape[-1]):
+        return rebuild_kernel.int8_table(expand)
+    return expand
+
+
+def quantize_cache(case, kind, k_scale=1.0, v_scale=1.0, expansion=None):
     """``case`` (a scenario) with its cache re-encoded as ``kind`` slots (same physical layout) and the
-    expected output recomputed in float64 from what the slots hold (the reference of the same quantization)."""
+    expected output recomputed in float64 from what the slots hold (the reference of the same quantization),
+    with the expansion table the kernel uses (``kernel_table``) unless ``expansion`` is given."""
     from test_attention_kernels import make_cache
 
     query, cache, expand, freqs, table, qsl, lens, _ = case
     blocks, kv_heads, block_size, width = cache.shape
     r = expand.shape[-1]
     d = width - r
+    reference_table = (kernel_table(kind, query, expand) if expansion is None else expansion).double()
     codec = KVCodec(kind, r, d)
     storage = EIGHT_BIT_STORAGE.get(kind, torch.uint8)
     layout = "LBHNC" if cache.is_contiguous() else "LBNHC"
@@ -291,7 +301,7 @@ def quantize_cache(case, kind, k_scale=1.0, v_scale=1.0):
         pos = torch.arange(s)
         blk, off = table[i, pos // block_size].long(), pos % block_size
         c, v = lat[blk, :, off], val[blk, :, off]  # [s, H_kv, r], [s, H_kv, d]
-        k = apply_thin_rope(torch.einsum("sgr,gdr->sgd", c, expand.double()), pos, freqs.double())
+        k = apply_thin_rope(torch.einsum("sgr,gdr->sgd", c, reference_table), pos, freqs.double())
         expected.append(causal_attention(query[q0:q1].double(), k, v, scale=d_scale, context=s - (q1 - q0)))
     return (query, quant, expand, freqs, table, qsl, lens, torch.cat(expected))
 
@@ -314,13 +324,57 @@ def _needs_8bit_form():
 @pytest.mark.parametrize("step", list(STEPS))
 def test_bf16_kernel_reads_int8_pages(step, layout):
     """int8_per_token_head: decodes, a prefill, chunks after a prefix (SmolLM2's group, r = 32), against the float64
-    reference of the same codes and scales; the PyTorch path (dequantize, expand, SDPA) agrees."""
+    reference of the same codes and scales (and the kernel's table, int8-rounded where it expands in int8); the
+    PyTorch path (dequantize, expand with the table itself, SDPA) against the reference with the table itself."""
     _needs_8bit_form()
-    case = quantize_cache(scenario(*STEPS[step], heads=9, kv_heads=3, r=32, d=64, dtype=torch.bfloat16, layout=layout),
-                          "int8_per_token_head")
+    source = scenario(*STEPS[step], heads=9, kv_heads=3, r=32, d=64, dtype=torch.bfloat16, layout=layout)
+    case = quantize_cache(source, "int8_per_token_head")
     out = run_kernel_8bit("int8_per_token_head", *case[:-1])
     torch.testing.assert_close(out.double(), case[-1], atol=BF16_ATOL, rtol=0)
-    torch.testing.assert_close(run_torch(*case[:-1], kv_cache_dtype="int8_per_token_head").double(), case[-1], atol=BF16_ATOL, rtol=0)
+    exact = quantize_cache(source, "int8_per_token_head", expansion=source[2])
+    torch.testing.assert_close(run_torch(*exact[:-1], kv_cache_dtype="int8_per_token_head").double(), exact[-1], atol=BF16_ATOL, rtol=0)
+
+
+def _coarse_table_case(d=64):
+    """A scenario whose table has one large entry per output channel, so int8 rounding moves the others a lot
+    (steps of 2 / 127 against entries of ~0.05): far more than bf16 rounding does."""
+    case = list(scenario(*STEPS["mixed"], heads=9, kv_heads=3, r=32, d=d, dtype=torch.bfloat16))
+    g = torch.Generator().manual_seed(5)
+    expand = torch.randn(3, d, 32, generator=g) * 0.05
+    expand[:, torch.arange(d), torch.arange(d) % 32] = 2.0
+    case[2] = expand
+    return case
+
+
+def test_int8_expansion_uses_the_int8_rounded_table():
+    """Where the kernel expands int8 latents in int8, it computes with rebuild_kernel.int8_table: it matches the float64
+    reference with that table and not the one with the exact table (on a table that int8 rounding moves a lot);
+    int8_tables holds the same codes in quads."""
+    _needs_8bit_form()
+    if not rebuild_kernel.int8_expansion(64):
+        pytest.skip("no int8 expansion on this CPU (needs AVX512-VNNI and AVX512-BF16, without AMX)")
+    case = _coarse_table_case()
+    expand = case[2]
+    rounded = quantize_cache(case, "int8_per_token_head", expansion=rebuild_kernel.int8_table(expand))
+    exact = quantize_cache(case, "int8_per_token_head", expansion=expand)
+    out = run_kernel_8bit("int8_per_token_head", *rounded[:-1]).double()
+    torch.testing.assert_close(out, rounded[-1], atol=BF16_ATOL, rtol=0)
+    # the exact table is not what it used: 4x further on average here (bf16 rounding is the rest)
+    assert (out - exact[-1]).abs().mean() > 3 * (out - rounded[-1]).abs().mean()
+    quads, side = rebuild_kernel.int8_tables(expand)
+    codes = quads.transpose(1, 2).reshape(3, 64, -1)[..., :32].float()  # [H_kv, d16, r4] -> [H_kv, d, r]
+    torch.testing.assert_close(codes * side[:, 0, :64, None], rebuild_kernel.int8_table(expand), atol=0, rtol=0)
+    torch.testing.assert_close(side[:, 1, :64], 128 * codes.sum(-1), atol=0, rtol=0)
+
+
+def test_int8_expansion_can_be_switched_off(monkeypatch):
+    """THINKEYS_INT8_EXPANSION=0: the codes are widened to bf16 and expanded with the bf16 table (the exact table's reference)."""
+    _needs_8bit_form()
+    monkeypatch.setenv(rebuild_kernel.ENV_INT8_EXPANSION, "0")
+    assert not rebuild_kernel.int8_expansion(64)
+    case = _coarse_table_case()
+    exact = quantize_cache(case, "int8_per_token_head", expansion=case[2])
+    torch.testing.assert_close(run_kernel_8bit("int8_per_token_head", *exact[:-1]).double(), exact[-1], atol=BF16_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -330,6 +384,8 @@ def test_bf16_kernel_reads_int8_pages(step, layout):
         (16, 64, 9, 3, 32),
         (64, 64, 4, 4, 16),  # full rank, MHA
         (5, 40, 8, 1, 16),  # odd r: the widened page's last latent pair masked
+        (6, 32, 4, 2, 16),  # r not a multiple of 4: the int8 expansion's last quad meets zero table rows
+        (20, 128, 8, 2, 32),  # d = 128 (int8 expansion, two tokens at a time)
         (4, 12, 6, 1, 7),  # MQA, tiny widths, odd block size
     ],
 )

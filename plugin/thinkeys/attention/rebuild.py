@@ -27,7 +27,9 @@ positions. Otherwise two read paths share the metadata of ``paged.py``:
   softmax. In the bf16 form (bfloat16 on AVX512-BF16 CPUs) 8-bit codes are widened to bf16
   exactly and expanded as they are; since the expansion and RoPE are linear the key is
   ``s * RoPE(A^T c_q)``, so each token's key factor multiplies its scores and its value factor
-  its probabilities, in fp32 (the main kernel's 8-bit page step). In the fp32 form (float32 /
+  its probabilities, in fp32 (the main kernel's 8-bit page step); ``int8_per_token_head`` latents are
+  multiplied as bytes by the table rounded to int8 per output channel where the CPU has AVX512-VNNI
+  (``rebuild_kernel.int8_expansion``). In the fp32 form (float32 /
   float16 activations, CPUs without AVX512-BF16) each chunk's codes are dequantized to fp32;
 - the PyTorch path (``paged.paged_attention_torch`` with ``CacheFormat.key_expansion``), the
   fallback where the kernel cannot be built: the latent and the value are dequantized by

@@ -10,7 +10,17 @@ has AMX and ``THINKEYS_KERNEL_AMX=1`` opts in, see ``kernels.py``); see the .cpp
 
 Per layer, once (cached on the table tensor, redone if it is modified in place): the expansion
 table as float32 ``[H_kv, r, d]`` (the fp32 form) and as bf16 channel pairs
-``[H_kv, ceil(r / 2), d rounded up to 16, 2]`` (the bf16 form's VNNI layout).
+``[H_kv, ceil(r / 2), d rounded up to 16, 2]`` (the bf16 form's VNNI layout); for
+``int8_per_token_head`` caches, also quantized to int8 per output channel in quads
+(:func:`int8_tables`).
+
+int8 expansion: with an ``int8_per_token_head`` cache the bf16 form multiplies the cached int8
+latent codes by the table quantized to int8 (per KV head and output channel, scale = max |A| / 127)
+with vpdpbusd, 64 products per instruction, and never widens the latents (where
+:func:`int8_expansion` is true: AVX512-VNNI, no AMX, d of 32, 64 or 128). The sums are exact; the
+table's int8 rounding is the one approximation, the same kind of rounding the int8 cache already
+applies to the latents; :func:`int8_table` gives the table the kernel then uses, for references.
+``THINKEYS_INT8_EXPANSION=0`` keeps the bf16 table (codes widened to bf16) instead.
 
 RoPE cos/sin tables are computed here, in float32 exactly as ``thinkeys.rope.apply_thin_rope``
 computes its angles (``position * freq``), once per frequency table and grown (doubling) as
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 import weakref
@@ -35,6 +46,8 @@ from thinkeys.checkpoint import ThinKeyError
 logger = logging.getLogger(__name__)
 
 SOURCE = kernels.SOURCE.with_name("rebuild_attention.cpp")
+#: Set to 0 to expand int8 latents with the bf16 table (widened codes) instead of the int8 table.
+ENV_INT8_EXPANSION = "THINKEYS_INT8_EXPANSION"
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,6 +91,17 @@ def reads_8bit(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.bfloat16, torch.float16) and available()
 
 
+def int8_expansion(head_dim: int) -> bool:
+    """Whether ``int8_per_token_head`` reads by the loaded kernel expand the latents in int8 (:func:`int8_tables`)
+    for bf16 queries of width ``head_dim``: AVX512-VNNI without AMX, d of 32, 64 or 128, not switched off."""
+    return (
+        os.environ.get(ENV_INT8_EXPANSION, "1") != "0"
+        and head_dim in (32, 64, 128)
+        and available()
+        and bool(torch.ops.thinkeys_rebuild.int8_expansion_supported())
+    )
+
+
 _lock = threading.Lock()
 _tables: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -107,6 +131,7 @@ class _PerTensor:
 
 _freq_keys = _PerTensor()  # per frequency tensor: (the key of _tables, whether all heads share one row)
 _prepared = _PerTensor()  # per expansion table: (float32 [H_kv, r, d], bf16 pairs [H_kv, ceil(r/2), ceil16(d), 2])
+_quantized = _PerTensor()  # per expansion table: int8_tables()
 
 
 def rope_tables(freqs: torch.Tensor, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,6 +180,43 @@ def prepared_tables(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return expand_t, pairs
 
 
+def _quantize_table(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes ``[H_kv, d, r]``, float32 scales ``[H_kv, d]``) of the table ``[H_kv, d, r]``: per KV head and output channel."""
+    t = table.detach().to(device="cpu", dtype=torch.float32)
+    scale = (t.abs().amax(dim=-1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)  # [H_kv, d]
+    return (t / scale[..., None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def int8_table(table: torch.Tensor) -> torch.Tensor:
+    """The expansion table ``[H_kv, d, r]`` (float32) that the int8 expansion multiplies by: each output channel
+    rounded to int8 steps of its scale (what the kernel computes with, where :func:`int8_expansion` holds)."""
+    codes, scale = _quantize_table(table)
+    return codes.float() * scale[..., None]
+
+
+def int8_tables(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 expansion's tables for ``table`` ``[H_kv, d, r]``: codes in quads ``[H_kv, ceil(r / 4), d16, 4]`` int8
+    (four consecutive latents of one output channel per 32-bit lane, zero padded; d16: d rounded up to 16) and
+    ``[H_kv, 2, d16]`` float32 (each channel's scale, then 128 times its codes' sum: the kernel feeds the
+    latent codes in as unsigned c + 128). Cached per table tensor."""
+    with _lock:
+        hit = _quantized.get(table)
+        if hit is not None:
+            return hit
+    codes, scale = _quantize_table(table)
+    h, d, r = codes.shape
+    d16, r4 = -(-d // 16) * 16, -(-r // 4) * 4
+    padded = torch.zeros(h, d16, r4, dtype=torch.int8)
+    padded[:, :d, :r] = codes
+    quads = padded.view(h, d16, r4 // 4, 4).transpose(1, 2).contiguous()  # [H_kv, r4 / 4, d16, 4]
+    side = torch.zeros(h, 2, d16, dtype=torch.float32)
+    side[:, 0, :d] = scale
+    side[:, 1, :d] = 128.0 * codes.sum(dim=-1, dtype=torch.int32).float()  # exact: |sum| <= 127 r < 2^24
+    with _lock:
+        _quantized.put(table, (quads, side))
+    return quads, side
+
+
 def paged_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -176,13 +238,18 @@ def paged_attention(
     An 8-bit cache (``cache_format`` one of ``quant.KERNEL_FORMATS``' values, a 1-byte tensor) is read in place
     (see :func:`reads_8bit`): in the bf16 form the codes are widened to bf16 exactly, expanded and rotated, and the
     per-token (or per-tensor ``k_scale`` / ``v_scale``) factors applied to scores and probabilities in fp32; in the
-    fp32 form each chunk is dequantized to fp32 (code * factor) and rebuilt like a float cache.
+    fp32 form each chunk is dequantized to fp32 (code * factor) and rebuilt like a float cache. With an
+    ``int8_per_token_head`` cache and bf16 queries the latents are expanded in int8 where :func:`int8_expansion`
+    holds (the table rounded as :func:`int8_table` says).
     """
     expand_t, pairs = prepared_tables(table)
     cos, sin = _rope_for(freqs, seq_lens)
+    quads = side = None
+    if cache_format == "int8_per_token_head" and query.dtype == torch.bfloat16 and int8_expansion(query.shape[-1]):
+        quads, side = int8_tables(table)
     torch.ops.thinkeys_rebuild.paged_attention(
         query, kv_cache, expand_t, pairs, cos, sin, block_table, query_start_loc, seq_lens, float(scale), output,
-        cache_format, float(k_scale), float(v_scale),
+        cache_format, float(k_scale), float(v_scale), False, quads, side,
     )
     return output
 

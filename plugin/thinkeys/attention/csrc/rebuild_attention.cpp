@@ -36,9 +36,13 @@
 //   (attention_common.h widen_slot_bf16, as the main kernel's 8-bit page step) and rebuilt like a
 //   bf16 latent; the expansion and RoPE are linear, so the key is s * RoPE(A^T c_q) and each
 //   token's key factor s multiplies its scores, its value factor its probabilities, in fp32
-//   (attend_page_bf16's ks / vs). The fp32 form reads them too: each chunk's codes are dequantized
-//   to fp32 (code * scale, attention_common.h's slot formats, as the main kernel's fp32 form) where
-//   it would widen a float cache's latents and values.
+//   (attend_page_bf16's ks / vs). int8_per_token_head latents skip the widening where the CPU has
+//   AVX512-VNNI (and no AMX) and D is 32, 64 or 128: they are multiplied as bytes by the table
+//   quantized to int8 per output channel (expand_rope_i8, vpdpbusd: twice vdpbf16ps' products per
+//   instruction), only the values are widened. Pages are widened a chunk at a time, just before the
+//   chunk's expansion, while the next chunk's rows are prefetched. The fp32 form reads them too:
+//   each chunk's codes are dequantized to fp32 (code * scale, attention_common.h's slot formats, as
+//   the main kernel's fp32 form) where it would widen a float cache's latents and values.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -89,17 +93,31 @@ struct Problem {
   const uint8_t* cache8;
   float k_scale, v_scale;
   bool shared;  // shared K=V slots: one vector per token (R == D), the value as it is and the key once rotated
+  // int8 latents expanded in int8 (bf16 form, see expand_rope_i8): the table quantized per output
+  // channel, [H_kv, Rq / 4, Dv, 4] (Rq: R rounded up to 4), and per KV head its channels' scales and
+  // 128 * column sums [H_kv, 2, Dv]; null otherwise
+  const int8_t* expand_quads = nullptr;
+  const float* quad_scale = nullptr;
 };
 
 // Slot encodings the bf16 form reads: Plain (the cache's own bf16), or 8-bit codes widened to bf16
 // per page (attention_common.h widen_slot_bf16), their factors applied to scores and probabilities.
 struct PlainBf16 {
   static constexpr bool kPerTokenHead = false;
+  static constexpr bool kQuads = false;
 };
 template <typename CodeT, bool kPerTokenHeadV>
 struct Codes8 {
   using Code = CodeT;
   static constexpr bool kPerTokenHead = kPerTokenHeadV;
+  static constexpr bool kQuads = false;
+};
+// int8_per_token_head pages whose latent codes are expanded as they are, in int8 (expand_rope_i8);
+// only the values are widened to bf16
+struct Int8Quads {
+  using Code = Int8Code;
+  static constexpr bool kPerTokenHead = true;
+  static constexpr bool kQuads = true;
 };
 
 struct WorkItem {
@@ -532,7 +550,7 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
 // ---- bf16 form ----------------------------------------------------------------------------------
 #if THINKEYS_AVX512BF16
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni")
 
 struct ScratchBf16 {
   std::vector<int32_t> q;  // the tile's query pairs [rows][P]
@@ -546,6 +564,7 @@ struct ScratchBf16 {
   std::vector<int> nt;  // per page: packed token count (0: not rebuilt yet)
   std::vector<char> vp_done;
   std::vector<uint16_t> page8;  // 8-bit caches: a page's codes widened to bf16 [srow][R + D]
+  std::vector<uint8_t> lat8;  // int8 expansion: a page's latent codes + 128 [srow][R rounded up to 4]
   std::vector<float> ks, vs;  // and its per-token key / value factors [srow]
   void fit(int rows, int P, int C, int Dv, int srow) {
     auto grow = [](auto& v, size_t n) {
@@ -660,6 +679,22 @@ inline void rope_to_bf16(const float* __restrict k32, int Dv, int n, int D, cons
   }
 }
 
+// One token's key x[0 : NB] (16 fp32 channels each) rotated at the page's angle (ca, sa) plus the token's
+// offset (cos / sin rows cb_row / sb_row: angle addition, see rope_to_bf16), NeoX pairs f, f + D / 2, stored as bf16 at o.
+template <int NB>
+THINKEYS_ALWAYS_INLINE void rope_store_bf16(const __m512* x, const __m512* ca, const __m512* sa, const float* __restrict cb_row,
+                                            const float* __restrict sb_row, uint16_t* __restrict o) {
+  constexpr int HB = NB / 2, half = 8 * NB;
+  for (int b = 0; b < HB; ++b) {
+    const __m512 cb = _mm512_loadu_ps(cb_row + 16 * b), sb = _mm512_loadu_ps(sb_row + 16 * b);
+    const __m512 c = _mm512_fmsub_ps(ca[b], cb, _mm512_mul_ps(sa[b], sb));
+    const __m512 s = _mm512_fmadd_ps(sa[b], cb, _mm512_mul_ps(ca[b], sb));
+    const __m512 x1 = x[b], x2 = x[b + HB];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * b), (__m256i)_mm512_cvtneps_pbh(_mm512_fmsub_ps(x1, c, _mm512_mul_ps(x2, s))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + half + 16 * b), (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(x2, c, _mm512_mul_ps(x1, s))));
+  }
+}
+
 // expand_bf16 and rope_to_bf16 in one pass for D = 16 NB (D a multiple of 32): TB tokens x NB
 // 16-channel blocks accumulate in registers, are rotated there (channel blocks b and b + NB / 2 are
 // RoPE pairs) and stored as bf16; the fp32 keys never go to memory. Tokens t0 .. t0 + n - 1 of the
@@ -668,7 +703,7 @@ template <int NB, int TB, bool kOddR>
 inline void expand_rope_bf16(const uint16_t* __restrict lat, int64_t stride, int n, int R, const int32_t* __restrict tbl,
                              const float* __restrict cos, const float* __restrict sin, int64_t cs_row, int64_t cs_off, int pos0, int t0,
                              uint16_t* __restrict kb, int kb_stride, const uint8_t* pf, int pf_n, int64_t pf_stride, int slot_bytes) {
-  constexpr int D = 16 * NB, half = D / 2, HB = NB / 2;
+  constexpr int D = 16 * NB, HB = NB / 2;
   const int pairs = (R + 1) / 2;
   __m512 ca[HB], sa[HB];  // the page's angle
   for (int b = 0; b < HB; ++b) {
@@ -696,24 +731,87 @@ inline void expand_rope_bf16(const uint16_t* __restrict lat, int64_t stride, int
         for (int b = 0; b < NB; ++b) a[i][b] = dp_bf16(a[i][b], tv[b], cv);
       }
     }
-    for (int i = 0; i < nt; ++i) {
-      const int64_t off = int64_t(t0 + j0 + i) * cs_row + cs_off;  // the token's offset in the page
-      uint16_t* o = kb + int64_t(t0 + j0 + i) * kb_stride;
-      for (int b = 0; b < HB; ++b) {
-        const __m512 cb = _mm512_loadu_ps(cos + off + 16 * b), sb = _mm512_loadu_ps(sin + off + 16 * b);
-        const __m512 c = _mm512_fmsub_ps(ca[b], cb, _mm512_mul_ps(sa[b], sb));
-        const __m512 s = _mm512_fmadd_ps(sa[b], cb, _mm512_mul_ps(ca[b], sb));
-        const __m512 x1 = a[i][b], x2 = a[i][b + HB];
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * b), (__m256i)_mm512_cvtneps_pbh(_mm512_fmsub_ps(x1, c, _mm512_mul_ps(x2, s))));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + half + 16 * b),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(x2, c, _mm512_mul_ps(x1, s))));
+    for (int i = 0; i < nt; ++i)
+      rope_store_bf16<NB>(a[i], ca, sa, cos + int64_t(t0 + j0 + i) * cs_row + cs_off, sin + int64_t(t0 + j0 + i) * cs_row + cs_off,
+                          kb + int64_t(t0 + j0 + i) * kb_stride);
+  }
+}
+
+// int8 latents (int8_per_token_head codes c) times the table quantized to int8 per output channel
+// (A^T ~ s_ch * a_q): vpdpbusd multiplies four unsigned by four signed bytes per lane, so the codes
+// come in as c + 128 (lat: the chunk's codes xor 0x80, one 32-byte op per token, see attend_tile_bf16)
+// and 128 * sum_m a_q[m][ch] comes off; 64 products per instruction where vdpbf16ps gives 32, and
+// the latents are never widened to bf16. Then k = s_ch * (acc - bias)
+// in fp32, rotated and rounded to bf16 as expand_rope_bf16 does (the token's factor multiplies its
+// scores, as for every 8-bit page). Exact integer sums (|acc| < 2^24); the one approximation is the
+// table's int8 rounding, which the float64 reference of the tests reproduces (rebuild_kernel.int8_table).
+// Latent bytes past R (a slot's first value codes) meet zero table rows.
+// acc += u (unsigned bytes) . s (signed bytes), four per 32-bit lane. Inline assembly: with the intrinsic,
+// GCC 12 copies every accumulator of an unrolled block twice per step (two register moves per vpdpbusd).
+THINKEYS_ALWAYS_INLINE __m512i dp_u8s8(__m512i acc, __m512i u, __m512i s) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+  return acc;
+}
+
+template <int NB, int TB>
+inline void expand_rope_i8(const uint8_t* __restrict lat, int64_t stride, int n, int R, const int32_t* __restrict tbl,
+                           const float* __restrict qs, const float* __restrict cos, const float* __restrict sin, int64_t cs_row,
+                           int64_t cs_off, int pos0, int t0, uint16_t* __restrict kb, int kb_stride, const uint8_t* pf, int pf_n,
+                           int64_t pf_stride, int slot_bytes) {
+  constexpr int D = 16 * NB, HB = NB / 2;
+  const int quads = (R + 3) / 4;
+  __m512 ca[HB], sa[HB];  // the page's angle
+  for (int b = 0; b < HB; ++b) {
+    ca[b] = _mm512_loadu_ps(cos + int64_t(pos0) * cs_row + cs_off + 16 * b);
+    sa[b] = _mm512_loadu_ps(sin + int64_t(pos0) * cs_row + cs_off + 16 * b);
+  }
+  for (int j0 = 0; j0 < n; j0 += TB) {
+    const int nt = std::min(TB, n - j0);
+    for (int i = j0; i < std::min(j0 + TB, pf_n); ++i)
+      for (int o = 0; o < slot_bytes; o += 64) __builtin_prefetch(pf + int64_t(i) * pf_stride + o, 0, 3);
+    __m512i a[TB][NB];
+    for (int i = 0; i < TB; ++i)
+      for (int b = 0; b < NB; ++b) a[i][b] = _mm512_setzero_si512();
+    const uint8_t* l[TB];
+    for (int i = 0; i < TB; ++i) l[i] = lat + int64_t(j0 + std::min(i, nt - 1)) * stride;
+    for (int qq = 0; qq < quads; ++qq) {
+      __m512i tv[NB];
+      for (int b = 0; b < NB; ++b) tv[b] = _mm512_loadu_si512(tbl + int64_t(qq) * D + 16 * b);
+      for (int i = 0; i < TB; ++i) {
+        int32_t bits;
+        std::memcpy(&bits, l[i] + 4 * qq, sizeof(bits));
+        const __m512i cv = _mm512_set1_epi32(bits);
+        for (int b = 0; b < NB; ++b) a[i][b] = dp_u8s8(a[i][b], cv, tv[b]);
       }
+    }
+    for (int i = 0; i < nt; ++i) {
+      __m512 x[NB];
+      for (int b = 0; b < NB; ++b)
+        x[b] = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(a[i][b]), _mm512_loadu_ps(qs + D + 16 * b)), _mm512_loadu_ps(qs + 16 * b));
+      rope_store_bf16<NB>(x, ca, sa, cos + int64_t(t0 + j0 + i) * cs_row + cs_off, sin + int64_t(t0 + j0 + i) * cs_row + cs_off,
+                          kb + int64_t(t0 + j0 + i) * kb_stride);
     }
   }
 }
 
-// Whether expand_rope_page_bf16 handles D (the fused pass), else expansion then rope_to_bf16.
+// Whether expand_rope_page_bf16 (and expand_rope_page_i8) handle D (the fused pass), else expansion then rope_to_bf16.
 inline bool fused_rope(int D) { return D == 32 || D == 64 || D == 128; }
+
+bool int8_expansion_supported() {
+  static const bool ok = bf16_dot_supported() && __builtin_cpu_supports("avx512vnni") && !amx_brgemm_supported();
+  return ok;
+}
+
+inline void expand_rope_page_i8(const uint8_t* lat, int64_t stride, int n, int R, const int8_t* quads, const float* qs, int D, const float* cos,
+                                const float* sin, int64_t cs_row, int64_t cs_off, int pos0, int t0, uint16_t* kb, int kb_stride,
+                                const uint8_t* pf, int pf_n, int64_t pf_stride, int slot_bytes) {
+  const int32_t* t = reinterpret_cast<const int32_t*>(quads);
+  switch (D) {
+    case 32: expand_rope_i8<2, 8>(lat, stride, n, R, t, qs, cos, sin, cs_row, cs_off, pos0, t0, kb, kb_stride, pf, pf_n, pf_stride, slot_bytes); break;
+    case 64: expand_rope_i8<4, 4>(lat, stride, n, R, t, qs, cos, sin, cs_row, cs_off, pos0, t0, kb, kb_stride, pf, pf_n, pf_stride, slot_bytes); break;
+    default: expand_rope_i8<8, 2>(lat, stride, n, R, t, qs, cos, sin, cs_row, cs_off, pos0, t0, kb, kb_stride, pf, pf_n, pf_stride, slot_bytes); break;
+  }
+}
 
 inline void expand_rope_page_bf16(const uint16_t* lat, int64_t stride, int n, int R, const uint16_t* tbl, int D, const float* cos,
                                   const float* sin, int64_t cs_row, int64_t cs_off, int pos0, int t0, uint16_t* kb, int kb_stride,
@@ -774,6 +872,9 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
   const bool keep = q_len > nq;  // more than one tile: keep every page
 
   const uint16_t* tbl = p.expand_pairs + int64_t(w.head) * ((R + 1) / 2) * Dv * 2;
+  const int R4 = (R + 3) / 4 * 4;  // latent bytes the int8 expansion reads per token
+  const int8_t* quads = Enc::kQuads ? p.expand_quads + int64_t(w.head) * ((R + 3) / 4) * Dv * 4 : nullptr;
+  const float* qs = Enc::kQuads ? p.quad_scale + int64_t(w.head) * 2 * Dv : nullptr;
   const int64_t cs_row = int64_t(p.cs_heads) * (D / 2), cs_off = (p.cs_heads == 1 ? 0 : int64_t(w.head)) * (D / 2);
   constexpr bool kPlain = std::is_same_v<Enc, PlainBf16>;
   // bf16 elements from one token's slot to the next: in the cache, or in the widened 8-bit page
@@ -782,6 +883,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
   const float* vs = nullptr;
   if constexpr (!kPlain) {
     if (s.page8.size() < size_t(srow) * (R + D)) s.page8.resize(size_t(srow) * (R + D));
+    if (Enc::kQuads && s.lat8.size() < size_t(srow) * R4) s.lat8.resize(size_t(srow) * R4);
     if (s.ks.size() < size_t(srow)) s.ks.resize(srow), s.vs.resize(srow);
     ks = s.ks.data();
     vs = s.vs.data();
@@ -797,7 +899,21 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
     // page8 a chunk at a time, just before their expansion, zero factors past them
     const int nw = keep ? std::min(BS, kv_len - page_start) : n;
     auto widen = [&](int j0, int j1) {
-      if constexpr (!kPlain) {
+      if constexpr (Enc::kQuads) {  // values to bf16; latent codes to c + 128 (bytes, for vpdpbusd)
+        uint16_t* dst = s.page8.data();
+        for (int j = j0; j < j1; ++j) {
+          const uint8_t* row = raw + int64_t(j) * p.c_tok;
+          for (int o = 0; o < R4; o += 32) {  // R4 <= R + D: bytes past R are value codes, met by zero table rows
+            const __mmask32 m = R4 - o >= 32 ? ~__mmask32(0) : (__mmask32(1) << (R4 - o)) - 1;
+            _mm256_mask_storeu_epi8(s.lat8.data() + int64_t(j) * R4 + o, m,
+                                    _mm256_xor_si256(_mm256_maskz_loadu_epi8(m, row + o), _mm256_set1_epi8(char(0x80))));
+          }
+          codes_to_bf16<Int8Code>(row + R, dst + int64_t(j) * (R + D) + R, D);
+          float scales[2];
+          std::memcpy(scales, row + R + D, sizeof(scales));
+          s.ks[j] = scales[0] * Int8Code::kMul, s.vs[j] = scales[1] * Int8Code::kMul;
+        }
+      } else if constexpr (!kPlain) {
         uint16_t* dst = s.page8.data();
         for (int j = j0; j < j1; ++j)
           widen_slot_bf16<typename Enc::Code, Enc::kPerTokenHead>(raw + int64_t(j) * p.c_tok, dst + int64_t(j) * (R + D), R, D, p.k_scale,
@@ -833,8 +949,11 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
         } else if (next_page) {
           pf = next, pf_n = std::min(kRebuildChunk, (keep ? kv_len : kv_end) - page_start - BS);
         }
-        if (!(fused && !amx) && pf) prefetch_rows(pf, pf_n, row_stride, row_bytes);
-        if (fused && !amx) {  // vdpbf16ps expansion with RoPE in registers
+        if (!(fused && !amx) && !Enc::kQuads && pf) prefetch_rows(pf, pf_n, row_stride, row_bytes);
+        if constexpr (Enc::kQuads) {  // vpdpbusd expansion of the codes in place, RoPE in registers
+          expand_rope_page_i8(s.lat8.data() + c0 * R4, R4, m, R, quads, qs, D, p.cos, p.sin, cs_row, cs_off, page_start, c0, s.kb.data(),
+                              C * 32, pf, pf_n, row_stride, row_bytes);
+        } else if (fused && !amx) {  // vdpbf16ps expansion with RoPE in registers
           expand_rope_page_bf16(page + c0 * stride, stride, m, R, tbl, D, p.cos, p.sin, cs_row, cs_off, page_start, c0, s.kb.data(), C * 32,
                                 pf, pf_n, row_stride, row_bytes);
         } else {  // expansion (AMX brgemm or vdpbf16ps) into fp32, then RoPE
@@ -866,6 +985,15 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
 #endif
 
 // ---- entry points -------------------------------------------------------------------------------
+
+// Whether the bf16 form expands int8_per_token_head latents in int8 (expand_rope_i8) on this CPU.
+bool int8_expansion_available() {
+#if THINKEYS_AVX512BF16
+  return int8_expansion_supported();
+#else
+  return false;
+#endif
+}
 
 std::string kernel_isa() {
 #if THINKEYS_AVX512BF16
@@ -906,7 +1034,11 @@ void paged_attention(
     c10::string_view cache_format,  // plain, or an 8-bit slot encoding (quant.KERNEL_FORMATS)
     double k_scale,  // per-tensor fp8 scales (1 otherwise)
     double v_scale,
-    bool shared_kv) {  // shared K=V slots [.., D (+ 4)]: one vector, the value and (rotated) the key; expand_t unused
+    bool shared_kv,  // shared K=V slots [.., D (+ 4)]: one vector, the value and (rotated) the key; expand_t unused
+    // int8_per_token_head: the table quantized per output channel (rebuild_kernel.int8_tables), used by the bf16 form
+    // where int8_expansion_supported() and D is 32, 64 or 128 (rebuild_kernel.int8_expansion says so)
+    const std::optional<at::Tensor>& expand_quads,  // [H_kv, ceil(R / 4), ceil16(D), 4] int8
+    const std::optional<at::Tensor>& quad_scale) {  // [H_kv, 2, ceil16(D)] float32: channel scales, then 128 * column sums
   TORCH_CHECK(query.dim() == 3 && kv_cache.dim() == 4 && output.dim() == 3 && expand_t.dim() == 3 && cos.dim() == 3,
               "expected query [T, H, D], kv_cache [blocks, H_kv, block_size, R + D], expand_t [H_kv, R, D], cos/sin [P, H_cs, D/2], output [T, H, D]");
   const std::string format(cache_format.data(), cache_format.size());
@@ -953,6 +1085,17 @@ void paged_attention(
   // shared K=V slots are read by the fp32 form (it widens bf16 too)
   const bool bf16_form = THINKEYS_AVX512BF16 && query.scalar_type() == at::kBFloat16 && bf16_dot_supported() && !shared_kv;
   TORCH_CHECK(!bf16_form || pairs_given, "the bf16 form needs expand_pairs (see rebuild_kernel.prepared_tables)");
+  const bool quads_given = expand_quads.has_value() && expand_quads->numel() > 0;
+  if (quads_given) {
+    TORCH_CHECK(expand_quads->scalar_type() == at::kChar && expand_quads->is_contiguous() && expand_quads->dim() == 4 &&
+                    expand_quads->size(0) == H_kv && expand_quads->size(1) == (R + 3) / 4 && expand_quads->size(2) == (D + 15) / 16 * 16 &&
+                    expand_quads->size(3) == 4,
+                "expand_quads must be a contiguous int8 [H_kv, ceil(R / 4), D rounded up to 16, 4]");
+    TORCH_CHECK(quad_scale.has_value() && quad_scale->scalar_type() == at::kFloat && quad_scale->is_contiguous() && quad_scale->dim() == 3 &&
+                    quad_scale->size(0) == H_kv && quad_scale->size(1) == 2 && quad_scale->size(2) == (D + 15) / 16 * 16,
+                "quad_scale must be a contiguous float32 [H_kv, 2, D rounded up to 16] beside expand_quads");
+  }
+  const bool int8_expansion = bf16_form && quads_given && format == "int8_per_token_head" && int8_expansion_available() && (D == 32 || D == 64 || D == 128);
   const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int64_t max_blocks = block_table.size(1);
@@ -982,7 +1125,8 @@ void paged_attention(
         block_table.data_ptr<int32_t>(), block_table.stride(0),
         qsl, lens,
         int(H_kv), int(H / H_kv), int(R), int(D), int(block_size), float(scale), call,
-        plain ? nullptr : static_cast<const uint8_t*>(kv_cache.data_ptr()), float(k_scale), float(v_scale), shared_kv};
+        plain ? nullptr : static_cast<const uint8_t*>(kv_cache.data_ptr()), float(k_scale), float(v_scale), shared_kv,
+        int8_expansion ? expand_quads->data_ptr<int8_t>() : nullptr, int8_expansion ? quad_scale->data_ptr<float>() : nullptr};
 #if THINKEYS_AVX512BF16
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (bf16_form) {
@@ -993,6 +1137,7 @@ void paged_attention(
             for (int64_t k = begin; k < end; ++k) attend_tile_bf16<decltype(enc)>(p, items[k], s, used_brgemm);
           };
           if (plain) run(PlainBf16{});
+          else if (int8_expansion) run(Int8Quads{});
           else if (format == "int8_per_token_head") run(Codes8<Int8Code, true>{});
           else if (format == "fp8_per_token_head") run(Codes8<E4m3Code, true>{});
           else if (format == "fp8_e4m3") run(Codes8<E4m3Code, false>{});
@@ -1032,7 +1177,8 @@ void paged_attention(
 
 TORCH_LIBRARY(thinkeys_rebuild, m) {
   m.def("kernel_isa() -> str", &thinkeys::kernel_isa);
-  m.def("paged_attention(Tensor query, Tensor kv_cache, Tensor expand_t, Tensor expand_pairs, Tensor cos, Tensor sin, Tensor block_table, Tensor query_start_loc, Tensor seq_lens, float scale, Tensor(a!) output, str cache_format=\"plain\", float k_scale=1.0, float v_scale=1.0, bool shared_kv=False) -> ()");
+  m.def("int8_expansion_supported() -> bool", &thinkeys::int8_expansion_available);
+  m.def("paged_attention(Tensor query, Tensor kv_cache, Tensor expand_t, Tensor expand_pairs, Tensor cos, Tensor sin, Tensor block_table, Tensor query_start_loc, Tensor seq_lens, float scale, Tensor(a!) output, str cache_format=\"plain\", float k_scale=1.0, float v_scale=1.0, bool shared_kv=False, Tensor? expand_quads=None, Tensor? quad_scale=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(thinkeys_rebuild, CPU, m) {

@@ -94,12 +94,13 @@ def reads_8bit(dtype: torch.dtype) -> bool:
 def int8_expansion(head_dim: int) -> bool:
     """Whether ``int8_per_token_head`` reads by the loaded kernel expand the latents in int8 (:func:`int8_tables`)
     for bf16 queries of width ``head_dim``: AVX512-VNNI without AMX, d of 32, 64 or 128, not switched off."""
-    return (
-        os.environ.get(ENV_INT8_EXPANSION, "1") != "0"
-        and head_dim in (32, 64, 128)
-        and available()
-        and bool(torch.ops.thinkeys_rebuild.int8_expansion_supported())
-    )
+    return os.environ.get(ENV_INT8_EXPANSION, "1") != "0" and head_dim in (32, 64, 128) and _int8_expansion_supported()
+
+
+@functools.lru_cache(maxsize=1)
+def _int8_expansion_supported() -> bool:
+    """The loaded kernel's answer (asked once: this runs on every attention call)."""
+    return available() and bool(torch.ops.thinkeys_rebuild.int8_expansion_supported())
 
 
 _lock = threading.Lock()

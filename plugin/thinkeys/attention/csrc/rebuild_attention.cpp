@@ -695,6 +695,19 @@ THINKEYS_ALWAYS_INLINE void rope_store_bf16(const __m512* x, const __m512* ca, c
   }
 }
 
+// The page's RoPE angle: cos / sin of its first position, HB blocks of 16 (the fused passes' start).
+template <int HB>
+THINKEYS_ALWAYS_INLINE void page_angle(const float* __restrict cos_row, const float* __restrict sin_row, __m512* ca, __m512* sa) {
+  for (int b = 0; b < HB; ++b) ca[b] = _mm512_loadu_ps(cos_row + 16 * b), sa[b] = _mm512_loadu_ps(sin_row + 16 * b);
+}
+
+// Rows i0 .. i1 - 1 of the next chunk (slot_bytes each, pf_stride apart), a few per step of this one, so the
+// prefetches spread over the chunk's work (a burst would fill the miss buffers).
+THINKEYS_ALWAYS_INLINE void prefetch_spread(const uint8_t* pf, int i0, int i1, int64_t pf_stride, int slot_bytes) {
+  for (int i = i0; i < i1; ++i)
+    for (int o = 0; o < slot_bytes; o += 64) __builtin_prefetch(pf + int64_t(i) * pf_stride + o, 0, 3);
+}
+
 // expand_bf16 and rope_to_bf16 in one pass for D = 16 NB (D a multiple of 32): TB tokens x NB
 // 16-channel blocks accumulate in registers, are rotated there (channel blocks b and b + NB / 2 are
 // RoPE pairs) and stored as bf16; the fp32 keys never go to memory. Tokens t0 .. t0 + n - 1 of the
@@ -706,15 +719,10 @@ inline void expand_rope_bf16(const uint16_t* __restrict lat, int64_t stride, int
   constexpr int D = 16 * NB, HB = NB / 2;
   const int pairs = (R + 1) / 2;
   __m512 ca[HB], sa[HB];  // the page's angle
-  for (int b = 0; b < HB; ++b) {
-    ca[b] = _mm512_loadu_ps(cos + int64_t(pos0) * cs_row + cs_off + 16 * b);
-    sa[b] = _mm512_loadu_ps(sin + int64_t(pos0) * cs_row + cs_off + 16 * b);
-  }
+  page_angle<HB>(cos + int64_t(pos0) * cs_row + cs_off, sin + int64_t(pos0) * cs_row + cs_off, ca, sa);
   for (int j0 = 0; j0 < n; j0 += TB) {
     const int nt = std::min(TB, n - j0);
-    // the slots of the next chunk a few at a time, spread over this one (a burst would fill the miss buffers)
-    for (int i = j0; i < std::min(j0 + TB, pf_n); ++i)
-      for (int o = 0; o < slot_bytes; o += 64) __builtin_prefetch(pf + int64_t(i) * pf_stride + o, 0, 3);
+    prefetch_spread(pf, j0, std::min(j0 + TB, pf_n), pf_stride, slot_bytes);
     __m512 a[TB][NB];
     for (int i = 0; i < TB; ++i)
       for (int b = 0; b < NB; ++b) a[i][b] = _mm512_setzero_ps();
@@ -761,14 +769,10 @@ inline void expand_rope_i8(const uint8_t* __restrict lat, int64_t stride, int n,
   constexpr int D = 16 * NB, HB = NB / 2;
   const int quads = (R + 3) / 4;
   __m512 ca[HB], sa[HB];  // the page's angle
-  for (int b = 0; b < HB; ++b) {
-    ca[b] = _mm512_loadu_ps(cos + int64_t(pos0) * cs_row + cs_off + 16 * b);
-    sa[b] = _mm512_loadu_ps(sin + int64_t(pos0) * cs_row + cs_off + 16 * b);
-  }
+  page_angle<HB>(cos + int64_t(pos0) * cs_row + cs_off, sin + int64_t(pos0) * cs_row + cs_off, ca, sa);
   for (int j0 = 0; j0 < n; j0 += TB) {
     const int nt = std::min(TB, n - j0);
-    for (int i = j0; i < std::min(j0 + TB, pf_n); ++i)
-      for (int o = 0; o < slot_bytes; o += 64) __builtin_prefetch(pf + int64_t(i) * pf_stride + o, 0, 3);
+    prefetch_spread(pf, j0, std::min(j0 + TB, pf_n), pf_stride, slot_bytes);
     __m512i a[TB][NB];
     for (int i = 0; i < TB; ++i)
       for (int b = 0; b < NB; ++b) a[i][b] = _mm512_setzero_si512();

@@ -385,7 +385,8 @@ def test_int8_expansion_can_be_switched_off(monkeypatch):
         (64, 64, 4, 4, 16),  # full rank, MHA
         (5, 40, 8, 1, 16),  # odd r: the widened page's last latent pair masked
         (6, 32, 4, 2, 16),  # r not a multiple of 4: the int8 expansion's last quad meets zero table rows
-        (20, 128, 8, 2, 32),  # d = 128 (int8 expansion, two tokens at a time)
+        (20, 128, 8, 2, 32),  # d = 128 (int8 expansion: eight blocks of channel pairs)
+        (80, 128, 4, 1, 24),  # int8 expansion: latents wider than one 64-byte transpose, pages of 24 (groups of 16 cut)
         (4, 12, 6, 1, 7),  # MQA, tiny widths, odd block size
     ],
 )

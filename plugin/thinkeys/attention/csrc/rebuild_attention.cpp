@@ -38,8 +38,9 @@
 //   token's key factor s multiplies its scores, its value factor its probabilities, in fp32
 //   (attend_page_bf16's ks / vs). int8_per_token_head latents skip the widening where the CPU has
 //   AVX512-VNNI (and no AMX) and D is 32, 64 or 128: they are multiplied as bytes by the table
-//   quantized to int8 per output channel (expand_rope_i8, vpdpbusd: twice vdpbf16ps' products per
-//   instruction), only the values are widened. Pages are widened a chunk at a time, just before the
+//   quantized to int8 per output channel (expand_kt_i8, vpdpbusd: twice vdpbf16ps' products per
+//   instruction; 16 tokens in the lanes, so the keys come out as the K^T the scores read, with no
+//   packing step); only the values are widened. Pages are widened a chunk at a time, just before the
 //   chunk's expansion, while the next chunk's rows are prefetched. The fp32 form reads them too:
 //   each chunk's codes are dequantized to fp32 (code * scale, attention_common.h's slot formats, as
 //   the main kernel's fp32 form) where it would widen a float cache's latents and values.
@@ -81,6 +82,7 @@ struct Problem {
   const float* cos;  // [max_pos, H_cs, D / 2]
   const float* sin;
   int cs_heads;  // H_cs: 1 (shared by all KV heads) or H_kv
+  int cs_rows;  // positions the tables hold
   const int32_t* block_table;
   int64_t bt_stride;
   const int32_t* qsl;
@@ -93,7 +95,7 @@ struct Problem {
   const uint8_t* cache8;
   float k_scale, v_scale;
   bool shared;  // shared K=V slots: one vector per token (R == D), the value as it is and the key once rotated
-  // int8 latents expanded in int8 (bf16 form, see expand_rope_i8): the table quantized per output
+  // int8 latents expanded in int8 (bf16 form, see expand_kt_i8): the table quantized per output
   // channel, [H_kv, Rq / 4, Dv, 4] (Rq: R rounded up to 4), and per KV head its channels' scales and
   // 128 * column sums [H_kv, 2, Dv]; null otherwise
   const int8_t* expand_quads = nullptr;
@@ -112,7 +114,7 @@ struct Codes8 {
   static constexpr bool kPerTokenHead = kPerTokenHeadV;
   static constexpr bool kQuads = false;
 };
-// int8_per_token_head pages whose latent codes are expanded as they are, in int8 (expand_rope_i8);
+// int8_per_token_head pages whose latent codes are expanded as they are, in int8 (expand_kt_i8);
 // only the values are widened to bf16
 struct Int8Quads {
   using Code = Int8Code;
@@ -564,7 +566,12 @@ struct ScratchBf16 {
   std::vector<int> nt;  // per page: packed token count (0: not rebuilt yet)
   std::vector<char> vp_done;
   std::vector<uint16_t> page8;  // 8-bit caches: a page's codes widened to bf16 [srow][R + D]
-  std::vector<uint8_t> lat8;  // int8 expansion: a page's latent codes + 128 [srow][R rounded up to 4]
+  std::vector<uint8_t> lat8;  // int8 expansion: a page's latent codes + 128 in quads, 16 tokens a group [srow / 16][R4 / 4][16][4]
+  // int8 expansion: cos / sin of lane offsets 0 .. 15, transposed [D / 2][16] (expand_kt_i8's lanes), and the table rows
+  // they came from [16][D / 2] (checked once per call: a new table may reuse the old one's memory)
+  std::vector<float> lane_cos, lane_sin, lane_src;
+  int64_t lane_call = -1, lane_off = -1;
+  const float* lane_table = nullptr;
   std::vector<float> ks, vs;  // and its per-token key / value factors [srow]
   void fit(int rows, int P, int C, int Dv, int srow) {
     auto grow = [](auto& v, size_t n) {
@@ -745,60 +752,7 @@ inline void expand_rope_bf16(const uint16_t* __restrict lat, int64_t stride, int
   }
 }
 
-// int8 latents (int8_per_token_head codes c) times the table quantized to int8 per output channel
-// (A^T ~ s_ch * a_q): vpdpbusd multiplies four unsigned by four signed bytes per lane, so the codes
-// come in as c + 128 (lat: the chunk's codes xor 0x80, one 32-byte op per token, see attend_tile_bf16)
-// and 128 * sum_m a_q[m][ch] comes off; 64 products per instruction where vdpbf16ps gives 32, and
-// the latents are never widened to bf16. Then k = s_ch * (acc - bias)
-// in fp32, rotated and rounded to bf16 as expand_rope_bf16 does (the token's factor multiplies its
-// scores, as for every 8-bit page). Exact integer sums (|acc| < 2^24); the one approximation is the
-// table's int8 rounding, which the float64 reference of the tests reproduces (rebuild_kernel.int8_table).
-// Latent bytes past R (a slot's first value codes) meet zero table rows.
-// acc += u (unsigned bytes) . s (signed bytes), four per 32-bit lane. Inline assembly: with the intrinsic,
-// GCC 12 copies every accumulator of an unrolled block twice per step (two register moves per vpdpbusd).
-THINKEYS_ALWAYS_INLINE __m512i dp_u8s8(__m512i acc, __m512i u, __m512i s) {
-  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
-  return acc;
-}
-
-template <int NB, int TB>
-inline void expand_rope_i8(const uint8_t* __restrict lat, int64_t stride, int n, int R, const int32_t* __restrict tbl,
-                           const float* __restrict qs, const float* __restrict cos, const float* __restrict sin, int64_t cs_row,
-                           int64_t cs_off, int pos0, int t0, uint16_t* __restrict kb, int kb_stride, const uint8_t* pf, int pf_n,
-                           int64_t pf_stride, int slot_bytes) {
-  constexpr int D = 16 * NB, HB = NB / 2;
-  const int quads = (R + 3) / 4;
-  __m512 ca[HB], sa[HB];  // the page's angle
-  page_angle<HB>(cos + int64_t(pos0) * cs_row + cs_off, sin + int64_t(pos0) * cs_row + cs_off, ca, sa);
-  for (int j0 = 0; j0 < n; j0 += TB) {
-    const int nt = std::min(TB, n - j0);
-    prefetch_spread(pf, j0, std::min(j0 + TB, pf_n), pf_stride, slot_bytes);
-    __m512i a[TB][NB];
-    for (int i = 0; i < TB; ++i)
-      for (int b = 0; b < NB; ++b) a[i][b] = _mm512_setzero_si512();
-    const uint8_t* l[TB];
-    for (int i = 0; i < TB; ++i) l[i] = lat + int64_t(j0 + std::min(i, nt - 1)) * stride;
-    for (int qq = 0; qq < quads; ++qq) {
-      __m512i tv[NB];
-      for (int b = 0; b < NB; ++b) tv[b] = _mm512_loadu_si512(tbl + int64_t(qq) * D + 16 * b);
-      for (int i = 0; i < TB; ++i) {
-        int32_t bits;
-        std::memcpy(&bits, l[i] + 4 * qq, sizeof(bits));
-        const __m512i cv = _mm512_set1_epi32(bits);
-        for (int b = 0; b < NB; ++b) a[i][b] = dp_u8s8(a[i][b], cv, tv[b]);
-      }
-    }
-    for (int i = 0; i < nt; ++i) {
-      __m512 x[NB];
-      for (int b = 0; b < NB; ++b)
-        x[b] = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(a[i][b]), _mm512_loadu_ps(qs + D + 16 * b)), _mm512_loadu_ps(qs + 16 * b));
-      rope_store_bf16<NB>(x, ca, sa, cos + int64_t(t0 + j0 + i) * cs_row + cs_off, sin + int64_t(t0 + j0 + i) * cs_row + cs_off,
-                          kb + int64_t(t0 + j0 + i) * kb_stride);
-    }
-  }
-}
-
-// Whether expand_rope_page_bf16 (and expand_rope_page_i8) handle D (the fused pass), else expansion then rope_to_bf16.
+// Whether expand_rope_page_bf16 (and expand_kt_page_i8) handle D (the fused pass), else expansion then rope_to_bf16.
 inline bool fused_rope(int D) { return D == 32 || D == 64 || D == 128; }
 
 bool int8_expansion_supported() {
@@ -806,15 +760,141 @@ bool int8_expansion_supported() {
   return ok;
 }
 
-inline void expand_rope_page_i8(const uint8_t* lat, int64_t stride, int n, int R, const int8_t* quads, const float* qs, int D, const float* cos,
-                                const float* sin, int64_t cs_row, int64_t cs_off, int pos0, int t0, uint16_t* kb, int kb_stride,
-                                const uint8_t* pf, int pf_n, int64_t pf_stride, int slot_bytes) {
-  const int32_t* t = reinterpret_cast<const int32_t*>(quads);
-  switch (D) {
-    case 32: expand_rope_i8<2, 8>(lat, stride, n, R, t, qs, cos, sin, cs_row, cs_off, pos0, t0, kb, kb_stride, pf, pf_n, pf_stride, slot_bytes); break;
-    case 64: expand_rope_i8<4, 4>(lat, stride, n, R, t, qs, cos, sin, cs_row, cs_off, pos0, t0, kb, kb_stride, pf, pf_n, pf_stride, slot_bytes); break;
-    default: expand_rope_i8<8, 2>(lat, stride, n, R, t, qs, cos, sin, cs_row, cs_off, pos0, t0, kb, kb_stride, pf, pf_n, pf_stride, slot_bytes); break;
+// ---- int8 expansion straight into K^T (expand_kt_i8) ----
+// int8 latents (int8_per_token_head codes c) times the table quantized to int8 per output channel
+// (A^T ~ s_ch * a_q): vpdpbusd multiplies four unsigned by four signed bytes per lane, so the codes
+// come in as c + 128 (xor 0x80) and 128 * sum_m a_q[m][ch] comes off; 64 products per instruction
+// where vdpbf16ps gives 32, and the latents are never widened to bf16. Then k = s_ch * (acc - bias)
+// in fp32, rotated and rounded to bf16 (the token's factor multiplies its scores, as for every 8-bit
+// page). Exact integer sums (|acc| < 2^24); the one approximation is the table's int8 rounding, which
+// the float64 reference of the tests reproduces (rebuild_kernel.int8_table). Latent bytes past R (a
+// slot's first value codes) meet zero table rows.
+// The scoring loops read a page's keys as K^T in channel pairs, kt [P][nt]. With tokens in the lanes
+// of the expansion the keys come out in that layout and need no transpose (pack_key_groups): 16
+// tokens' latent quads (latents_to_quads) are the unsigned operand of vpdpbusd, a table entry
+// broadcast per channel the signed one. A pair is then (channel f, channel f + D / 2), RoPE's own
+// pair: both come out of one rotation, and the query is packed in the same pairing (rope_paired_query).
+
+// acc += u . (the four signed bytes at s, broadcast): vpdpbusd with an embedded-broadcast operand. Inline
+// assembly: with the intrinsic, GCC 12 copies every accumulator of an unrolled block twice per step.
+THINKEYS_ALWAYS_INLINE __m512i dp_u8s8_bcast(__m512i acc, __m512i u, const int32_t* s) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*s));
+  return acc;
+}
+
+// Word permutation interleaving the two halves of a vector: lane t of the result is (word t, word 16 + t).
+THINKEYS_ALWAYS_INLINE __m512i interleave_halves_idx() {
+  return _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+}
+
+// Latent codes of `cnt` <= 16 tokens (rows `row_stride` bytes apart, the first R4 bytes of each) plus 128,
+// as quads with tokens in lanes: lq [R4 / 4][16] int32 (lanes past cnt zero). R4 <= the slot's R + D bytes;
+// bytes past R are value codes, met by zero table rows.
+THINKEYS_ALWAYS_INLINE void latents_to_quads(const uint8_t* rows, int64_t row_stride, int cnt, int R4, int32_t* __restrict lq) {
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  for (int o = 0; o < R4; o += 64) {
+    const int w = std::min(64, R4 - o);
+    const __mmask64 m = w == 64 ? ~__mmask64(0) : (__mmask64(1) << w) - 1;
+    __m512i r[16];
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t)
+      r[t] = t < cnt ? _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, rows + t * row_stride + o), flip) : _mm512_setzero_si512();
+    transpose16x16_epi32(r);
+#pragma GCC unroll 16
+    for (int k = 0; k < 16; ++k)  // unrolled with a test, not a loop to w / 4: r stays in registers
+      if (4 * k < w) _mm512_storeu_si512(lq + (o / 4 + k) * 16, r[k]);
   }
+}
+
+// K^T of a group of cnt <= 16 tokens: kt[f][0 : 16] (f < D / 2; rows nt apart) = bf16 pairs (channel f,
+// channel f + D / 2) of the rebuilt, rotated keys, tokens in lanes (past cnt: zero). lq: the group's
+// latent quads (latents_to_quads); tbl [quads][D] int32: the int8 table in quads; qs: channel scales [D]
+// then 128 * column sums [D] (k = scale * (acc - bias)); cos_row / sin_row: the angle
+// of the group's first position, lane_cos / lane_sin [D / 2][16] the lane offsets' (angle addition, as
+// rope_to_bf16). The next chunk's rows are prefetched a few per block of channels.
+template <int D>
+inline void expand_kt_i8(const int32_t* __restrict lq, int quads, const int32_t* __restrict tbl, const float* __restrict qs,
+                         const float* __restrict cos_row, const float* __restrict sin_row, const float* __restrict lane_cos,
+                         const float* __restrict lane_sin, int cnt, int32_t* __restrict kt, int nt, const uint8_t* pf, int pf_n,
+                         int64_t pf_stride, int slot_bytes) {
+  constexpr int half = D / 2, FB = 8, blocks = half / FB;
+  const __mmask16 live = cnt >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
+  const __m512i idx = interleave_halves_idx();
+  for (int f0 = 0; f0 < half; f0 += FB) {
+    const int step = (pf_n + blocks - 1) / blocks, i0 = f0 / FB * step;
+    prefetch_spread(pf, i0, std::min(i0 + step, pf_n), pf_stride, slot_bytes);
+    __m512i a1[FB], a2[FB];
+    for (int k = 0; k < FB; ++k) a1[k] = a2[k] = _mm512_setzero_si512();
+    for (int qq = 0; qq < quads; ++qq) {
+      const __m512i l = _mm512_loadu_si512(lq + qq * 16);
+      const int32_t* t = tbl + qq * D + f0;
+#pragma GCC unroll 8
+      for (int k = 0; k < FB; ++k) {
+        a1[k] = dp_u8s8_bcast(a1[k], l, t + k);
+        a2[k] = dp_u8s8_bcast(a2[k], l, t + half + k);
+      }
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < FB; ++k) {  // unrolled: a1 / a2 stay in registers
+      const int f = f0 + k;
+      const __m512 ca = _mm512_set1_ps(cos_row[f]), sa = _mm512_set1_ps(sin_row[f]);
+      const __m512 cl = _mm512_loadu_ps(lane_cos + f * 16), sl = _mm512_loadu_ps(lane_sin + f * 16);
+      const __m512 c = _mm512_fmsub_ps(ca, cl, _mm512_mul_ps(sa, sl));
+      const __m512 s = _mm512_fmadd_ps(sa, cl, _mm512_mul_ps(ca, sl));
+      const __m512 x1 = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(a1[k]), _mm512_set1_ps(qs[D + f])), _mm512_set1_ps(qs[f]));
+      const __m512 x2 =
+          _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(a2[k]), _mm512_set1_ps(qs[D + half + f])), _mm512_set1_ps(qs[half + f]));
+      const __m512 y1 = _mm512_fmsub_ps(x1, c, _mm512_mul_ps(x2, s));
+      const __m512 y2 = _mm512_fmadd_ps(x2, c, _mm512_mul_ps(x1, s));
+      const __m512i pr = _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(y2, y1));
+      _mm512_storeu_si512(kt + int64_t(f) * nt, _mm512_maskz_mov_epi32(live, pr));
+    }
+  }
+}
+
+inline void expand_kt_page_i8(const int32_t* lq, int R, const int8_t* quads, const float* qs, int D, const float* cos_row,
+                              const float* sin_row, const float* lane_cos, const float* lane_sin, int cnt, int32_t* kt, int nt,
+                              const uint8_t* pf, int pf_n, int64_t pf_stride, int slot_bytes) {
+  const int32_t* t = reinterpret_cast<const int32_t*>(quads);
+  const int nq = (R + 3) / 4;
+  switch (D) {
+    case 32: expand_kt_i8<32>(lq, nq, t, qs, cos_row, sin_row, lane_cos, lane_sin, cnt, kt, nt, pf, pf_n, pf_stride, slot_bytes); break;
+    case 64: expand_kt_i8<64>(lq, nq, t, qs, cos_row, sin_row, lane_cos, lane_sin, cnt, kt, nt, pf, pf_n, pf_stride, slot_bytes); break;
+    default: expand_kt_i8<128>(lq, nq, t, qs, cos_row, sin_row, lane_cos, lane_sin, cnt, kt, nt, pf, pf_n, pf_stride, slot_bytes); break;
+  }
+}
+
+// The query's D bf16 channels as the pairs expand_kt_i8 writes: (f, f + D / 2), f < D / 2 (D of 32, 64, 128).
+inline void rope_paired_query(const uint16_t* __restrict src, int D, uint16_t* __restrict dst) {
+  const int half = D / 2;
+  const __m512i idx = interleave_halves_idx();
+  for (int f = 0; f < half; f += 16) {
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + f));
+    const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + half + f));
+    _mm512_storeu_si512(dst + 2 * f, _mm512_permutexvar_epi16(idx, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)));
+  }
+}
+
+// cos / sin of lane offsets 0 .. 15 as [D / 2][16] (rows past the table's: zero), rebuilt when the table changed.
+inline void lane_angles(ScratchBf16& s, const float* cos, const float* sin, int cs_rows, int64_t cs_row, int64_t cs_off, int D, int64_t call) {
+  const int half = D / 2;
+  if (s.lane_call == call && s.lane_table == cos && s.lane_off == cs_off && int(s.lane_cos.size()) == half * 16) return;
+  const int rows = std::min(16, cs_rows);
+  bool same = s.lane_table == cos && s.lane_off == cs_off && int(s.lane_src.size()) == 2 * 16 * half;
+  for (int o = 0; same && o < rows; ++o)
+    same = std::memcmp(s.lane_src.data() + o * half, cos + o * cs_row + cs_off, sizeof(float) * half) == 0 &&
+           std::memcmp(s.lane_src.data() + (16 + o) * half, sin + o * cs_row + cs_off, sizeof(float) * half) == 0;
+  s.lane_call = call, s.lane_table = cos, s.lane_off = cs_off;
+  if (same) return;
+  s.lane_cos.assign(size_t(half) * 16, 0.0f);
+  s.lane_sin.assign(size_t(half) * 16, 0.0f);
+  s.lane_src.assign(size_t(2) * 16 * half, 0.0f);
+  for (int o = 0; o < rows; ++o)
+    for (int f = 0; f < half; ++f) {
+      const float c = cos[o * cs_row + cs_off + f], sn = sin[o * cs_row + cs_off + f];
+      s.lane_cos[f * 16 + o] = c, s.lane_sin[f * 16 + o] = sn;
+      s.lane_src[o * half + f] = c, s.lane_src[(16 + o) * half + f] = sn;
+    }
 }
 
 inline void expand_rope_page_bf16(const uint16_t* lat, int64_t stride, int n, int R, const uint16_t* tbl, int D, const float* cos,
@@ -855,7 +935,11 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
     for (int g = 0; g < G; ++g) {  // the query's bf16 channels as pairs, zero-padded to P pairs
       const uint16_t* src = reinterpret_cast<const uint16_t*>(p.query + int64_t(q_start + w.q0 + i) * p.q_tok + int64_t(w.head * G + g) * p.q_head);
       uint16_t* dst = reinterpret_cast<uint16_t*>(s.q.data() + int64_t(i * G + g) * P);
-      for (int c = 0; c < 2 * P; c += 32) _mm512_storeu_si512(dst + c, load_bf16_32(src + c, std::min(32, D - c)));
+      if constexpr (Enc::kQuads) {  // expand_kt_i8's pairs (f, f + D / 2)
+        rope_paired_query(src, D, dst);
+      } else {
+        for (int c = 0; c < 2 * P; c += 32) _mm512_storeu_si512(dst + c, load_bf16_32(src + c, std::min(32, D - c)));
+      }
     }
   std::fill(t.acc, t.acc + int64_t(rows) * C * 32, 0.0f);
   std::fill(t.row_max, t.row_max + rows, -std::numeric_limits<float>::infinity());
@@ -888,6 +972,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
   if constexpr (!kPlain) {
     if (s.page8.size() < size_t(srow) * (R + D)) s.page8.resize(size_t(srow) * (R + D));
     if (Enc::kQuads && s.lat8.size() < size_t(srow) * R4) s.lat8.resize(size_t(srow) * R4);
+    if constexpr (Enc::kQuads) lane_angles(s, p.cos, p.sin, p.cs_rows, cs_row, cs_off, D, p.call);
     if (s.ks.size() < size_t(srow)) s.ks.resize(srow), s.vs.resize(srow);
     ks = s.ks.data();
     vs = s.vs.data();
@@ -902,16 +987,14 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
     // 8-bit: the codes this visit reads (all the request's on the page when kept) are widened into
     // page8 a chunk at a time, just before their expansion, zero factors past them
     const int nw = keep ? std::min(BS, kv_len - page_start) : n;
-    auto widen = [&](int j0, int j1) {
-      if constexpr (Enc::kQuads) {  // values to bf16; latent codes to c + 128 (bytes, for vpdpbusd)
+    auto widen = [&](int j0, int j1, bool latents) {
+      if constexpr (Enc::kQuads) {  // values to bf16; latent codes to c + 128 in quads, tokens in lanes (for expand_kt_i8)
+        if (latents)  // j0 is a multiple of 16
+          for (int g0 = j0; g0 < j1; g0 += 16)
+            latents_to_quads(raw + int64_t(g0) * p.c_tok, p.c_tok, std::min(16, j1 - g0), R4, reinterpret_cast<int32_t*>(s.lat8.data() + int64_t(g0) * R4));
         uint16_t* dst = s.page8.data();
         for (int j = j0; j < j1; ++j) {
           const uint8_t* row = raw + int64_t(j) * p.c_tok;
-          for (int o = 0; o < R4; o += 32) {  // R4 <= R + D: bytes past R are value codes, met by zero table rows
-            const __mmask32 m = R4 - o >= 32 ? ~__mmask32(0) : (__mmask32(1) << (R4 - o)) - 1;
-            _mm256_mask_storeu_epi8(s.lat8.data() + int64_t(j) * R4 + o, m,
-                                    _mm256_xor_si256(_mm256_maskz_loadu_epi8(m, row + o), _mm256_set1_epi8(char(0x80))));
-          }
           codes_to_bf16<Int8Code>(row + R, dst + int64_t(j) * (R + D) + R, D);
           float scales[2];
           std::memcpy(scales, row + R + D, sizeof(scales));
@@ -944,7 +1027,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
       const int nt = packed_tokens(n_all);
       for (int c0 = 0; c0 < n_all; c0 += kRebuildChunk) {
         const int m = std::min(kRebuildChunk, n_all - c0);
-        widen(c0, c0 + m);
+        widen(c0, c0 + m, true);
         // the next chunk's cache rows (on this page or the next): prefetched while this one is rebuilt
         const uint8_t* pf = nullptr;
         int pf_n = 0;
@@ -954,9 +1037,16 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
           pf = next, pf_n = std::min(kRebuildChunk, (keep ? kv_len : kv_end) - page_start - BS);
         }
         if (!(fused && !amx) && !Enc::kQuads && pf) prefetch_rows(pf, pf_n, row_stride, row_bytes);
-        if constexpr (Enc::kQuads) {  // vpdpbusd expansion of the codes in place, RoPE in registers
-          expand_rope_page_i8(s.lat8.data() + c0 * R4, R4, m, R, quads, qs, D, p.cos, p.sin, cs_row, cs_off, page_start, c0, s.kb.data(),
-                              C * 32, pf, pf_n, row_stride, row_bytes);
+        if constexpr (Enc::kQuads) {  // vpdpbusd expansion, tokens in lanes, RoPE in registers, straight into K^T
+          for (int g0 = c0; g0 < c0 + m; g0 += 16) {
+            const int64_t angle = int64_t(page_start + g0) * cs_row + cs_off;  // the group's first position
+            // the next chunk's rows: the first half during the first group, the rest during the last
+            const int i0 = g0 == c0 ? 0 : (pf_n + 1) / 2, i1 = g0 + 16 >= c0 + m ? pf_n : (pf_n + 1) / 2;
+            expand_kt_page_i8(reinterpret_cast<const int32_t*>(s.lat8.data() + int64_t(g0) * R4), R, quads, qs, D, p.cos + angle,
+                              p.sin + angle, s.lane_cos.data(), s.lane_sin.data(), std::min(16, c0 + m - g0), kt + g0, nt,
+                              pf ? pf + i0 * row_stride : nullptr, std::max(0, i1 - i0), row_stride, row_bytes);
+          }
+          continue;  // K^T written: no packing
         } else if (fused && !amx) {  // vdpbf16ps expansion with RoPE in registers
           expand_rope_page_bf16(page + c0 * stride, stride, m, R, tbl, D, p.cos, p.sin, cs_row, cs_off, page_start, c0, s.kb.data(), C * 32,
                                 pf, pf_n, row_stride, row_bytes);
@@ -970,7 +1060,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
       s.nt[b] = nt;
       s.vp_done[b] = 0;
     } else if constexpr (!kPlain) {  // a kept page rebuilt by an earlier tile: only its values are widened again
-      widen(0, nw);
+      widen(0, nw, false);
       if (next_page) prefetch_rows(next, std::min(BS, kv_len - page_start - BS), row_stride, row_bytes);
     }
     if (t.use_brgemm && !s.vp_done[b]) {
@@ -990,7 +1080,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
 
 // ---- entry points -------------------------------------------------------------------------------
 
-// Whether the bf16 form expands int8_per_token_head latents in int8 (expand_rope_i8) on this CPU.
+// Whether the bf16 form expands int8_per_token_head latents in int8 (expand_kt_i8) on this CPU.
 bool int8_expansion_available() {
 #if THINKEYS_AVX512BF16
   return int8_expansion_supported();
@@ -1125,7 +1215,7 @@ void paged_attention(
         reinterpret_cast<const scalar_t*>(kv_cache.data_ptr()), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         output.data_ptr<scalar_t>(), output.stride(0), output.stride(1),
         expand_t.data_ptr<float>(), pairs_given ? reinterpret_cast<const uint16_t*>(expand_pairs.data_ptr()) : nullptr,
-        cos.data_ptr<float>(), sin.data_ptr<float>(), int(cos.size(1)),
+        cos.data_ptr<float>(), sin.data_ptr<float>(), int(cos.size(1)), int(cos.size(0)),
         block_table.data_ptr<int32_t>(), block_table.stride(0),
         qsl, lens,
         int(H_kv), int(H / H_kv), int(R), int(D), int(block_size), float(scale), call,

@@ -387,6 +387,7 @@ def test_int8_expansion_can_be_switched_off(monkeypatch):
         (6, 32, 4, 2, 16),  # r not a multiple of 4: the int8 expansion's last quad meets zero table rows
         (20, 128, 8, 2, 32),  # d = 128 (int8 expansion: eight blocks of channel pairs)
         (80, 128, 4, 1, 24),  # int8 expansion: latents wider than one 64-byte transpose, pages of 24 (groups of 16 cut)
+        (16, 64, 6, 2, 272),  # pages of more than 256 tokens: int8 P.V flushes its int32 sums every 128 token pairs
         (4, 12, 6, 1, 7),  # MQA, tiny widths, odd block size
     ],
 )

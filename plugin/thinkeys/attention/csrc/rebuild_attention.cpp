@@ -573,6 +573,7 @@ struct ScratchBf16 {
   int64_t lane_call = -1, lane_off = -1;
   const float* lane_table = nullptr;
   std::vector<float> ks, vs;  // and its per-token key / value factors [srow]
+  std::vector<float> pscale;  // int8 values (Int8Quads): per row, the factor of a page's int16 probabilities [rows]
   void fit(int rows, int P, int C, int Dv, int srow) {
     auto grow = [](auto& v, size_t n) {
       if (v.size() < n) v.resize(n);
@@ -912,6 +913,162 @@ inline void expand_rope_page_bf16(const uint16_t* lat, int64_t stride, int n, in
 #undef THINKEYS_FUSED
 }
 
+// ---- P.V on the int8 value codes (Int8Quads pages) ----
+// An int8_per_token_head page's values are read as the codes they are: per row and page, the
+// probabilities times the values' factors (p_t vs_t >= 0) are rounded to int16 steps of their page
+// maximum / 32767, and vpdpwssd sums q_t * code_t, two tokens per lane, exactly in int32; the row's
+// factor (maximum / 32767) then scales the page's sums into the fp32 accumulators. No widened copy of
+// the values is made, and P.V reads 1 byte per value instead of 2. The rounding is relative to the
+// page's largest term (2^-15 of it), finer than bf16 probabilities for every term above 2^-7 of it.
+
+// acc += a . b, pairs of signed 16-bit integers per 32-bit lane (inline assembly, as dp_u8s8_bcast).
+THINKEYS_ALWAYS_INLINE __m512i dp_i16(__m512i acc, __m512i a, __m512i b) {
+  asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
+// softmax_row for int8 values: the probabilities times vs as int16 (pr, zero from vis up to `width`) and
+// their factor (pscale); running max / sum updated, accumulators rescaled. sr is overwritten.
+inline void softmax_row_i16(float* __restrict sr, int vis, int width, float scale, int16_t* __restrict pr, float& row_max, float& row_sum,
+                            float* __restrict ar, int acc_width, const float* __restrict ks, const float* __restrict vs, float& pscale) {
+  const __mmask16 tail = __mmask16((1u << (vis & 15)) - 1);
+  const __m512 sv = _mm512_set1_ps(scale);
+  auto logits = [&](int j) { return _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(sr + j), sv), _mm512_loadu_ps(ks + j)); };
+  __m512 mv = _mm512_set1_ps(row_max);
+  int j = 0;
+  for (; j + 16 <= vis; j += 16) mv = _mm512_max_ps(mv, logits(j));
+  if (j < vis) mv = _mm512_mask_max_ps(mv, tail, mv, logits(j));
+  const float prev_max = row_max;
+  const float new_max = _mm512_reduce_max_ps(mv);
+  const __m512 nm = _mm512_set1_ps(new_max);
+  __m512 sum = _mm512_setzero_ps(), top = _mm512_setzero_ps();
+  for (j = 0; j < vis; j += 16) {
+    __m512 e = exp_nonpositive16(_mm512_sub_ps(logits(j), nm));
+    if (j + 16 > vis) e = _mm512_maskz_mov_ps(tail, e);  // masked tokens get p = 0
+    sum = _mm512_add_ps(sum, e);
+    const __m512 pv = _mm512_mul_ps(e, _mm512_loadu_ps(vs + j));
+    top = _mm512_max_ps(top, pv);
+    _mm512_storeu_ps(sr + j, pv);
+  }
+  const float m = _mm512_reduce_max_ps(top);
+  const __m512 inv = _mm512_set1_ps(m > 0.0f ? 32767.0f / m : 0.0f);
+  for (j = 0; j < vis; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(sr + j), inv))));
+  if (j < width) std::memset(pr + j, 0, sizeof(int16_t) * (width - j));
+  pscale = m / 32767.0f;
+  const float alpha = prev_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(prev_max - new_max);
+  row_sum = row_sum * alpha + _mm512_reduce_add_ps(sum);
+  row_max = new_max;
+  if (alpha != 1.0f) {
+    const __m512 av = _mm512_set1_ps(alpha);
+    for (int c = 0; c < acc_width; c += 16) _mm512_storeu_ps(ar + c, _mm512_mul_ps(_mm512_loadu_ps(ar + c), av));
+  }
+}
+
+// pv_block on int8 values: RB rows x NC 32-channel chunks (from chunk c0), token pairs [j0, j1) of the
+// page, codes read in place (rows row_bytes apart; token 2j + 1 >= n reads as zeros) and sign-extended to
+// 16 bits, int16 probabilities; int32 sums in registers, added to acc times the row's pscale (pv_block's
+// channel order: vpunpck[lh]wd interleave 16-bit channels the same way).
+template <int RB, int NC>
+THINKEYS_ALWAYS_INLINE void pv_block_i8(const int16_t* __restrict probs, int srow, const uint8_t* __restrict values, int64_t row_bytes, int j0,
+                                        int j1, int n, int D, int c0, float* __restrict acc, int acc_stride, const float* __restrict pscale) {
+  __m512i a[RB][2 * NC];
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < 2 * NC; ++v) a[r][v] = _mm512_setzero_si512();
+  __mmask32 m[NC];
+  for (int k = 0; k < NC; ++k) {
+    const int w = std::min(32, D - 32 * (c0 + k));
+    m[k] = w >= 32 ? ~__mmask32(0) : (__mmask32(1) << w) - 1;
+  }
+  for (int j = j0; j < j1; ++j) {
+    const uint8_t* v0 = values + int64_t(2 * j) * row_bytes + 32 * c0;
+    const bool has1 = 2 * j + 1 < n;
+    __m512i lo[NC], hi[NC];
+    for (int k = 0; k < NC; ++k) {
+      const __m512i x0 = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m[k], v0 + 32 * k));
+      const __m512i x1 = has1 ? _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m[k], v0 + row_bytes + 32 * k)) : _mm512_setzero_si512();
+      lo[k] = _mm512_unpacklo_epi16(x0, x1);
+      hi[k] = _mm512_unpackhi_epi16(x0, x1);
+    }
+    for (int r = 0; r < RB; ++r) {
+      int32_t bits;
+      std::memcpy(&bits, probs + int64_t(r) * srow + 2 * j, sizeof(bits));
+      const __m512i pb = _mm512_set1_epi32(bits);
+      for (int k = 0; k < NC; ++k) {
+        a[r][2 * k] = dp_i16(a[r][2 * k], lo[k], pb);
+        a[r][2 * k + 1] = dp_i16(a[r][2 * k + 1], hi[k], pb);
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    const __m512 f = _mm512_set1_ps(pscale[r]);
+    for (int v = 0; v < 2 * NC; ++v) {
+      float* o = acc + int64_t(r) * acc_stride + 32 * c0 + 16 * v;
+      _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r][v]), f, _mm512_loadu_ps(o)));
+    }
+  }
+}
+
+// acc[rows][32 C] += probs . int8 values of the page, as pv_page; int32 sums flushed every 128 token pairs
+// (|sum| < 256 x 32767 x 127 < 2^31).
+inline void pv_page_i8(const int16_t* probs, int srow, int rows, const uint8_t* values, int64_t row_bytes, int vis, int n, int D, int C,
+                       float* acc, const float* pscale) {
+  const int pairs = (vis + 1) / 2;
+  for (int j0 = 0; j0 < pairs; j0 += 128) {
+    const int j1 = std::min(pairs, j0 + 128);
+    for (int r0 = 0; r0 < rows; r0 += 4) {
+      const int rb = std::min(4, rows - r0);
+      const int16_t* pr = probs + int64_t(r0) * srow;
+      float* ar = acc + int64_t(r0) * C * 32;
+      for (int c0 = 0; c0 < C; c0 += 2) {
+        const bool two = c0 + 2 <= C;
+#define THINKEYS_PV8(RB)                                                                                   \
+  (two ? pv_block_i8<RB, 2>(pr, srow, values, row_bytes, j0, j1, n, D, c0, ar, C * 32, pscale + r0)      \
+       : pv_block_i8<RB, 1>(pr, srow, values, row_bytes, j0, j1, n, D, c0, ar, C * 32, pscale + r0))
+        switch (rb) {
+          case 4: THINKEYS_PV8(4); break;
+          case 3: THINKEYS_PV8(3); break;
+          case 2: THINKEYS_PV8(2); break;
+          default: THINKEYS_PV8(1); break;
+        }
+#undef THINKEYS_PV8
+      }
+    }
+  }
+}
+
+// attend_page_bf16 (its vdpbf16ps branch) for int8_per_token_head pages read as codes: scores against
+// kt, softmax with int16 probabilities (softmax_row_i16), P.V on the value codes in place (values: the
+// page's first value code, rows row_bytes apart; ks / vs: per-token factors; pscale: [rows] scratch).
+inline void attend_page_i8(const TileBf16& t, const int32_t* __restrict kt, int nt, int n, int page_start, const uint8_t* __restrict values,
+                           int64_t row_bytes, const float* ks, const float* vs, float* pscale) {
+  const int P = t.P, C = t.C, srow = t.srow;
+  const int ng_pad = nt / 16;
+  const int max_vis = std::min(n, t.context + t.q_begin + t.nq - page_start);  // the tile's last query
+  const int width = (max_vis + 1) / 2 * 2;
+  int16_t* probs = reinterpret_cast<int16_t*>(t.probs);
+  for (int i = 0; i < t.nq; ++i) {
+    const int vis = std::min(n, t.context + t.q_begin + i + 1 - page_start);
+    const int vg = (vis + 15) / 16;
+    for (int g = 0; g < t.G; ++g) {
+      const int row = i * t.G + g;
+      int16_t* pr = probs + int64_t(row) * srow;
+      if (vis <= 0) {
+        std::memset(pr, 0, sizeof(int16_t) * width);
+        pscale[row] = 0.0f;
+        continue;
+      }
+      float* sr = t.scores + int64_t(row) * srow;
+      const int32_t* qp = t.q + row * P;
+      int g0 = 0;
+      for (; g0 + 8 <= vg || (g0 + 4 < vg && g0 + 8 <= ng_pad); g0 += 8) score_groups<8>(qp, kt, P, nt, g0, sr);
+      for (; g0 < vg; g0 += 4) score_groups<4>(qp, kt, P, nt, g0, sr);
+      softmax_row_i16(sr, vis, width, t.scale, pr, t.row_max[row], t.row_sum[row], t.acc + int64_t(row) * C * 32, C * 32, ks, vs, pscale[row]);
+    }
+  }
+  pv_page_i8(probs, srow, t.rows, values, row_bytes, max_vis, n, t.D, C, t.acc, pscale);
+}
+
 constexpr int kRebuildChunk = 32;  // tokens expanded, rotated and packed at a time (two groups of 16; scratch stays in L1)
 
 // 8-bit caches: the key is s * RoPE(A^T c_q) for codes c_q and factor s (RoPE and the expansion are
@@ -970,10 +1127,11 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
   const float* ks = nullptr;
   const float* vs = nullptr;
   if constexpr (!kPlain) {
-    if (s.page8.size() < size_t(srow) * (R + D)) s.page8.resize(size_t(srow) * (R + D));
+    if (!Enc::kQuads && s.page8.size() < size_t(srow) * (R + D)) s.page8.resize(size_t(srow) * (R + D));
     if (Enc::kQuads && s.lat8.size() < size_t(srow) * R4) s.lat8.resize(size_t(srow) * R4);
     if constexpr (Enc::kQuads) lane_angles(s, p.cos, p.sin, p.cs_rows, cs_row, cs_off, D, p.call);
     if (s.ks.size() < size_t(srow)) s.ks.resize(srow), s.vs.resize(srow);
+    if (Enc::kQuads && s.pscale.size() < size_t(rows)) s.pscale.resize(rows);
     ks = s.ks.data();
     vs = s.vs.data();
   }
@@ -988,14 +1146,12 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
     // page8 a chunk at a time, just before their expansion, zero factors past them
     const int nw = keep ? std::min(BS, kv_len - page_start) : n;
     auto widen = [&](int j0, int j1, bool latents) {
-      if constexpr (Enc::kQuads) {  // values to bf16; latent codes to c + 128 in quads, tokens in lanes (for expand_kt_i8)
+      if constexpr (Enc::kQuads) {  // latent codes to c + 128 in quads, tokens in lanes (for expand_kt_i8); the factors
         if (latents)  // j0 is a multiple of 16
           for (int g0 = j0; g0 < j1; g0 += 16)
             latents_to_quads(raw + int64_t(g0) * p.c_tok, p.c_tok, std::min(16, j1 - g0), R4, reinterpret_cast<int32_t*>(s.lat8.data() + int64_t(g0) * R4));
-        uint16_t* dst = s.page8.data();
-        for (int j = j0; j < j1; ++j) {
+        for (int j = j0; j < j1; ++j) {  // the values stay codes (attend_page_i8): only their factors
           const uint8_t* row = raw + int64_t(j) * p.c_tok;
-          codes_to_bf16<Int8Code>(row + R, dst + int64_t(j) * (R + D) + R, D);
           float scales[2];
           std::memcpy(scales, row + R + D, sizeof(scales));
           s.ks[j] = scales[0] * Int8Code::kMul, s.vs[j] = scales[1] * Int8Code::kMul;
@@ -1062,6 +1218,10 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
     } else if constexpr (!kPlain) {  // a kept page rebuilt by an earlier tile: only its values are widened again
       widen(0, nw, false);
       if (next_page) prefetch_rows(next, std::min(BS, kv_len - page_start - BS), row_stride, row_bytes);
+    }
+    if constexpr (Enc::kQuads) {  // the values read as codes, in place
+      attend_page_i8(t, kt, s.nt[b], n, page_start, raw + R, p.c_tok, ks, vs, s.pscale.data());
+      continue;
     }
     if (t.use_brgemm && !s.vp_done[b]) {
       pack_values_vnni(page + R, stride, keep ? std::min(BS, kv_len - page_start) : n, D, C, vp);

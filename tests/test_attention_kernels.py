@@ -247,8 +247,9 @@ def test_kernel_form_follows_the_cpu():
         return
     assert kernels.cpu_isa() == "avx512bf16" or os.environ.get(kernels.ENV_ISA)
     if kernels.cpu_isa() == "avx512bf16":
-        amx = torch.cpu._is_amx_tile_supported() and os.environ.get("THINKEYS_KERNEL_AMX") == "1" and not os.environ.get("THINKEYS_KERNEL_NO_AMX")
-        assert kernels.kernel_isa() == ("avx512bf16+amx" if amx else "avx512bf16")  # AMX tiles are opt-in (THINKEYS_KERNEL_AMX=1)
+        amx = (torch.cpu._is_amx_tile_supported() and os.environ.get("THINKEYS_KERNEL_AMX") != "0"
+               and not os.environ.get("THINKEYS_KERNEL_NO_AMX"))
+        assert kernels.kernel_isa() == ("avx512bf16+amx" if amx else "avx512bf16")  # AMX tiles for prefills where the CPU has them
 
 
 @pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])

@@ -138,8 +138,9 @@ def test_kernel_form_follows_the_cpu():
 
     form = rebuild_kernel.kernel_isa()
     if kernels.cpu_isa() == "avx512bf16":
-        amx = torch.cpu._is_amx_tile_supported() and os.environ.get("THINKEYS_KERNEL_AMX") == "1" and not os.environ.get("THINKEYS_KERNEL_NO_AMX")
-        assert form == ("avx512bf16+amx" if amx else "avx512bf16")  # AMX tiles are opt-in (THINKEYS_KERNEL_AMX=1)
+        amx = (torch.cpu._is_amx_tile_supported() and os.environ.get("THINKEYS_KERNEL_AMX") != "0"
+               and not os.environ.get("THINKEYS_KERNEL_NO_AMX"))
+        assert form == ("avx512bf16+amx" if amx else "avx512bf16")  # AMX tiles for prefills where the CPU has them
     else:
         assert form in ("avx2", "portable")
 
@@ -263,10 +264,11 @@ def test_bf16_form_without_amx_agrees(tmp_path):
 EIGHT_BIT_STORAGE = {"int8_per_token_head": torch.int8}  # vLLM's; the fp8 kinds are uint8
 
 
-def kernel_table(kind, query, expand):
+def kernel_table(kind, query, expand, lens):
     """The expansion table the kernel computes with: int8-rounded (rebuild_kernel.int8_table) where it expands
-    int8 latents in int8, else the table itself."""
-    if kind == "int8_per_token_head" and query.dtype == torch.bfloat16 and rebuild_kernel.int8_expansion(query.shape[-1]):
+    int8 latents in int8 (for this call), else the table itself."""
+    if (kind == "int8_per_token_head" and query.dtype == torch.bfloat16
+            and rebuild_kernel.int8_expansion(query.shape[-1], query.shape[0], lens.shape[0])):
         return rebuild_kernel.int8_table(expand)
     return expand
 
@@ -281,7 +283,7 @@ def quantize_cache(case, kind, k_scale=1.0, v_scale=1.0, expansion=None):
     blocks, kv_heads, block_size, width = cache.shape
     r = expand.shape[-1]
     d = width - r
-    reference_table = (kernel_table(kind, query, expand) if expansion is None else expansion).double()
+    reference_table = (kernel_table(kind, query, expand, lens) if expansion is None else expansion).double()
     codec = KVCodec(kind, r, d)
     storage = EIGHT_BIT_STORAGE.get(kind, torch.uint8)
     layout = "LBHNC" if cache.is_contiguous() else "LBNHC"
@@ -335,10 +337,10 @@ def test_bf16_kernel_reads_int8_pages(step, layout):
     torch.testing.assert_close(run_torch(*exact[:-1], kv_cache_dtype="int8_per_token_head").double(), exact[-1], atol=BF16_ATOL, rtol=0)
 
 
-def _coarse_table_case(d=64):
+def _coarse_table_case(d=64, step="decodes"):
     """A scenario whose table has one large entry per output channel, so int8 rounding moves the others a lot
     (steps of 2 / 127 against entries of ~0.05): far more than bf16 rounding does."""
-    case = list(scenario(*STEPS["mixed"], heads=9, kv_heads=3, r=32, d=d, dtype=torch.bfloat16))
+    case = list(scenario(*STEPS[step], heads=9, kv_heads=3, r=32, d=d, dtype=torch.bfloat16))
     g = torch.Generator().manual_seed(5)
     expand = torch.randn(3, d, 32, generator=g) * 0.05
     expand[:, torch.arange(d), torch.arange(d) % 32] = 2.0
@@ -347,12 +349,12 @@ def _coarse_table_case(d=64):
 
 
 def test_int8_expansion_uses_the_int8_rounded_table():
-    """Where the kernel expands int8 latents in int8, it computes with rebuild_kernel.int8_table: it matches the float64
-    reference with that table and not the one with the exact table (on a table that int8 rounding moves a lot);
-    int8_tables holds the same codes in quads."""
+    """Where the kernel expands int8 latents in int8 (a call of decodes), it computes with rebuild_kernel.int8_table: it
+    matches the float64 reference with that table and not the one with the exact table (on a table that int8
+    rounding moves a lot); int8_tables holds the same codes in quads."""
     _needs_8bit_form()
     if not rebuild_kernel.int8_expansion(64):
-        pytest.skip("no int8 expansion on this CPU (needs AVX512-VNNI and AVX512-BF16, without AMX)")
+        pytest.skip("no int8 expansion on this CPU (needs AVX512-VNNI and AVX512-BF16)")
     case = _coarse_table_case()
     expand = case[2]
     rounded = quantize_cache(case, "int8_per_token_head", expansion=rebuild_kernel.int8_table(expand))
@@ -365,6 +367,37 @@ def test_int8_expansion_uses_the_int8_rounded_table():
     codes = quads.transpose(1, 2).reshape(3, 64, -1)[..., :32].float()  # [H_kv, d16, r4] -> [H_kv, d, r]
     torch.testing.assert_close(codes * side[:, 0, :64, None], rebuild_kernel.int8_table(expand), atol=0, rtol=0)
     torch.testing.assert_close(side[:, 1, :64], 128 * codes.sum(-1), atol=0, rtol=0)
+
+
+def test_prefills_on_amx_use_the_bf16_table():
+    """Where the kernel prefills on AMX tiles, a call with prefill tokens reads int8 pages with the bf16 table (codes
+    widened, brgemm); its decodes too (one rule per call, what rebuild_kernel.int8_expansion says)."""
+    _needs_8bit_form()
+    if not rebuild_kernel.amx_tiles():
+        pytest.skip("no AMX tiles here: every call expands int8 latents in int8")
+    case = _coarse_table_case(step="mixed")
+    assert not rebuild_kernel.int8_expansion(64, case[0].shape[0], case[6].shape[0])
+    exact = quantize_cache(case, "int8_per_token_head", expansion=case[2])
+    torch.testing.assert_close(run_kernel_8bit("int8_per_token_head", *exact[:-1]).double(), exact[-1], atol=BF16_ATOL, rtol=0)
+
+
+def test_int8_prefill_without_amx_agrees(tmp_path):
+    """On an AMX host, THINKEYS_KERNEL_NO_AMX=1 (in a subprocess): prefill tiles expand int8 latents in int8 with
+    vdpbf16ps scores, as on AVX512-VNNI CPUs without AMX, against the int8-rounded table's reference."""
+    from thinkeys.attention import kernels
+    from thinkeys.attention.quant import KERNEL_FORMATS
+
+    _needs_8bit_form()
+    if not rebuild_kernel.amx_tiles():
+        pytest.skip("no AMX here: test_bf16_kernel_int8_shapes already runs int8 prefills this way")
+    if not rebuild_kernel.int8_expansion(64):
+        pytest.skip("no int8 expansion on this CPU")
+    assert kernels.cpu_isa() == "avx512bf16"
+    case = scenario([1, 40, 7, 1], [300, 40, 190, 5], heads=9, kv_heads=3, r=32, d=64, block_size=128, dtype=torch.bfloat16)
+    rounded = quantize_cache(case, "int8_per_token_head", expansion=rebuild_kernel.int8_table(case[2]))
+    form, out = _run_in_subprocess(tmp_path, {"THINKEYS_KERNEL_NO_AMX": "1"}, rounded, "bfloat16", KERNEL_FORMATS["int8_per_token_head"])
+    assert form == "avx512bf16"
+    torch.testing.assert_close(out.double(), rounded[-1], atol=BF16_ATOL, rtol=0)
 
 
 def test_int8_expansion_can_be_switched_off(monkeypatch):

@@ -91,16 +91,26 @@ def reads_8bit(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.bfloat16, torch.float16) and available()
 
 
-def int8_expansion(head_dim: int) -> bool:
-    """Whether ``int8_per_token_head`` reads by the loaded kernel expand the latents in int8 (:func:`int8_tables`)
-    for bf16 queries of width ``head_dim``: AVX512-VNNI without AMX, d of 32, 64 or 128, not switched off."""
-    return os.environ.get(ENV_INT8_EXPANSION, "1") != "0" and head_dim in (32, 64, 128) and _int8_expansion_supported()
+def int8_expansion(head_dim: int, query_tokens: int = 1, requests: int = 1) -> bool:
+    """Whether an ``int8_per_token_head`` read by the loaded kernel expands the latents in int8 (:func:`int8_tables`)
+    for bf16 queries of width ``head_dim``: AVX512-VNNI, d of 32, 64 or 128, not switched off; and, where the
+    kernel prefills on AMX tiles (:func:`amx_tiles`), a call of decodes only (``query_tokens`` <= ``requests``):
+    a call with more query tokens than requests reads its pages with the bf16 table, on AMX."""
+    if os.environ.get(ENV_INT8_EXPANSION, "1") == "0" or head_dim not in (32, 64, 128) or not _int8_expansion_supported():
+        return False
+    return query_tokens <= requests or not amx_tiles()
 
 
 @functools.lru_cache(maxsize=1)
 def _int8_expansion_supported() -> bool:
     """The loaded kernel's answer (asked once: this runs on every attention call)."""
     return available() and bool(torch.ops.thinkeys_rebuild.int8_expansion_supported())
+
+
+@functools.lru_cache(maxsize=1)
+def amx_tiles() -> bool:
+    """Whether the loaded kernel prefills on AMX tiles (oneDNN brgemm: a CPU with AMX, THINKEYS_KERNEL_NO_AMX unset)."""
+    return available() and kernel_isa().endswith("+amx")
 
 
 _lock = threading.Lock()
@@ -241,12 +251,13 @@ def paged_attention(
     per-token (or per-tensor ``k_scale`` / ``v_scale``) factors applied to scores and probabilities in fp32; in the
     fp32 form each chunk is dequantized to fp32 (code * factor) and rebuilt like a float cache. With an
     ``int8_per_token_head`` cache and bf16 queries the latents are expanded in int8 where :func:`int8_expansion`
-    holds (the table rounded as :func:`int8_table` says).
+    holds for the call (the table rounded as :func:`int8_table` says).
     """
     expand_t, pairs = prepared_tables(table)
     cos, sin = _rope_for(freqs, seq_lens)
     quads = side = None
-    if cache_format == "int8_per_token_head" and query.dtype == torch.bfloat16 and int8_expansion(query.shape[-1]):
+    if (cache_format == "int8_per_token_head" and query.dtype == torch.bfloat16
+            and int8_expansion(query.shape[-1], query.shape[0], seq_lens.shape[0])):
         quads, side = int8_tables(table)
     torch.ops.thinkeys_rebuild.paged_attention(
         query, kv_cache, expand_t, pairs, cos, sin, block_table, query_start_loc, seq_lens, float(scale), output,

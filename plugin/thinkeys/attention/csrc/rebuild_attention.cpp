@@ -757,7 +757,7 @@ inline void expand_rope_bf16(const uint16_t* __restrict lat, int64_t stride, int
 inline bool fused_rope(int D) { return D == 32 || D == 64 || D == 128; }
 
 bool int8_expansion_supported() {
-  static const bool ok = bf16_dot_supported() && __builtin_cpu_supports("avx512vnni") && !amx_brgemm_supported();
+  static const bool ok = bf16_dot_supported() && __builtin_cpu_supports("avx512vnni");
   return ok;
 }
 
@@ -1083,7 +1083,9 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
   const int q_start = p.qsl[w.req], q_len = p.qsl[w.req + 1] - q_start, kv_len = p.lens[w.req];
   const int nq = w.q1 - w.q0, rows = nq * G;
   const int srow = ((BS + 15) / 16 + 7) / 8 * 8 * 16;  // tokens of a page rounded up to 8 groups of 16
-  const bool amx = amx_brgemm_supported();
+  // AMX brgemm (where on) for the requests with new tokens to prefill: the expansion of whole pages, scores and
+  // P.V of tiles of >= kAmxRows rows; decodes take the vdpbf16ps / int8 paths, faster for one query a request
+  const bool amx = !Enc::kQuads && amx_brgemm_supported() && q_len > 1;
   const bool fused = fused_rope(D);
   s.fit(rows, P, C, Dv, srow);
   const TileBf16 t{nq, G, rows, P, C, D, srow, kv_len - q_len, w.q0, p.scale, rows >= kAmxRows && amx,

@@ -15,15 +15,15 @@ reports AVX2 or better; otherwise the portable loops are built. When torch also 
 ``-DTHINKEYS_BF16_FORM`` compiles one more section of the .cpp for AVX512-BF16 (a target pragma;
 everything else is the same AVX2 code), and bf16 queries (plain bf16 or 8-bit caches) take
 the kernel's bf16 form: bf16 pair dot products (vdpbf16ps) for decodes, oneDNN's AMX brgemm for
-prefill tiles where the CPU has AMX and ``THINKEYS_KERNEL_AMX=1``, no widening of the cache to fp32 (see the .cpp); float32 and
+prefill tiles where the CPU has AMX, no widening of the cache to fp32 (see the .cpp); float32 and
 float16 run the AVX2 code as before. ``THINKEYS_KERNEL_ISA`` (``avx2`` or
 ``baseline``) caps that choice, e.g. to time the AVX2 form on an AVX512 machine. The build
 directory is named after the choice, so a cache directory shared by machines of different CPUs
 stays correct; ``torch.ops.thinkeys.kernel_isa()`` names the form a loaded library runs.
-AMX tiles are opt-in: ``THINKEYS_KERNEL_AMX=1`` (read once per process) turns them on where the CPU
-has AMX; without it (the default since the session-6 rewrite of the shared page step, whose AMX
-paths have not run on an AMX host yet) AMX CPUs take the vdpbf16ps paths every AVX512-BF16 CPU
-runs. ``THINKEYS_KERNEL_NO_AMX=1`` forces vdpbf16ps even with ``THINKEYS_KERNEL_AMX=1``.
+AMX tiles run prefill tiles (16+ rows) wherever the CPU has AMX (opt-in from session 6 until
+session 10, whose Xeon ran the tests on these paths and measured prefill attention 2-3.5x faster
+than by vdpbf16ps); ``THINKEYS_KERNEL_NO_AMX=1`` or ``THINKEYS_KERNEL_AMX=0`` (read once per
+process) keeps AMX CPUs on the vdpbf16ps paths every AVX512-BF16 CPU runs.
 
 The hot loops both this kernel and the rebuild-at-read kernel (``rebuild_kernel.py``) use live in
 ``csrc/attention_common.h``; :func:`build_and_load` builds either with the same flags

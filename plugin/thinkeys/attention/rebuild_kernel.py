@@ -5,8 +5,8 @@ cache root), built the same way (:func:`kernels.build_and_load`: the instruction
 :func:`kernels.cpu_isa` picks, ``THINKEYS_KERNEL_ISA`` caps it, the ``THINKEYS_ATTENTION_KERNEL``
 switch, the AMX tile state requested at load), registering
 ``torch.ops.thinkeys_rebuild.paged_attention`` and ``torch.ops.thinkeys_rebuild.kernel_isa``. On
-an AVX512-BF16 CPU bf16 runs the kernel's bf16 form (vdpbf16ps expansion; AMX brgemm where the CPU
-has AMX and ``THINKEYS_KERNEL_AMX=1`` opts in, see ``kernels.py``); see the .cpp.
+an AVX512-BF16 CPU bf16 runs the kernel's bf16 form (vdpbf16ps expansion; AMX brgemm for prefills
+where the CPU has AMX, see ``kernels.py``); see the .cpp.
 
 Per layer, once (cached on the table tensor, redone if it is modified in place): the expansion
 table as float32 ``[H_kv, r, d]`` (the fp32 form) and as bf16 channel pairs
@@ -17,9 +17,10 @@ table as float32 ``[H_kv, r, d]`` (the fp32 form) and as bf16 channel pairs
 int8 expansion: with an ``int8_per_token_head`` cache the bf16 form multiplies the cached int8
 latent codes by the table quantized to int8 (per KV head and output channel, scale = max |A| / 127)
 with vpdpbusd, 64 products per instruction, and never widens the latents (where
-:func:`int8_expansion` is true: AVX512-VNNI, no AMX, d of 32, 64 or 128). The sums are exact; the
-table's int8 rounding is the one approximation, the same kind of rounding the int8 cache already
-applies to the latents; :func:`int8_table` gives the table the kernel then uses, for references.
+:func:`int8_expansion` is true: AVX512-VNNI, d of 32, 64 or 128, and no AMX prefill in the call); P.V
+then reads the value codes as they are (probabilities rounded to int16 steps of their page maximum). The
+sums are exact; the table's int8 rounding is the main approximation, the same kind of rounding the int8
+cache already applies to the latents; :func:`int8_table` gives the table the kernel then uses, for references.
 ``THINKEYS_INT8_EXPANSION=0`` keeps the bf16 table (codes widened to bf16) instead.
 
 RoPE cos/sin tables are computed here, in float32 exactly as ``thinkeys.rope.apply_thin_rope``

@@ -24,8 +24,8 @@
 //   All arithmetic in fp32.
 // * bf16 (bfloat16 on AVX512-BF16 CPUs; -DTHINKEYS_BF16_FORM): the cache is never widened. Per
 //   page the latents are expanded as one [tokens, R] x [R, D] bf16 product into fp32, read in place
-//   from the page by oneDNN's AMX brgemm (at::native::cpublas::brgemm) where the CPU has AMX, by
-//   vdpbf16ps otherwise (table in the VNNI pair layout, prepared once per layer by
+//   from the page by oneDNN's AMX brgemm (at::native::cpublas::brgemm) for requests with tokens to
+//   prefill where the CPU has AMX, by vdpbf16ps otherwise (table in the VNNI pair layout, prepared once per layer by
 //   rebuild_kernel.py); rotated in fp32 and rounded to bf16 once; packed into channel pairs; then
 //   the main kernel's bf16 page step (attention_common.h: vdpbf16ps scores and P.V straight from
 //   the page for decodes, brgemm for prefill tiles of >= 16 rows, fp32 online softmax). A thread
@@ -37,10 +37,12 @@
 //   bf16 latent; the expansion and RoPE are linear, so the key is s * RoPE(A^T c_q) and each
 //   token's key factor s multiplies its scores, its value factor its probabilities, in fp32
 //   (attend_page_bf16's ks / vs). int8_per_token_head latents skip the widening where the CPU has
-//   AVX512-VNNI (and no AMX) and D is 32, 64 or 128: they are multiplied as bytes by the table
+//   AVX512-VNNI, D is 32, 64 or 128 and rebuild_kernel.py passes the int8 table (a call of decodes, or
+//   any call where AMX does not run the prefills): they are multiplied as bytes by the table
 //   quantized to int8 per output channel (expand_kt_i8, vpdpbusd: twice vdpbf16ps' products per
 //   instruction; 16 tokens in the lanes, so the keys come out as the K^T the scores read, with no
-//   packing step); only the values are widened. Pages are widened a chunk at a time, just before the
+//   packing step), and P.V reads the value codes as they are (attend_page_i8: int16 probabilities,
+//   vpdpwssd), so nothing of such a page is widened. Other 8-bit pages are widened a chunk at a time, just before the
 //   chunk's expansion, while the next chunk's rows are prefetched. The fp32 form reads them too:
 //   each chunk's codes are dequantized to fp32 (code * scale, attention_common.h's slot formats, as
 //   the main kernel's fp32 form) where it would widen a float cache's latents and values.

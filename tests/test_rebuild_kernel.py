@@ -160,6 +160,7 @@ def test_bf16_kernel_matches_reference(step, layout):
         (16, 64, 9, 3, 32),
         (64, 64, 4, 4, 16),  # full rank, MHA
         (5, 40, 8, 1, 16),  # odd r (no brgemm expansion; the last latent pair masked), d / 2 = 20: masked RoPE
+        (7, 32, 4, 2, 24),  # odd r, d = 32: the K^T expansion's last latent pair masked (on AMX tiles too: K = 16 bytes)
         (4, 12, 6, 1, 7),  # MQA, tiny widths, odd block size
     ],
 )

@@ -22,13 +22,17 @@
 //   (register-blocked AVX-512 FMAs on CPUs that have them, AVX2 otherwise) and rotated, then the
 //   main kernel's fp32 hot loops (attention_common.h: eight-token scores, online softmax, P.V).
 //   All arithmetic in fp32.
-// * bf16 (bfloat16 on AVX512-BF16 CPUs; -DTHINKEYS_BF16_FORM): the cache is never widened. Per
-//   page the latents are expanded as one [tokens, R] x [R, D] bf16 product into fp32, read in place
-//   from the page by oneDNN's AMX brgemm (at::native::cpublas::brgemm) for requests with tokens to
-//   prefill where the CPU has AMX, by vdpbf16ps otherwise (table in the VNNI pair layout, prepared once per layer by
-//   rebuild_kernel.py); rotated in fp32 and rounded to bf16 once; packed into channel pairs; then
-//   the main kernel's bf16 page step (attention_common.h: vdpbf16ps scores and P.V straight from
-//   the page for decodes, brgemm for prefill tiles of >= 16 rows, fp32 online softmax). A thread
+// * bf16 (bfloat16 on AVX512-BF16 CPUs; -DTHINKEYS_BF16_FORM): the cache is never widened. For
+//   requests with tokens to prefill, where the CPU has AMX, a page's latents are expanded as one
+//   [tokens, R] x [R, D] bf16 product into fp32 read in place by oneDNN's AMX brgemm
+//   (at::native::cpublas::brgemm), rotated, rounded to bf16 and packed into channel pairs (K^T). Else
+//   (decodes; every request on CPUs without AMX; D of 32, 64 or 128) 16 tokens at a time go into the
+//   lanes of the expansion (expand_kt_bf16: vdpbf16ps with a table pair broadcast per channel, or AMX-BF16
+//   tiles for decodes where the CPU has them and R <= 32), are rotated in registers and come out as
+//   K^T directly, paired (f, f + D / 2) as RoPE pairs them. Then the main kernel's bf16 page step
+//   (attention_common.h: vdpbf16ps scores and P.V straight from the page for decodes, brgemm for
+//   prefill tiles of >= 16 rows, fp32 online softmax). The table comes in the VNNI pair layout,
+//   prepared once per layer by rebuild_kernel.py. A thread
 //   keeps the pages it rebuilt for the (request, KV head) it is working on, so the tiles of a
 //   prefill rebuild each page once, not once per tile.
 //   8-bit caches (cache_format int8_per_token_head, fp8_per_token_head, fp8_e4m3, fp8_e5m2: the
@@ -57,6 +61,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -551,6 +558,84 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
     }
 }
 
+// ---- the bf16 K^T expansion on AMX tiles (decodes on CPUs with AMX-BF16) ----
+// On the AMX Xeon of session 10 vdpbf16ps issues about one per two cycles (vpdpbusd two per cycle),
+// so the bf16 expansion of decodes (expand_kt_bf16's loop) was two thirds of the op. tdpbf16ps does a
+// group's products, 16 channels x 16 tokens x 2 R bf16 at a time: A = the table's rows of 16 channels
+// ([Dv][Rp] bf16, table_rows), B = the group's latent pairs as rows_to_lanes lays them out (AMX's B
+// layout: [pairs][16 tokens x 2]), C = [16 channels][16 tokens] fp32, stored for rope_kt_store. For
+// R <= 32 (one tile's K). The configuration is loaded per work item; the caller releases the tiles
+// and cpublas' record of its own configuration afterwards (at::native::cpublas::brgemm_release).
+
+// Whether the CPU has AMX-BF16 and Linux lets this process use the tile data (requested here if not yet).
+bool amx_bf16_tiles() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22))) return false;  // AMX-TILE, AMX-BF16
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return ok;
+}
+
+#if THINKEYS_AVX512BF16 && defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#define THINKEYS_AMX_EXPANSION 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,amx-tile,amx-bf16")
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0 - tmm3: C (16 x 16 fp32); tmm4, tmm5: A (16 channels x K bytes); tmm6, tmm7: B (K / 4 rows of 64 bytes).
+void amx_expansion_configure(int K) {
+  TileConfig cfg;
+  for (int i = 0; i < 4; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+  cfg.colsb[4] = cfg.colsb[5] = uint16_t(K), cfg.rows[4] = cfg.rows[5] = 16;
+  cfg.colsb[6] = cfg.colsb[7] = 64, cfg.rows[6] = cfg.rows[7] = uint8_t(K / 4);
+  // not _tile_loadconfig: GCC 12's tells the compiler it reads 8 bytes, so the other stores may be dropped
+  asm volatile("ldtilecfg %0" : : "m"(cfg));
+}
+
+// acc[g] [D][16] fp32 = table rows [D][K bytes] x group g's latent pairs (lp + g * 16 K / 4 int32), for the
+// n_groups (1 or 2) groups of a chunk: four independent products in flight.
+void amx_expansion_chunk(const int32_t* lp, int n_groups, const uint16_t* rows, int K, int D, float* acc) {
+  const int64_t group = int64_t(4) * K, out = int64_t(D) * 16;
+  const uint8_t* a = reinterpret_cast<const uint8_t*>(rows);
+  _tile_loadd(6, lp, 64);
+  if (n_groups > 1) _tile_loadd(7, lp + group, 64);
+  for (int c0 = 0; c0 < D; c0 += 32) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_loadd(4, a + int64_t(c0) * K, K);
+    _tile_loadd(5, a + int64_t(c0 + 16) * K, K);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 5, 6);
+    if (n_groups > 1) {
+      _tile_zero(2);
+      _tile_zero(3);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+      _tile_stored(2, acc + out + c0 * 16, 64);
+      _tile_stored(3, acc + out + (c0 + 16) * 16, 64);
+    }
+    _tile_stored(0, acc + c0 * 16, 64);
+    _tile_stored(1, acc + (c0 + 16) * 16, 64);
+  }
+}
+#pragma GCC pop_options
+
+// Whether decodes expand bf16 latents on AMX tiles: AMX on (amx_brgemm_supported: not THINKEYS_KERNEL_NO_AMX) and AMX-BF16.
+bool amx_expansion_enabled() {
+  static const bool ok = amx_brgemm_supported() && amx_bf16_tiles();
+  return ok;
+}
+#else
+#define THINKEYS_AMX_EXPANSION 0
+#endif
+
 // ---- bf16 form ----------------------------------------------------------------------------------
 #if THINKEYS_AVX512BF16
 #pragma GCC push_options
@@ -565,6 +650,12 @@ struct ScratchBf16 {
   int req = -1, head = -1;
   std::vector<int32_t> kt;
   std::vector<uint16_t> vp;
+  std::vector<int32_t> lanes;  // bf16 K^T expansion: a chunk's latent pairs, tokens in lanes [2][pairs][16]
+  // AMX bf16 K^T expansion: the layer's table as rows of channels [H_kv][Dv][Rp] bf16 (for one call), a chunk's products
+  std::vector<uint16_t> table_rows;
+  const uint16_t* table_rows_src = nullptr;
+  int64_t table_rows_call = -1;
+  std::vector<float> amx_acc;  // [2][Dv][16]
   std::vector<int> nt;  // per page: packed token count (0: not rebuilt yet)
   std::vector<char> vp_done;
   std::vector<uint16_t> page8;  // 8-bit caches: a page's codes widened to bf16 [srow][R + D]
@@ -689,28 +780,6 @@ inline void rope_to_bf16(const float* __restrict k32, int Dv, int n, int D, cons
   }
 }
 
-// One token's key x[0 : NB] (16 fp32 channels each) rotated at the page's angle (ca, sa) plus the token's
-// offset (cos / sin rows cb_row / sb_row: angle addition, see rope_to_bf16), NeoX pairs f, f + D / 2, stored as bf16 at o.
-template <int NB>
-THINKEYS_ALWAYS_INLINE void rope_store_bf16(const __m512* x, const __m512* ca, const __m512* sa, const float* __restrict cb_row,
-                                            const float* __restrict sb_row, uint16_t* __restrict o) {
-  constexpr int HB = NB / 2, half = 8 * NB;
-  for (int b = 0; b < HB; ++b) {
-    const __m512 cb = _mm512_loadu_ps(cb_row + 16 * b), sb = _mm512_loadu_ps(sb_row + 16 * b);
-    const __m512 c = _mm512_fmsub_ps(ca[b], cb, _mm512_mul_ps(sa[b], sb));
-    const __m512 s = _mm512_fmadd_ps(sa[b], cb, _mm512_mul_ps(ca[b], sb));
-    const __m512 x1 = x[b], x2 = x[b + HB];
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * b), (__m256i)_mm512_cvtneps_pbh(_mm512_fmsub_ps(x1, c, _mm512_mul_ps(x2, s))));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + half + 16 * b), (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(x2, c, _mm512_mul_ps(x1, s))));
-  }
-}
-
-// The page's RoPE angle: cos / sin of its first position, HB blocks of 16 (the fused passes' start).
-template <int HB>
-THINKEYS_ALWAYS_INLINE void page_angle(const float* __restrict cos_row, const float* __restrict sin_row, __m512* ca, __m512* sa) {
-  for (int b = 0; b < HB; ++b) ca[b] = _mm512_loadu_ps(cos_row + 16 * b), sa[b] = _mm512_loadu_ps(sin_row + 16 * b);
-}
-
 // Rows i0 .. i1 - 1 of the next chunk (slot_bytes each, pf_stride apart), a few per step of this one, so the
 // prefetches spread over the chunk's work (a burst would fill the miss buffers).
 THINKEYS_ALWAYS_INLINE void prefetch_spread(const uint8_t* pf, int i0, int i1, int64_t pf_stride, int slot_bytes) {
@@ -718,44 +787,7 @@ THINKEYS_ALWAYS_INLINE void prefetch_spread(const uint8_t* pf, int i0, int i1, i
     for (int o = 0; o < slot_bytes; o += 64) __builtin_prefetch(pf + int64_t(i) * pf_stride + o, 0, 3);
 }
 
-// expand_bf16 and rope_to_bf16 in one pass for D = 16 NB (D a multiple of 32): TB tokens x NB
-// 16-channel blocks accumulate in registers, are rotated there (channel blocks b and b + NB / 2 are
-// RoPE pairs) and stored as bf16; the fp32 keys never go to memory. Tokens t0 .. t0 + n - 1 of the
-// page, latents at lat + t * stride (t from 0).
-template <int NB, int TB, bool kOddR>
-inline void expand_rope_bf16(const uint16_t* __restrict lat, int64_t stride, int n, int R, const int32_t* __restrict tbl,
-                             const float* __restrict cos, const float* __restrict sin, int64_t cs_row, int64_t cs_off, int pos0, int t0,
-                             uint16_t* __restrict kb, int kb_stride, const uint8_t* pf, int pf_n, int64_t pf_stride, int slot_bytes) {
-  constexpr int D = 16 * NB, HB = NB / 2;
-  const int pairs = (R + 1) / 2;
-  __m512 ca[HB], sa[HB];  // the page's angle
-  page_angle<HB>(cos + int64_t(pos0) * cs_row + cs_off, sin + int64_t(pos0) * cs_row + cs_off, ca, sa);
-  for (int j0 = 0; j0 < n; j0 += TB) {
-    const int nt = std::min(TB, n - j0);
-    prefetch_spread(pf, j0, std::min(j0 + TB, pf_n), pf_stride, slot_bytes);
-    __m512 a[TB][NB];
-    for (int i = 0; i < TB; ++i)
-      for (int b = 0; b < NB; ++b) a[i][b] = _mm512_setzero_ps();
-    const int32_t* l[TB];
-    for (int i = 0; i < TB; ++i) l[i] = reinterpret_cast<const int32_t*>(lat + int64_t(j0 + std::min(i, nt - 1)) * stride);
-    for (int pp = 0; pp < pairs; ++pp) {
-      __m512i tv[NB];
-      for (int b = 0; b < NB; ++b) tv[b] = _mm512_loadu_si512(tbl + int64_t(pp) * D + 16 * b);
-      for (int i = 0; i < TB; ++i) {
-        int32_t bits;
-        std::memcpy(&bits, l[i] + pp, sizeof(bits));
-        if (kOddR && pp + 1 == pairs) bits &= 0xFFFF;
-        const __m512i cv = _mm512_set1_epi32(bits);
-        for (int b = 0; b < NB; ++b) a[i][b] = dp_bf16(a[i][b], tv[b], cv);
-      }
-    }
-    for (int i = 0; i < nt; ++i)
-      rope_store_bf16<NB>(a[i], ca, sa, cos + int64_t(t0 + j0 + i) * cs_row + cs_off, sin + int64_t(t0 + j0 + i) * cs_row + cs_off,
-                          kb + int64_t(t0 + j0 + i) * kb_stride);
-  }
-}
-
-// Whether expand_rope_page_bf16 (and expand_kt_page_i8) handle D (the fused pass), else expansion then rope_to_bf16.
+// Whether expand_kt_page_bf16 / expand_kt_page_i8 handle D (the fused pass into K^T), else expansion then rope_to_bf16.
 inline bool fused_rope(int D) { return D == 32 || D == 64 || D == 128; }
 
 bool int8_expansion_supported() {
@@ -774,7 +806,7 @@ bool int8_expansion_supported() {
 // slot's first value codes) meet zero table rows.
 // The scoring loops read a page's keys as K^T in channel pairs, kt [P][nt]. With tokens in the lanes
 // of the expansion the keys come out in that layout and need no transpose (pack_key_groups): 16
-// tokens' latent quads (latents_to_quads) are the unsigned operand of vpdpbusd, a table entry
+// tokens' latent quads (rows_to_lanes) are the unsigned operand of vpdpbusd, a table entry
 // broadcast per channel the signed one. A pair is then (channel f, channel f + D / 2), RoPE's own
 // pair: both come out of one rotation, and the query is packed in the same pairing (rope_paired_query).
 
@@ -785,23 +817,33 @@ THINKEYS_ALWAYS_INLINE __m512i dp_u8s8_bcast(__m512i acc, __m512i u, const int32
   return acc;
 }
 
+// acc += a . (the bf16 pair at b, broadcast): vdpbf16ps with an embedded-broadcast operand (as dp_u8s8_bcast).
+THINKEYS_ALWAYS_INLINE __m512 dp_bf16_bcast(__m512 acc, __m512i a, const int32_t* b) {
+  asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(a), "m"(*b));
+  return acc;
+}
+
 // Word permutation interleaving the two halves of a vector: lane t of the result is (word t, word 16 + t).
 THINKEYS_ALWAYS_INLINE __m512i interleave_halves_idx() {
   return _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
 }
 
-// Latent codes of `cnt` <= 16 tokens (rows `row_stride` bytes apart, the first R4 bytes of each) plus 128,
-// as quads with tokens in lanes: lq [R4 / 4][16] int32 (lanes past cnt zero). R4 <= the slot's R + D bytes;
-// bytes past R are value codes, met by zero table rows.
-THINKEYS_ALWAYS_INLINE void latents_to_quads(const uint8_t* rows, int64_t row_stride, int cnt, int R4, int32_t* __restrict lq) {
+// The first `bytes` (a multiple of 4) of `cnt` <= 16 rows (`row_stride` bytes apart) as 32-bit words with
+// tokens in lanes: lq [bytes / 4][16] int32 (lanes past cnt zero); kFlip: every byte xor 0x80 (int8 codes as
+// c + 128). For int8 latents the words are quads of codes (bytes = R rounded up to 4: bytes past R are value
+// codes, met by zero table rows), for bf16 latents pairs.
+template <bool kFlip>
+THINKEYS_ALWAYS_INLINE void rows_to_lanes(const uint8_t* rows, int64_t row_stride, int cnt, int bytes, int32_t* __restrict lq) {
   const __m512i flip = _mm512_set1_epi8(char(0x80));
-  for (int o = 0; o < R4; o += 64) {
-    const int w = std::min(64, R4 - o);
+  for (int o = 0; o < bytes; o += 64) {
+    const int w = std::min(64, bytes - o);
     const __mmask64 m = w == 64 ? ~__mmask64(0) : (__mmask64(1) << w) - 1;
     __m512i r[16];
 #pragma GCC unroll 16
-    for (int t = 0; t < 16; ++t)
-      r[t] = t < cnt ? _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, rows + t * row_stride + o), flip) : _mm512_setzero_si512();
+    for (int t = 0; t < 16; ++t) {
+      const __m512i x = t < cnt ? _mm512_maskz_loadu_epi8(m, rows + t * row_stride + o) : _mm512_setzero_si512();
+      r[t] = kFlip && t < cnt ? _mm512_xor_si512(x, flip) : x;
+    }
     transpose16x16_epi32(r);
 #pragma GCC unroll 16
     for (int k = 0; k < 16; ++k)  // unrolled with a test, not a loop to w / 4: r stays in registers
@@ -809,9 +851,25 @@ THINKEYS_ALWAYS_INLINE void latents_to_quads(const uint8_t* rows, int64_t row_st
   }
 }
 
+// The K^T expansions' epilogue for channel pair (f, f + D / 2) of 16 tokens (x1, x2: fp32, tokens in lanes):
+// rotated at the tokens' positions (the group's angle cos_row / sin_row, the lanes' offsets lane_cos / lane_sin
+// [D / 2][16], angle addition), rounded to bf16 and stored as K^T row f (pairs; lanes not live: zero).
+THINKEYS_ALWAYS_INLINE void rope_kt_store(__m512 x1, __m512 x2, int f, const float* __restrict cos_row, const float* __restrict sin_row,
+                                          const float* __restrict lane_cos, const float* __restrict lane_sin, __m512i idx, __mmask16 live,
+                                          int32_t* __restrict kt_row) {
+  const __m512 ca = _mm512_set1_ps(cos_row[f]), sa = _mm512_set1_ps(sin_row[f]);
+  const __m512 cl = _mm512_loadu_ps(lane_cos + f * 16), sl = _mm512_loadu_ps(lane_sin + f * 16);
+  const __m512 c = _mm512_fmsub_ps(ca, cl, _mm512_mul_ps(sa, sl));
+  const __m512 s = _mm512_fmadd_ps(sa, cl, _mm512_mul_ps(ca, sl));
+  const __m512 y1 = _mm512_fmsub_ps(x1, c, _mm512_mul_ps(x2, s));
+  const __m512 y2 = _mm512_fmadd_ps(x2, c, _mm512_mul_ps(x1, s));
+  const __m512i pr = _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(y2, y1));
+  _mm512_storeu_si512(kt_row, _mm512_maskz_mov_epi32(live, pr));
+}
+
 // K^T of a group of cnt <= 16 tokens: kt[f][0 : 16] (f < D / 2; rows nt apart) = bf16 pairs (channel f,
 // channel f + D / 2) of the rebuilt, rotated keys, tokens in lanes (past cnt: zero). lq: the group's
-// latent quads (latents_to_quads); tbl [quads][D] int32: the int8 table in quads; qs: channel scales [D]
+// latent quads (rows_to_lanes); tbl [quads][D] int32: the int8 table in quads; qs: channel scales [D]
 // then 128 * column sums [D] (k = scale * (acc - bias)); cos_row / sin_row: the angle
 // of the group's first position, lane_cos / lane_sin [D / 2][16] the lane offsets' (angle addition, as
 // rope_to_bf16). The next chunk's rows are prefetched a few per block of channels.
@@ -840,18 +898,60 @@ inline void expand_kt_i8(const int32_t* __restrict lq, int quads, const int32_t*
 #pragma GCC unroll 8
     for (int k = 0; k < FB; ++k) {  // unrolled: a1 / a2 stay in registers
       const int f = f0 + k;
-      const __m512 ca = _mm512_set1_ps(cos_row[f]), sa = _mm512_set1_ps(sin_row[f]);
-      const __m512 cl = _mm512_loadu_ps(lane_cos + f * 16), sl = _mm512_loadu_ps(lane_sin + f * 16);
-      const __m512 c = _mm512_fmsub_ps(ca, cl, _mm512_mul_ps(sa, sl));
-      const __m512 s = _mm512_fmadd_ps(sa, cl, _mm512_mul_ps(ca, sl));
       const __m512 x1 = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(a1[k]), _mm512_set1_ps(qs[D + f])), _mm512_set1_ps(qs[f]));
       const __m512 x2 =
           _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(a2[k]), _mm512_set1_ps(qs[D + half + f])), _mm512_set1_ps(qs[half + f]));
-      const __m512 y1 = _mm512_fmsub_ps(x1, c, _mm512_mul_ps(x2, s));
-      const __m512 y2 = _mm512_fmadd_ps(x2, c, _mm512_mul_ps(x1, s));
-      const __m512i pr = _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(y2, y1));
-      _mm512_storeu_si512(kt + int64_t(f) * nt, _mm512_maskz_mov_epi32(live, pr));
+      rope_kt_store(x1, x2, f, cos_row, sin_row, lane_cos, lane_sin, idx, live, kt + int64_t(f) * nt);
     }
+  }
+}
+
+// expand_kt_i8 for bf16 latents: lp [pairs][16] int32 (rows_to_lanes<false>: latent pairs, tokens in lanes)
+// times the bf16 table in VNNI pairs (tbl [pairs][D] int32, a pair broadcast per channel) by vdpbf16ps, in fp32.
+// With products (amx_expansion_chunk's [D][16] fp32) the loop is skipped.
+template <int D>
+inline void expand_kt_bf16(const int32_t* __restrict lp, int pairs, const int32_t* __restrict tbl, const float* __restrict cos_row,
+                           const float* __restrict sin_row, const float* __restrict lane_cos, const float* __restrict lane_sin, int cnt,
+                           int32_t* __restrict kt, int nt, const uint8_t* pf, int pf_n, int64_t pf_stride, int slot_bytes,
+                           const float* __restrict products) {
+  constexpr int half = D / 2, FB = 8, blocks = half / FB;
+  const __mmask16 live = cnt >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
+  const __m512i idx = interleave_halves_idx();
+  for (int f0 = 0; f0 < half; f0 += FB) {
+    const int step = (pf_n + blocks - 1) / blocks, i0 = f0 / FB * step;
+    prefetch_spread(pf, i0, std::min(i0 + step, pf_n), pf_stride, slot_bytes);
+    __m512 a1[FB], a2[FB];
+    if (products) {
+#pragma GCC unroll 8
+      for (int k = 0; k < FB; ++k) a1[k] = _mm512_loadu_ps(products + (f0 + k) * 16), a2[k] = _mm512_loadu_ps(products + (half + f0 + k) * 16);
+#pragma GCC unroll 8
+      for (int k = 0; k < FB; ++k) rope_kt_store(a1[k], a2[k], f0 + k, cos_row, sin_row, lane_cos, lane_sin, idx, live, kt + int64_t(f0 + k) * nt);
+      continue;
+    }
+    for (int k = 0; k < FB; ++k) a1[k] = a2[k] = _mm512_setzero_ps();
+    for (int pp = 0; pp < pairs; ++pp) {
+      const __m512i l = _mm512_loadu_si512(lp + pp * 16);
+      const int32_t* t = tbl + pp * D + f0;
+#pragma GCC unroll 8
+      for (int k = 0; k < FB; ++k) {
+        a1[k] = dp_bf16_bcast(a1[k], l, t + k);
+        a2[k] = dp_bf16_bcast(a2[k], l, t + half + k);
+      }
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < FB; ++k) rope_kt_store(a1[k], a2[k], f0 + k, cos_row, sin_row, lane_cos, lane_sin, idx, live, kt + int64_t(f0 + k) * nt);
+  }
+}
+
+inline void expand_kt_page_bf16(const int32_t* lp, int R, const uint16_t* pairs_tbl, int D, const float* cos_row, const float* sin_row,
+                                const float* lane_cos, const float* lane_sin, int cnt, int32_t* kt, int nt, const uint8_t* pf, int pf_n,
+                                int64_t pf_stride, int slot_bytes, const float* products) {
+  const int32_t* t = reinterpret_cast<const int32_t*>(pairs_tbl);
+  const int np = (R + 1) / 2;
+  switch (D) {
+    case 32: expand_kt_bf16<32>(lp, np, t, cos_row, sin_row, lane_cos, lane_sin, cnt, kt, nt, pf, pf_n, pf_stride, slot_bytes, products); break;
+    case 64: expand_kt_bf16<64>(lp, np, t, cos_row, sin_row, lane_cos, lane_sin, cnt, kt, nt, pf, pf_n, pf_stride, slot_bytes, products); break;
+    default: expand_kt_bf16<128>(lp, np, t, cos_row, sin_row, lane_cos, lane_sin, cnt, kt, nt, pf, pf_n, pf_stride, slot_bytes, products); break;
   }
 }
 
@@ -865,6 +965,20 @@ inline void expand_kt_page_i8(const int32_t* lq, int R, const int8_t* quads, con
     case 64: expand_kt_i8<64>(lq, nq, t, qs, cos_row, sin_row, lane_cos, lane_sin, cnt, kt, nt, pf, pf_n, pf_stride, slot_bytes); break;
     default: expand_kt_i8<128>(lq, nq, t, qs, cos_row, sin_row, lane_cos, lane_sin, cnt, kt, nt, pf, pf_n, pf_stride, slot_bytes); break;
   }
+}
+
+// The KV heads' bf16 tables as rows of channels [H_kv][Dv][Rp] (AMX's A operand) from the VNNI pairs
+// [H_kv][Rp / 2][Dv][2], once per call and thread.
+inline const uint16_t* table_rows(ScratchBf16& s, const uint16_t* pairs, int H_kv, int Rp, int Dv, int64_t call) {
+  if (s.table_rows_src != pairs || s.table_rows_call != call) {
+    s.table_rows.resize(size_t(H_kv) * Dv * Rp);
+    for (int h = 0; h < H_kv; ++h)
+      for (int q = 0; q < Rp / 2; ++q)
+        for (int c = 0; c < Dv; ++c)
+          std::memcpy(s.table_rows.data() + (int64_t(h) * Dv + c) * Rp + 2 * q, pairs + ((int64_t(h) * (Rp / 2) + q) * Dv + c) * 2, 4);
+    s.table_rows_src = pairs, s.table_rows_call = call;
+  }
+  return s.table_rows.data();
 }
 
 // The query's D bf16 channels as the pairs expand_kt_i8 writes: (f, f + D / 2), f < D / 2 (D of 32, 64, 128).
@@ -898,21 +1012,6 @@ inline void lane_angles(ScratchBf16& s, const float* cos, const float* sin, int 
       s.lane_cos[f * 16 + o] = c, s.lane_sin[f * 16 + o] = sn;
       s.lane_src[o * half + f] = c, s.lane_src[(16 + o) * half + f] = sn;
     }
-}
-
-inline void expand_rope_page_bf16(const uint16_t* lat, int64_t stride, int n, int R, const uint16_t* tbl, int D, const float* cos,
-                                  const float* sin, int64_t cs_row, int64_t cs_off, int pos0, int t0, uint16_t* kb, int kb_stride,
-                                  const uint8_t* pf, int pf_n, int64_t pf_stride, int slot_bytes) {
-  const int32_t* t = reinterpret_cast<const int32_t*>(tbl);
-#define THINKEYS_FUSED(NB, TB)                                                                                          \
-  (R % 2 ? expand_rope_bf16<NB, TB, true>(lat, stride, n, R, t, cos, sin, cs_row, cs_off, pos0, t0, kb, kb_stride, pf, pf_n, pf_stride, slot_bytes)  \
-         : expand_rope_bf16<NB, TB, false>(lat, stride, n, R, t, cos, sin, cs_row, cs_off, pos0, t0, kb, kb_stride, pf, pf_n, pf_stride, slot_bytes))
-  switch (D) {
-    case 32: THINKEYS_FUSED(2, 8); break;
-    case 64: THINKEYS_FUSED(4, 4); break;
-    default: THINKEYS_FUSED(8, 2); break;
-  }
-#undef THINKEYS_FUSED
 }
 
 // ---- P.V on the int8 value codes (Int8Quads pages) ----
@@ -1089,6 +1188,8 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
   // P.V of tiles of >= kAmxRows rows; decodes take the vdpbf16ps / int8 paths, faster for one query a request
   const bool amx = !Enc::kQuads && amx_brgemm_supported() && q_len > 1;
   const bool fused = fused_rope(D);
+  // keys expanded with tokens in lanes straight into K^T (expand_kt_i8 / expand_kt_bf16; pairs (f, f + D / 2))
+  const bool kt_direct = Enc::kQuads || (fused && !amx);
   s.fit(rows, P, C, Dv, srow);
   const TileBf16 t{nq, G, rows, P, C, D, srow, kv_len - q_len, w.q0, p.scale, rows >= kAmxRows && amx,
                    s.q.data(), s.scores.data(), s.probs.data(), s.acc.data(), s.row_max.data(), s.row_sum.data()};
@@ -1096,7 +1197,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
     for (int g = 0; g < G; ++g) {  // the query's bf16 channels as pairs, zero-padded to P pairs
       const uint16_t* src = reinterpret_cast<const uint16_t*>(p.query + int64_t(q_start + w.q0 + i) * p.q_tok + int64_t(w.head * G + g) * p.q_head);
       uint16_t* dst = reinterpret_cast<uint16_t*>(s.q.data() + int64_t(i * G + g) * P);
-      if constexpr (Enc::kQuads) {  // expand_kt_i8's pairs (f, f + D / 2)
+      if (kt_direct) {  // expand_kt_*'s pairs (f, f + D / 2)
         rope_paired_query(src, D, dst);
       } else {
         for (int c = 0; c < 2 * P; c += 32) _mm512_storeu_si512(dst + c, load_bf16_32(src + c, std::min(32, D - c)));
@@ -1133,12 +1234,23 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
   if constexpr (!kPlain) {
     if (!Enc::kQuads && s.page8.size() < size_t(srow) * (R + D)) s.page8.resize(size_t(srow) * (R + D));
     if (Enc::kQuads && s.lat8.size() < size_t(srow) * R4) s.lat8.resize(size_t(srow) * R4);
-    if constexpr (Enc::kQuads) lane_angles(s, p.cos, p.sin, p.cs_rows, cs_row, cs_off, D, p.call);
+
     if (s.ks.size() < size_t(srow)) s.ks.resize(srow), s.vs.resize(srow);
     if (Enc::kQuads && s.pscale.size() < size_t(rows)) s.pscale.resize(rows);
     ks = s.ks.data();
     vs = s.vs.data();
   }
+  if (kt_direct) lane_angles(s, p.cos, p.sin, p.cs_rows, cs_row, cs_off, D, p.call);
+  // decodes of bf16 (or widened 8-bit) latents on AMX-BF16 tiles where the CPU has them (R <= 32: one tile's K)
+  const uint16_t* amx_rows = nullptr;
+#if THINKEYS_AMX_EXPANSION
+  if (!Enc::kQuads && kt_direct && amx_expansion_enabled() && R <= 32) {
+    const int Rp = (R + 1) / 2 * 2;
+    if (s.amx_acc.size() < size_t(2) * Dv * 16) s.amx_acc.resize(size_t(2) * Dv * 16);
+    amx_rows = table_rows(s, p.expand_pairs, p.H_kv, Rp, Dv, p.call) + int64_t(w.head) * Dv * Rp;
+    amx_expansion_configure(2 * Rp);
+  }
+#endif
   const int kv_end = t.context + w.q1;
   const int32_t* blocks = p.block_table + int64_t(w.req) * p.bt_stride;
   for (int page_start = 0, b = 0; page_start < kv_end; page_start += BS, ++b) {
@@ -1153,7 +1265,8 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
       if constexpr (Enc::kQuads) {  // latent codes to c + 128 in quads, tokens in lanes (for expand_kt_i8); the factors
         if (latents)  // j0 is a multiple of 16
           for (int g0 = j0; g0 < j1; g0 += 16)
-            latents_to_quads(raw + int64_t(g0) * p.c_tok, p.c_tok, std::min(16, j1 - g0), R4, reinterpret_cast<int32_t*>(s.lat8.data() + int64_t(g0) * R4));
+            rows_to_lanes<true>(raw + int64_t(g0) * p.c_tok, p.c_tok, std::min(16, j1 - g0), R4,
+                                reinterpret_cast<int32_t*>(s.lat8.data() + int64_t(g0) * R4));
         for (int j = j0; j < j1; ++j) {  // the values stay codes (attend_page_i8): only their factors
           const uint8_t* row = raw + int64_t(j) * p.c_tok;
           float scales[2];
@@ -1207,9 +1320,26 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
                               pf ? pf + i0 * row_stride : nullptr, std::max(0, i1 - i0), row_stride, row_bytes);
           }
           continue;  // K^T written: no packing
-        } else if (fused && !amx) {  // vdpbf16ps expansion with RoPE in registers
-          expand_rope_page_bf16(page + c0 * stride, stride, m, R, tbl, D, p.cos, p.sin, cs_row, cs_off, page_start, c0, s.kb.data(), C * 32,
-                                pf, pf_n, row_stride, row_bytes);
+        } else if (kt_direct) {  // bf16 expansion, tokens in lanes, RoPE in registers, straight into K^T
+          const int pairs = (R + 1) / 2;
+          if (s.lanes.size() < size_t(2) * pairs * 16) s.lanes.resize(size_t(2) * pairs * 16);
+          for (int g0 = c0; g0 < c0 + m; g0 += 16) {
+            int32_t* lp = s.lanes.data() + (g0 - c0) / 16 * pairs * 16;
+            rows_to_lanes<false>(reinterpret_cast<const uint8_t*>(page + int64_t(g0) * stride), stride * 2, std::min(16, c0 + m - g0), 4 * pairs, lp);
+            if (R % 2)  // the last pair's second half is the slot's first value channel: off
+              for (int k = 0; k < 16; ++k) lp[(pairs - 1) * 16 + k] &= 0xFFFF;
+          }
+#if THINKEYS_AMX_EXPANSION
+          if (amx_rows) amx_expansion_chunk(s.lanes.data(), (m + 15) / 16, amx_rows, 4 * pairs, D, s.amx_acc.data());  // the products on tiles
+#endif
+          for (int g0 = c0; g0 < c0 + m; g0 += 16) {
+            const int64_t angle = int64_t(page_start + g0) * cs_row + cs_off;
+            const int i0 = g0 == c0 ? 0 : (pf_n + 1) / 2, i1 = g0 + 16 >= c0 + m ? pf_n : (pf_n + 1) / 2;
+            expand_kt_page_bf16(s.lanes.data() + (g0 - c0) / 16 * pairs * 16, R, tbl, D, p.cos + angle, p.sin + angle, s.lane_cos.data(),
+                                s.lane_sin.data(), std::min(16, c0 + m - g0), kt + g0, nt, pf ? pf + i0 * row_stride : nullptr,
+                                std::max(0, i1 - i0), row_stride, row_bytes, amx_rows ? s.amx_acc.data() + (g0 - c0) / 16 * D * 16 : nullptr);
+          }
+          continue;  // K^T written: no packing
         } else {  // expansion (AMX brgemm or vdpbf16ps) into fp32, then RoPE
           expand_page_bf16(page + c0 * stride, stride, m, R, tbl, Dv, s.k32.data(), amx);
           rope_to_bf16(s.k32.data(), Dv, m, D, p.cos, p.sin, cs_row, cs_off, page_start, c0, s.kb.data(), C * 32);
@@ -1233,7 +1363,10 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
     }
     attend_page_bf16(t, kt, s.nt[b], n, page_start, page + R, stride, vp, ks, vs);
   }
-  used_brgemm = used_brgemm || t.use_brgemm || amx;
+  used_brgemm = used_brgemm || t.use_brgemm || amx || amx_rows;
+#if THINKEYS_AMX_EXPANSION
+  if (amx_rows) at::native::cpublas::brgemm_release();  // our tile configuration must not look like cpublas' own to its next call
+#endif
 
   for (int i = 0; i < nq; ++i)
     for (int g = 0; g < G; ++g)

@@ -425,9 +425,12 @@ def test_int8_expansion_can_be_switched_off(monkeypatch):
         (4, 12, 6, 1, 7),  # MQA, tiny widths, odd block size
     ],
 )
-def test_bf16_kernel_int8_shapes(r, d, heads, kv_heads, block_size):
+@pytest.mark.parametrize("q_lens", [[1, 3, 1, 70, 100], [1, 1, 1, 1, 1]], ids=["mixed", "decodes"])
+def test_bf16_kernel_int8_shapes(r, d, heads, kv_heads, block_size, q_lens):
+    """Decodes only: the int8 expansion and P.V on the codes on every CPU with AVX512-VNNI; with prefills, on AMX
+    hosts, the bf16 table on AMX tiles (rebuild_kernel.int8_expansion)."""
     _needs_8bit_form()
-    case = quantize_cache(scenario([1, 3, 1, 70, 100], [300, 3, 9, 150, 100], heads=heads, kv_heads=kv_heads, r=r, d=d,
+    case = quantize_cache(scenario(q_lens, [300, 3, 9, 150, 100], heads=heads, kv_heads=kv_heads, r=r, d=d,
                                    block_size=block_size, dtype=torch.bfloat16, seed=r, padding_requests=1), "int8_per_token_head")
     torch.testing.assert_close(run_kernel_8bit("int8_per_token_head", *case[:-1]).double(), case[-1], atol=BF16_ATOL, rtol=0)
 

@@ -123,8 +123,8 @@ struct Codes8 {
   static constexpr bool kPerTokenHead = kPerTokenHeadV;
   static constexpr bool kQuads = false;
 };
-// int8_per_token_head pages whose latent codes are expanded as they are, in int8 (expand_kt_i8);
-// only the values are widened to bf16
+// int8_per_token_head pages read as the codes they are: latents expanded in int8 (expand_kt_i8), values
+// multiplied by int16 probabilities (attend_page_i8)
 struct Int8Quads {
   using Code = Int8Code;
   static constexpr bool kPerTokenHead = true;
@@ -801,7 +801,7 @@ bool int8_expansion_supported() {
 // come in as c + 128 (xor 0x80) and 128 * sum_m a_q[m][ch] comes off; 64 products per instruction
 // where vdpbf16ps gives 32, and the latents are never widened to bf16. Then k = s_ch * (acc - bias)
 // in fp32, rotated and rounded to bf16 (the token's factor multiplies its scores, as for every 8-bit
-// page). Exact integer sums (|acc| < 2^24); the one approximation is the table's int8 rounding, which
+// page). Exact integer sums (|acc| < 2^24); the approximation is the table's int8 rounding, which
 // the float64 reference of the tests reproduces (rebuild_kernel.int8_table). Latent bytes past R (a
 // slot's first value codes) meet zero table rows.
 // The scoring loops read a page's keys as K^T in channel pairs, kt [P][nt]. With tokens in the lanes

@@ -450,12 +450,14 @@ THINKEYS_ALWAYS_INLINE void score_groups(const int32_t* __restrict qp, const int
   for (int b = 0; b < NB; ++b) _mm512_storeu_ps(s + (g0 + b) * 16, a[b]);
 }
 
-// Online softmax step of one row over the page's raw scores sr[0 : vis): probabilities (bf16, zero
-// from vis up to `width`) into pr, running max / sum updated, accumulators rescaled. Returns alpha.
-// ks / vs (8-bit pages, else null): per-token factors of the scores and of the values.
-inline void softmax_row(const float* __restrict sr, int vis, int width, float scale, uint16_t* __restrict pr,
-                        float& row_max, float& row_sum, float* __restrict ar, int acc_width,
-                        const float* __restrict ks, const float* __restrict vs) {
+// Online softmax step of one row over the page's raw scores sr[0 : vis): for each 16 tokens from 0,
+// emit(j, p) gets p = exp(logit - new max) (zero from vis; times the value's factor vs where given);
+// then the running max / sum are updated and the accumulators ar rescaled. Returns where emit stopped
+// (vis rounded up to 16). ks / vs (8-bit pages, else null): per-token factors of the scores and of the
+// values. emit may overwrite sr[j : j + 16] (read before it is called).
+template <typename Emit>
+THINKEYS_ALWAYS_INLINE int online_softmax_step(const float* sr, int vis, float scale, float& row_max, float& row_sum, float* __restrict ar,
+                                               int acc_width, const float* __restrict ks, const float* __restrict vs, Emit&& emit) {
   const __mmask16 tail = __mmask16((1u << (vis & 15)) - 1);
   const __m512 sv = _mm512_set1_ps(scale);
   auto logits = [&](int j) {
@@ -474,10 +476,8 @@ inline void softmax_row(const float* __restrict sr, int vis, int width, float sc
     __m512 e = exp_nonpositive16(_mm512_sub_ps(logits(j), nm));
     if (j + 16 > vis) e = _mm512_maskz_mov_ps(tail, e);  // masked tokens get p = 0
     sum = _mm512_add_ps(sum, e);
-    const __m512 pv = vs ? _mm512_mul_ps(e, _mm512_loadu_ps(vs + j)) : e;  // the value's factor rides on p
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), (__m256i)_mm512_cvtneps_pbh(pv));
+    emit(j, vs ? _mm512_mul_ps(e, _mm512_loadu_ps(vs + j)) : e);  // the value's factor rides on p
   }
-  if (j < width) std::memset(pr + j, 0, sizeof(uint16_t) * (width - j));
   const float alpha = prev_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(prev_max - new_max);
   row_sum = row_sum * alpha + _mm512_reduce_add_ps(sum);
   row_max = new_max;
@@ -485,6 +485,17 @@ inline void softmax_row(const float* __restrict sr, int vis, int width, float sc
     const __m512 av = _mm512_set1_ps(alpha);
     for (int c = 0; c < acc_width; c += 16) _mm512_storeu_ps(ar + c, _mm512_mul_ps(_mm512_loadu_ps(ar + c), av));
   }
+  return j;
+}
+
+// online_softmax_step with the probabilities stored as bf16 in pr (zero from vis up to `width`).
+inline void softmax_row(const float* __restrict sr, int vis, int width, float scale, uint16_t* __restrict pr,
+                        float& row_max, float& row_sum, float* __restrict ar, int acc_width,
+                        const float* __restrict ks, const float* __restrict vs) {
+  const int j = online_softmax_step(sr, vis, scale, row_max, row_sum, ar, acc_width, ks, vs, [&](int j, __m512 p) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), (__m256i)_mm512_cvtneps_pbh(p));
+  });
+  if (j < width) std::memset(pr + j, 0, sizeof(uint16_t) * (width - j));
 }
 
 // Position, in a row of pv_block's accumulators, of output channel c: vpunpck[lh]wd interleave

@@ -567,6 +567,8 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
 // R <= 32 (one tile's K). The configuration is loaded per work item; the caller releases the tiles
 // and cpublas' record of its own configuration afterwards (at::native::cpublas::brgemm_release).
 
+#if THINKEYS_AVX512BF16 && defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#define THINKEYS_AMX_EXPANSION 1
 // Whether the CPU has AMX-BF16 and Linux lets this process use the tile data (requested here if not yet).
 bool amx_bf16_tiles() {
   static const bool ok = [] {
@@ -578,8 +580,6 @@ bool amx_bf16_tiles() {
   return ok;
 }
 
-#if THINKEYS_AVX512BF16 && defined(CPUBLAS_BRGEMM_BF16BF16F32)
-#define THINKEYS_AMX_EXPANSION 1
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,amx-tile,amx-bf16")
 struct alignas(64) TileConfig {
@@ -867,6 +867,28 @@ THINKEYS_ALWAYS_INLINE void rope_kt_store(__m512 x1, __m512 x2, int f, const flo
   _mm512_storeu_si512(kt_row, _mm512_maskz_mov_epi32(live, pr));
 }
 
+// The K^T expansions' driver: per block of FB = 8 channel pairs, products(f0, x1, x2) gives the fp32
+// keys (16 tokens in lanes) of channels f0 .. f0 + 7 in x1 and of their RoPE partners f0 + D / 2 .. in
+// x2, and rope_kt_store rotates and stores them as K^T rows f0 .. f0 + 7; the next chunk's rows are
+// prefetched a few per block (see expand_kt_i8 for the arguments).
+template <int D, typename Products>
+THINKEYS_ALWAYS_INLINE void expand_kt(const float* __restrict cos_row, const float* __restrict sin_row, const float* __restrict lane_cos,
+                                      const float* __restrict lane_sin, int cnt, int32_t* __restrict kt, int nt, const uint8_t* pf, int pf_n,
+                                      int64_t pf_stride, int slot_bytes, Products&& products) {
+  constexpr int half = D / 2, FB = 8, blocks = half / FB;
+  const __mmask16 live = cnt >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
+  const __m512i idx = interleave_halves_idx();
+  for (int f0 = 0; f0 < half; f0 += FB) {
+    const int step = (pf_n + blocks - 1) / blocks, i0 = f0 / FB * step;
+    prefetch_spread(pf, i0, std::min(i0 + step, pf_n), pf_stride, slot_bytes);
+    __m512 x1[FB], x2[FB];
+    products(f0, x1, x2);
+#pragma GCC unroll 8
+    for (int k = 0; k < FB; ++k)  // unrolled: x1 / x2 stay in registers
+      rope_kt_store(x1[k], x2[k], f0 + k, cos_row, sin_row, lane_cos, lane_sin, idx, live, kt + int64_t(f0 + k) * nt);
+  }
+}
+
 // K^T of a group of cnt <= 16 tokens: kt[f][0 : 16] (f < D / 2; rows nt apart) = bf16 pairs (channel f,
 // channel f + D / 2) of the rebuilt, rotated keys, tokens in lanes (past cnt: zero). lq: the group's
 // latent quads (rows_to_lanes); tbl [quads][D] int32: the int8 table in quads; qs: channel scales [D]
@@ -878,12 +900,8 @@ inline void expand_kt_i8(const int32_t* __restrict lq, int quads, const int32_t*
                          const float* __restrict cos_row, const float* __restrict sin_row, const float* __restrict lane_cos,
                          const float* __restrict lane_sin, int cnt, int32_t* __restrict kt, int nt, const uint8_t* pf, int pf_n,
                          int64_t pf_stride, int slot_bytes) {
-  constexpr int half = D / 2, FB = 8, blocks = half / FB;
-  const __mmask16 live = cnt >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
-  const __m512i idx = interleave_halves_idx();
-  for (int f0 = 0; f0 < half; f0 += FB) {
-    const int step = (pf_n + blocks - 1) / blocks, i0 = f0 / FB * step;
-    prefetch_spread(pf, i0, std::min(i0 + step, pf_n), pf_stride, slot_bytes);
+  constexpr int half = D / 2, FB = 8;
+  expand_kt<D>(cos_row, sin_row, lane_cos, lane_sin, cnt, kt, nt, pf, pf_n, pf_stride, slot_bytes, [&](int f0, __m512* x1, __m512* x2) {
     __m512i a1[FB], a2[FB];
     for (int k = 0; k < FB; ++k) a1[k] = a2[k] = _mm512_setzero_si512();
     for (int qq = 0; qq < quads; ++qq) {
@@ -896,51 +914,40 @@ inline void expand_kt_i8(const int32_t* __restrict lq, int quads, const int32_t*
       }
     }
 #pragma GCC unroll 8
-    for (int k = 0; k < FB; ++k) {  // unrolled: a1 / a2 stay in registers
+    for (int k = 0; k < FB; ++k) {
       const int f = f0 + k;
-      const __m512 x1 = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(a1[k]), _mm512_set1_ps(qs[D + f])), _mm512_set1_ps(qs[f]));
-      const __m512 x2 =
-          _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(a2[k]), _mm512_set1_ps(qs[D + half + f])), _mm512_set1_ps(qs[half + f]));
-      rope_kt_store(x1, x2, f, cos_row, sin_row, lane_cos, lane_sin, idx, live, kt + int64_t(f) * nt);
+      x1[k] = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(a1[k]), _mm512_set1_ps(qs[D + f])), _mm512_set1_ps(qs[f]));
+      x2[k] = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(a2[k]), _mm512_set1_ps(qs[D + half + f])), _mm512_set1_ps(qs[half + f]));
     }
-  }
+  });
 }
 
 // expand_kt_i8 for bf16 latents: lp [pairs][16] int32 (rows_to_lanes<false>: latent pairs, tokens in lanes)
-// times the bf16 table in VNNI pairs (tbl [pairs][D] int32, a pair broadcast per channel) by vdpbf16ps, in fp32.
-// With products (amx_expansion_chunk's [D][16] fp32) the loop is skipped.
+// times the bf16 table in VNNI pairs (tbl [pairs][D] int32, a pair broadcast per channel) by vdpbf16ps, in fp32;
+// or, given products (amx_expansion_chunk's [D][16] fp32), those.
 template <int D>
 inline void expand_kt_bf16(const int32_t* __restrict lp, int pairs, const int32_t* __restrict tbl, const float* __restrict cos_row,
                            const float* __restrict sin_row, const float* __restrict lane_cos, const float* __restrict lane_sin, int cnt,
                            int32_t* __restrict kt, int nt, const uint8_t* pf, int pf_n, int64_t pf_stride, int slot_bytes,
                            const float* __restrict products) {
-  constexpr int half = D / 2, FB = 8, blocks = half / FB;
-  const __mmask16 live = cnt >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
-  const __m512i idx = interleave_halves_idx();
-  for (int f0 = 0; f0 < half; f0 += FB) {
-    const int step = (pf_n + blocks - 1) / blocks, i0 = f0 / FB * step;
-    prefetch_spread(pf, i0, std::min(i0 + step, pf_n), pf_stride, slot_bytes);
-    __m512 a1[FB], a2[FB];
+  constexpr int half = D / 2, FB = 8;
+  expand_kt<D>(cos_row, sin_row, lane_cos, lane_sin, cnt, kt, nt, pf, pf_n, pf_stride, slot_bytes, [&](int f0, __m512* x1, __m512* x2) {
     if (products) {
 #pragma GCC unroll 8
-      for (int k = 0; k < FB; ++k) a1[k] = _mm512_loadu_ps(products + (f0 + k) * 16), a2[k] = _mm512_loadu_ps(products + (half + f0 + k) * 16);
-#pragma GCC unroll 8
-      for (int k = 0; k < FB; ++k) rope_kt_store(a1[k], a2[k], f0 + k, cos_row, sin_row, lane_cos, lane_sin, idx, live, kt + int64_t(f0 + k) * nt);
-      continue;
+      for (int k = 0; k < FB; ++k) x1[k] = _mm512_loadu_ps(products + (f0 + k) * 16), x2[k] = _mm512_loadu_ps(products + (half + f0 + k) * 16);
+      return;
     }
-    for (int k = 0; k < FB; ++k) a1[k] = a2[k] = _mm512_setzero_ps();
+    for (int k = 0; k < FB; ++k) x1[k] = x2[k] = _mm512_setzero_ps();
     for (int pp = 0; pp < pairs; ++pp) {
       const __m512i l = _mm512_loadu_si512(lp + pp * 16);
       const int32_t* t = tbl + pp * D + f0;
 #pragma GCC unroll 8
       for (int k = 0; k < FB; ++k) {
-        a1[k] = dp_bf16_bcast(a1[k], l, t + k);
-        a2[k] = dp_bf16_bcast(a2[k], l, t + half + k);
+        x1[k] = dp_bf16_bcast(x1[k], l, t + k);
+        x2[k] = dp_bf16_bcast(x2[k], l, t + half + k);
       }
     }
-#pragma GCC unroll 8
-    for (int k = 0; k < FB; ++k) rope_kt_store(a1[k], a2[k], f0 + k, cos_row, sin_row, lane_cos, lane_sin, idx, live, kt + int64_t(f0 + k) * nt);
-  }
+  });
 }
 
 inline void expand_kt_page_bf16(const int32_t* lp, int R, const uint16_t* pairs_tbl, int D, const float* cos_row, const float* sin_row,
@@ -1028,42 +1035,21 @@ THINKEYS_ALWAYS_INLINE __m512i dp_i16(__m512i acc, __m512i a, __m512i b) {
   return acc;
 }
 
-// softmax_row for int8 values: the probabilities times vs as int16 (pr, zero from vis up to `width`) and
-// their factor (pscale); running max / sum updated, accumulators rescaled. sr is overwritten.
+// softmax_row for int8 values: the probabilities times vs as int16 steps of their page maximum (pr, zero
+// from vis up to `width`) and that step (pscale); sr is overwritten with the fp32 terms on the way.
 inline void softmax_row_i16(float* __restrict sr, int vis, int width, float scale, int16_t* __restrict pr, float& row_max, float& row_sum,
                             float* __restrict ar, int acc_width, const float* __restrict ks, const float* __restrict vs, float& pscale) {
-  const __mmask16 tail = __mmask16((1u << (vis & 15)) - 1);
-  const __m512 sv = _mm512_set1_ps(scale);
-  auto logits = [&](int j) { return _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(sr + j), sv), _mm512_loadu_ps(ks + j)); };
-  __m512 mv = _mm512_set1_ps(row_max);
-  int j = 0;
-  for (; j + 16 <= vis; j += 16) mv = _mm512_max_ps(mv, logits(j));
-  if (j < vis) mv = _mm512_mask_max_ps(mv, tail, mv, logits(j));
-  const float prev_max = row_max;
-  const float new_max = _mm512_reduce_max_ps(mv);
-  const __m512 nm = _mm512_set1_ps(new_max);
-  __m512 sum = _mm512_setzero_ps(), top = _mm512_setzero_ps();
-  for (j = 0; j < vis; j += 16) {
-    __m512 e = exp_nonpositive16(_mm512_sub_ps(logits(j), nm));
-    if (j + 16 > vis) e = _mm512_maskz_mov_ps(tail, e);  // masked tokens get p = 0
-    sum = _mm512_add_ps(sum, e);
-    const __m512 pv = _mm512_mul_ps(e, _mm512_loadu_ps(vs + j));
-    top = _mm512_max_ps(top, pv);
-    _mm512_storeu_ps(sr + j, pv);
-  }
+  __m512 top = _mm512_setzero_ps();
+  int j = online_softmax_step(sr, vis, scale, row_max, row_sum, ar, acc_width, ks, vs, [&](int j, __m512 p) {
+    top = _mm512_max_ps(top, p);
+    _mm512_storeu_ps(sr + j, p);
+  });
   const float m = _mm512_reduce_max_ps(top);
   const __m512 inv = _mm512_set1_ps(m > 0.0f ? 32767.0f / m : 0.0f);
   for (j = 0; j < vis; j += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(sr + j), inv))));
   if (j < width) std::memset(pr + j, 0, sizeof(int16_t) * (width - j));
   pscale = m / 32767.0f;
-  const float alpha = prev_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(prev_max - new_max);
-  row_sum = row_sum * alpha + _mm512_reduce_add_ps(sum);
-  row_max = new_max;
-  if (alpha != 1.0f) {
-    const __m512 av = _mm512_set1_ps(alpha);
-    for (int c = 0; c < acc_width; c += 16) _mm512_storeu_ps(ar + c, _mm512_mul_ps(_mm512_loadu_ps(ar + c), av));
-  }
 }
 
 // pv_block on int8 values: RB rows x NC 32-channel chunks (from chunk c0), token pairs [j0, j1) of the

@@ -1295,7 +1295,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
         } else if (next_page) {
           pf = next, pf_n = std::min(kRebuildChunk, (keep ? kv_len : kv_end) - page_start - BS);
         }
-        if (!(fused && !amx) && !Enc::kQuads && pf) prefetch_rows(pf, pf_n, row_stride, row_bytes);
+        if (!kt_direct && pf) prefetch_rows(pf, pf_n, row_stride, row_bytes);  // (the K^T expansions spread theirs)
         if constexpr (Enc::kQuads) {  // vpdpbusd expansion, tokens in lanes, RoPE in registers, straight into K^T
           for (int g0 = c0; g0 < c0 + m; g0 += 16) {
             const int64_t angle = int64_t(page_start + g0) * cs_row + cs_off;  // the group's first position

@@ -27,7 +27,9 @@ RoPE cos/sin tables are computed here, in float32 exactly as ``thinkeys.rope.app
 computes its angles (``position * freq``), once per frequency table and grown (doubling) as
 longer sequences arrive; every layer of a model shares one table since all carry the source's
 frequencies, and when every KV head has the same frequencies the table has one head
-(``[P, 1, d / 2]``, what the kernel broadcasts), so it stays small enough for the caches.
+(``[P, 1, d / 2]``, what the kernel broadcasts), so it stays small enough for the caches. Beside each
+table sits its transpose ``[1 or H_kv, d / 2, P + 16]`` (:func:`rope_lane_tables`), from which the
+kernel's tokens-in-lanes expansions load one channel's angles for 16 consecutive positions at once.
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def amx_tiles() -> bool:
 
 
 _lock = threading.Lock()
-_tables: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+_tables: dict[bytes, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+LANE_PAD = 16  # zero positions past a lane table's end (a 16-position load may start at its last position)
 
 
 class _PerTensor:
@@ -149,6 +152,16 @@ _quantized = _PerTensor()  # per expansion table: int8_tables()
 def rope_tables(freqs: torch.Tensor, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin ``[>= positions, H, half]`` float32 for ``freqs`` ``[H_kv, half]`` (cached, grown by doubling);
     ``H`` is 1 when every KV head has the same frequencies, else ``H_kv``."""
+    return _rope_entry(freqs, positions)[:2]
+
+
+def rope_lane_tables(freqs: torch.Tensor, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope_tables`' cos, sin transposed to ``[H, half, P + LANE_PAD]`` (positions contiguous, zeros past
+    the end): the kernel's tokens-in-lanes expansions load a channel's angles for 16 consecutive positions at once."""
+    return _rope_entry(freqs, positions)[2:]
+
+
+def _rope_entry(freqs: torch.Tensor, positions: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with _lock:
         known = _freq_keys.get(freqs)
         if known is None:
@@ -165,14 +178,20 @@ def rope_tables(freqs: torch.Tensor, positions: int) -> tuple[torch.Tensor, torc
             f = f[:1] if known[1] else f
             size = max(positions, 2 * cached[0].shape[0] if cached is not None else 1024)
             angles = torch.arange(size, dtype=torch.float32)[:, None, None] * f  # [P, H, half]
-            cached = (angles.cos().contiguous(), angles.sin().contiguous())
+            cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
+            lanes = []
+            for t in (cos, sin):
+                lane = torch.zeros(t.shape[1], t.shape[2], size + LANE_PAD, dtype=torch.float32)
+                lane[:, :, :size] = t.permute(1, 2, 0)
+                lanes.append(lane)
+            cached = (cos, sin, *lanes)
             _tables[key] = cached
         return cached
 
 
-def _rope_for(freqs: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin covering every position of a batch whose longest sequence is ``seq_lens.max()``."""
-    return rope_tables(freqs, int(seq_lens.max()) if seq_lens.numel() else 1)
+def _rope_for(freqs: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cos, sin and their lane tables covering every position of a batch whose longest sequence is ``seq_lens.max()``."""
+    return _rope_entry(freqs, int(seq_lens.max()) if seq_lens.numel() else 1)
 
 
 def prepared_tables(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,14 +274,14 @@ def paged_attention(
     holds for the call (the table rounded as :func:`int8_table` says).
     """
     expand_t, pairs = prepared_tables(table)
-    cos, sin = _rope_for(freqs, seq_lens)
+    cos, sin, cos_lanes, sin_lanes = _rope_for(freqs, seq_lens)
     quads = side = None
     if (cache_format == "int8_per_token_head" and query.dtype == torch.bfloat16
             and int8_expansion(query.shape[-1], query.shape[0], seq_lens.shape[0])):
         quads, side = int8_tables(table)
     torch.ops.thinkeys_rebuild.paged_attention(
         query, kv_cache, expand_t, pairs, cos, sin, block_table, query_start_loc, seq_lens, float(scale), output,
-        cache_format, float(k_scale), float(v_scale), False, quads, side,
+        cache_format, float(k_scale), float(v_scale), False, quads, side, cos_lanes, sin_lanes,
     )
     return output
 
@@ -288,7 +307,7 @@ def shared_kv_attention(
     """
     h_kv, d = kv_cache.shape[1], query.shape[-1]
     no_table, no_pairs, no_rope = _shared_kv_placeholders(h_kv, d)
-    cos, sin = _rope_for(no_rope if freqs is None else freqs, seq_lens)
+    cos, sin, _, _ = _rope_for(no_rope if freqs is None else freqs, seq_lens)
     torch.ops.thinkeys_rebuild.paged_attention(
         query, kv_cache, no_table, no_pairs, cos, sin, block_table, query_start_loc, seq_lens,
         float(scale), output, cache_format, float(k_scale), float(k_scale), True,

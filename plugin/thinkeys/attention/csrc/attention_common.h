@@ -659,10 +659,11 @@ inline void pack_values_vnni(const uint16_t* __restrict values, int64_t stride, 
 // for this tile), causal mask, online softmax, acc += P V. With t.use_brgemm both products are
 // brgemm calls (vp: the page's values packed by pack_values_vnni); otherwise vdpbf16ps scores and
 // P.V read the values in place (`values`, v_stride elements apart). ks / vs: 8-bit pages' per-token
-// factors (null for bf16 pages).
+// factors (null for bf16 pages). scored: the vdpbf16ps branch finds the raw scores in t.scores already
+// (the rebuild kernel's decodes compute them as they expand the keys) and does not read kt.
 inline void attend_page_bf16(const TileBf16& t, const int32_t* __restrict kt, int nt, int n, int page_start,
                              const uint16_t* __restrict values, int64_t v_stride, const uint16_t* __restrict vp,
-                             const float* ks, const float* vs) {
+                             const float* ks, const float* vs, bool scored = false) {
   const int P = t.P, C = t.C, srow = t.srow;
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)
   if (t.use_brgemm) {  // rows x tokens scores, softmax per row, rows x D += P V
@@ -703,7 +704,7 @@ inline void attend_page_bf16(const TileBf16& t, const int32_t* __restrict kt, in
       }
       float* sr = t.scores + int64_t(row) * srow;
       const int32_t* qp = t.q + row * P;
-      int g0 = 0;
+      int g0 = scored ? vg : 0;  // scored: the scores are in t.scores already (the vdpbf16ps branch only)
       for (; g0 + 8 <= vg || (g0 + 4 < vg && g0 + 8 <= ng_pad); g0 += 8) score_groups<8>(qp, kt, P, nt, g0, sr);
       for (; g0 < vg; g0 += 4) score_groups<4>(qp, kt, P, nt, g0, sr);
       softmax_row(sr, vis, width, t.scale, pr, t.row_max[row], t.row_sum[row], t.acc + int64_t(row) * C * 32, C * 32, ks, vs);

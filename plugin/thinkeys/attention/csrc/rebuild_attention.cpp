@@ -91,7 +91,11 @@ struct Problem {
   const float* cos;  // [max_pos, H_cs, D / 2]
   const float* sin;
   int cs_heads;  // H_cs: 1 (shared by all KV heads) or H_kv
-  int cs_rows;  // positions the tables hold
+  // the same transposed, [H_cs, D / 2, lane_stride] (positions contiguous, zeros past the last): the K^T expansions
+  // load one channel's angles for 16 consecutive positions (rebuild_kernel.rope_lane_tables); null in the fp32 form
+  const float* cos_lanes;
+  const float* sin_lanes;
+  int64_t lane_stride;
   const int32_t* block_table;
   int64_t bt_stride;
   const int32_t* qsl;
@@ -643,6 +647,8 @@ bool amx_expansion_enabled() {
 
 struct ScratchBf16 {
   std::vector<int32_t> q;  // the tile's query pairs [rows][P]
+  std::vector<float> q32;  // fused int8 decodes (expand_scores_i8): the query in fp32 [rows][D]
+  std::vector<int32_t> bias;  // the int8 table's 128 * column sums of the work item's KV head, as integers [Dv]
   std::vector<float> scores, acc, row_max, row_sum, k32;  // [rows][srow], [rows][32 C], [rows], a page's keys [srow][Dv]
   std::vector<uint16_t> probs, kb;  // [rows][srow]; a page's rotated keys [srow][32 C] bf16
   // the pages rebuilt for (call, req, head): K^T pairs [page][P][srow] and values [page][pairs][32 C][2]
@@ -660,11 +666,6 @@ struct ScratchBf16 {
   std::vector<char> vp_done;
   std::vector<uint16_t> page8;  // 8-bit caches: a page's codes widened to bf16 [srow][R + D]
   std::vector<uint8_t> lat8;  // int8 expansion: a page's latent codes + 128 in quads, 16 tokens a group [srow / 16][R4 / 4][16][4]
-  // int8 expansion: cos / sin of lane offsets 0 .. 15, transposed [D / 2][16] (expand_kt_i8's lanes), and the table rows
-  // they came from [16][D / 2] (checked once per call: a new table may reuse the old one's memory)
-  std::vector<float> lane_cos, lane_sin, lane_src;
-  int64_t lane_call = -1, lane_off = -1;
-  const float* lane_table = nullptr;
   std::vector<float> ks, vs;  // and its per-token key / value factors [srow]
   std::vector<float> pscale;  // int8 values (Int8Quads): per row, the factor of a page's int16 probabilities [rows]
   void fit(int rows, int P, int C, int Dv, int srow) {
@@ -672,6 +673,7 @@ struct ScratchBf16 {
       if (v.size() < n) v.resize(n);
     };
     grow(q, size_t(rows) * P);
+    grow(q32, size_t(rows) * 2 * P);
     grow(scores, size_t(rows) * srow);
     grow(probs, size_t(rows) * srow);
     grow(acc, size_t(rows) * C * 32);
@@ -851,127 +853,180 @@ THINKEYS_ALWAYS_INLINE void rows_to_lanes(const uint8_t* rows, int64_t row_strid
   }
 }
 
-// The K^T expansions' epilogue for channel pair (f, f + D / 2) of 16 tokens (x1, x2: fp32, tokens in lanes):
-// rotated at the tokens' positions (the group's angle cos_row / sin_row, the lanes' offsets lane_cos / lane_sin
-// [D / 2][16], angle addition), rounded to bf16 and stored as K^T row f (pairs; lanes not live: zero).
-THINKEYS_ALWAYS_INLINE void rope_kt_store(__m512 x1, __m512 x2, int f, const float* __restrict cos_row, const float* __restrict sin_row,
-                                          const float* __restrict lane_cos, const float* __restrict lane_sin, __m512i idx, __mmask16 live,
-                                          int32_t* __restrict kt_row) {
-  const __m512 ca = _mm512_set1_ps(cos_row[f]), sa = _mm512_set1_ps(sin_row[f]);
-  const __m512 cl = _mm512_loadu_ps(lane_cos + f * 16), sl = _mm512_loadu_ps(lane_sin + f * 16);
-  const __m512 c = _mm512_fmsub_ps(ca, cl, _mm512_mul_ps(sa, sl));
-  const __m512 s = _mm512_fmadd_ps(sa, cl, _mm512_mul_ps(ca, sl));
+// A group of cnt <= 16 tokens as the tokens-in-lanes expansions see it: where its angles are and what to
+// prefetch meanwhile (the next chunk's cache rows, a few per block of channels).
+struct ExpandGroup {
+  const float* lane_cos;  // the group's first position in the transposed cos / sin tables (rows lane_stride apart)
+  const float* lane_sin;
+  int64_t lane_stride;
+  int cnt;  // live tokens (lanes past them: zero latents)
+  const uint8_t* pf;  // pf_n rows of slot_bytes, pf_stride apart
+  int pf_n;
+  int64_t pf_stride;
+  int slot_bytes;
+};
+
+// Channel pair (f, f + D / 2) of 16 tokens (x1, x2: fp32, tokens in lanes) rotated at the tokens' positions
+// (one load per table: the lane tables hold 16 consecutive positions of a channel side by side).
+THINKEYS_ALWAYS_INLINE void rope_pair(__m512& x1, __m512& x2, int f, const ExpandGroup& e) {
+  const __m512 c = _mm512_loadu_ps(e.lane_cos + f * e.lane_stride), s = _mm512_loadu_ps(e.lane_sin + f * e.lane_stride);
   const __m512 y1 = _mm512_fmsub_ps(x1, c, _mm512_mul_ps(x2, s));
   const __m512 y2 = _mm512_fmadd_ps(x2, c, _mm512_mul_ps(x1, s));
-  const __m512i pr = _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(y2, y1));
-  _mm512_storeu_si512(kt_row, _mm512_maskz_mov_epi32(live, pr));
+  x1 = y1, x2 = y2;
 }
 
-// The K^T expansions' driver: per block of FB = 8 channel pairs, products(f0, x1, x2) gives the fp32
-// keys (16 tokens in lanes) of channels f0 .. f0 + 7 in x1 and of their RoPE partners f0 + D / 2 .. in
-// x2, and rope_kt_store rotates and stores them as K^T rows f0 .. f0 + 7; the next chunk's rows are
-// prefetched a few per block (see expand_kt_i8 for the arguments).
-template <int D, typename Products>
-THINKEYS_ALWAYS_INLINE void expand_kt(const float* __restrict cos_row, const float* __restrict sin_row, const float* __restrict lane_cos,
-                                      const float* __restrict lane_sin, int cnt, int32_t* __restrict kt, int nt, const uint8_t* pf, int pf_n,
-                                      int64_t pf_stride, int slot_bytes, Products&& products) {
+// The expansions' driver: per block of FB = 8 channel pairs, products(f0, x1, x2) gives the fp32 keys (16
+// tokens in lanes) of channels f0 .. f0 + 7 in x1 and of their RoPE partners f0 + D / 2 .. in x2; each pair
+// is rotated (rope_pair) and handed to sink(f, y1, y2).
+template <int D, typename Products, typename Sink>
+THINKEYS_ALWAYS_INLINE void expand_rotate(const ExpandGroup& e, Products&& products, Sink&& sink) {
   constexpr int half = D / 2, FB = 8, blocks = half / FB;
-  const __mmask16 live = cnt >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
-  const __m512i idx = interleave_halves_idx();
   for (int f0 = 0; f0 < half; f0 += FB) {
-    const int step = (pf_n + blocks - 1) / blocks, i0 = f0 / FB * step;
-    prefetch_spread(pf, i0, std::min(i0 + step, pf_n), pf_stride, slot_bytes);
+    const int step = (e.pf_n + blocks - 1) / blocks, i0 = f0 / FB * step;
+    prefetch_spread(e.pf, i0, std::min(i0 + step, e.pf_n), e.pf_stride, e.slot_bytes);
     __m512 x1[FB], x2[FB];
     products(f0, x1, x2);
 #pragma GCC unroll 8
-    for (int k = 0; k < FB; ++k)  // unrolled: x1 / x2 stay in registers
-      rope_kt_store(x1[k], x2[k], f0 + k, cos_row, sin_row, lane_cos, lane_sin, idx, live, kt + int64_t(f0 + k) * nt);
+    for (int k = 0; k < FB; ++k) {  // unrolled: x1 / x2 stay in registers
+      rope_pair(x1[k], x2[k], f0 + k, e);
+      sink(f0 + k, x1[k], x2[k]);
+    }
   }
 }
 
-// K^T of a group of cnt <= 16 tokens: kt[f][0 : 16] (f < D / 2; rows nt apart) = bf16 pairs (channel f,
-// channel f + D / 2) of the rebuilt, rotated keys, tokens in lanes (past cnt: zero). lq: the group's
-// latent quads (rows_to_lanes); tbl [quads][D] int32: the int8 table in quads; qs: channel scales [D]
-// then 128 * column sums [D] (k = scale * (acc - bias)); cos_row / sin_row: the angle
-// of the group's first position, lane_cos / lane_sin [D / 2][16] the lane offsets' (angle addition, as
-// rope_to_bf16). The next chunk's rows are prefetched a few per block of channels.
-template <int D>
-inline void expand_kt_i8(const int32_t* __restrict lq, int quads, const int32_t* __restrict tbl, const float* __restrict qs,
-                         const float* __restrict cos_row, const float* __restrict sin_row, const float* __restrict lane_cos,
-                         const float* __restrict lane_sin, int cnt, int32_t* __restrict kt, int nt, const uint8_t* pf, int pf_n,
-                         int64_t pf_stride, int slot_bytes) {
-  constexpr int half = D / 2, FB = 8;
-  expand_kt<D>(cos_row, sin_row, lane_cos, lane_sin, cnt, kt, nt, pf, pf_n, pf_stride, slot_bytes, [&](int f0, __m512* x1, __m512* x2) {
-    __m512i a1[FB], a2[FB];
-    for (int k = 0; k < FB; ++k) a1[k] = a2[k] = _mm512_setzero_si512();
-    for (int qq = 0; qq < quads; ++qq) {
-      const __m512i l = _mm512_loadu_si512(lq + qq * 16);
-      const int32_t* t = tbl + qq * D + f0;
+// K^T of the group: kt[f][0 : 16] (f < D / 2; rows nt apart) = bf16 pairs (channel f, channel f + D / 2) of
+// the rebuilt, rotated keys, tokens in lanes (past cnt: zero); what score_groups reads.
+template <int D, typename Products>
+inline void expand_kt(const ExpandGroup& e, int32_t* __restrict kt, int nt, Products&& products) {
+  const __mmask16 live = e.cnt >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << e.cnt) - 1);
+  const __m512i idx = interleave_halves_idx();
+  expand_rotate<D>(e, products, [&](int f, __m512 y1, __m512 y2) {
+    const __m512i pr = _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(y2, y1));
+    _mm512_storeu_si512(kt + int64_t(f) * nt, _mm512_maskz_mov_epi32(live, pr));
+  });
+}
+
+// Decodes: the scores fused into the expansion. sr[g * srow + 0 : 16] = the raw scores of the group's 16
+// tokens for the G query heads (q32 [G][D] fp32, the rotated query), accumulated from each rotated channel
+// pair in fp32 as it comes out: no K^T is stored and the keys are not rounded to bf16. Two sums per head
+// (channels f and f + D / 2) for G <= 4, so the dependent FMA chains are half as long.
+template <int D, int G, typename Products>
+inline void expand_scores(const ExpandGroup& e, const float* __restrict q32, float* __restrict sr, int srow, Products&& products) {
+  constexpr int half = D / 2, NS = G <= 4 ? 2 : 1;
+  __m512 acc[NS][G];
+  for (int i = 0; i < NS; ++i)
+    for (int g = 0; g < G; ++g) acc[i][g] = _mm512_setzero_ps();
+  expand_rotate<D>(e, products, [&](int f, __m512 y1, __m512 y2) {
 #pragma GCC unroll 8
-      for (int k = 0; k < FB; ++k) {
-        a1[k] = dp_u8s8_bcast(a1[k], l, t + k);
-        a2[k] = dp_u8s8_bcast(a2[k], l, t + half + k);
-      }
+    for (int g = 0; g < G; ++g) {
+      acc[0][g] = _mm512_fmadd_ps(_mm512_set1_ps(q32[g * D + f]), y1, acc[0][g]);
+      acc[NS - 1][g] = _mm512_fmadd_ps(_mm512_set1_ps(q32[g * D + half + f]), y2, acc[NS - 1][g]);
     }
+  });
+  for (int g = 0; g < G; ++g) _mm512_storeu_ps(sr + int64_t(g) * srow, NS == 2 ? _mm512_add_ps(acc[0][g], acc[NS - 1][g]) : acc[0][g]);
+}
+
+// The query heads a fused decode handles (expand_scores' G).
+constexpr int kFusedMaxG = 8;
+
+// One group through expand_scores (q32 given: G heads) or into K^T, for D of 32, 64 or 128; products(D tag,
+// f0, x1, x2) is called with std::integral_constant<int, D>.
+template <typename Products>
+inline void expand_group(int D, int G, const ExpandGroup& e, const float* q32, float* sr, int srow, int32_t* kt, int nt, Products&& products) {
+  auto with_d = [&](auto dtag) {
+    constexpr int DD = decltype(dtag)::value;
+    auto prod = [&](int f0, __m512* x1, __m512* x2) { products(dtag, f0, x1, x2); };
+    if (!q32) return expand_kt<DD>(e, kt, nt, prod);
+    switch (G) {
+#define THINKEYS_FUSED_G(NG) \
+  case NG: return expand_scores<DD, NG>(e, q32, sr, srow, prod);
+      THINKEYS_FUSED_G(1)
+      THINKEYS_FUSED_G(2)
+      THINKEYS_FUSED_G(3)
+      THINKEYS_FUSED_G(4)
+      THINKEYS_FUSED_G(5)
+      THINKEYS_FUSED_G(6)
+      THINKEYS_FUSED_G(7)
+#undef THINKEYS_FUSED_G
+      default: return expand_scores<DD, kFusedMaxG>(e, q32, sr, srow, prod);
+    }
+  };
+  switch (D) {
+    case 32: with_d(std::integral_constant<int, 32>{}); break;
+    case 64: with_d(std::integral_constant<int, 64>{}); break;
+    default: with_d(std::integral_constant<int, 128>{}); break;
+  }
+}
+
+// The int8 expansion's products for channels f0 .. f0 + 7 (x1) and f0 + D / 2 .. (x2) of a group's 16 tokens:
+// lq [quads][16] the latent quads (rows_to_lanes<true>), tbl [quads][D] the int8 table in quads, bias [D] the
+// channels' 128 * column sums as int32 (the sums start there: exact), qs [D] the channel scales
+// (k = scale * (acc - bias)).
+template <int D>
+THINKEYS_ALWAYS_INLINE void products_i8(const int32_t* __restrict lq, int quads, const int32_t* __restrict tbl, const int32_t* __restrict bias,
+                                        const float* __restrict qs, int f0, __m512* x1, __m512* x2) {
+  constexpr int half = D / 2, FB = 8;
+  __m512i a1[FB], a2[FB];
+  for (int k = 0; k < FB; ++k) a1[k] = _mm512_set1_epi32(-bias[f0 + k]), a2[k] = _mm512_set1_epi32(-bias[half + f0 + k]);
+  for (int qq = 0; qq < quads; ++qq) {
+    const __m512i l = _mm512_loadu_si512(lq + qq * 16);
+    const int32_t* t = tbl + qq * D + f0;
 #pragma GCC unroll 8
     for (int k = 0; k < FB; ++k) {
-      const int f = f0 + k;
-      x1[k] = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(a1[k]), _mm512_set1_ps(qs[D + f])), _mm512_set1_ps(qs[f]));
-      x2[k] = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(a2[k]), _mm512_set1_ps(qs[D + half + f])), _mm512_set1_ps(qs[half + f]));
+      a1[k] = dp_u8s8_bcast(a1[k], l, t + k);
+      a2[k] = dp_u8s8_bcast(a2[k], l, t + half + k);
     }
-  });
-}
-
-// expand_kt_i8 for bf16 latents: lp [pairs][16] int32 (rows_to_lanes<false>: latent pairs, tokens in lanes)
-// times the bf16 table in VNNI pairs (tbl [pairs][D] int32, a pair broadcast per channel) by vdpbf16ps, in fp32;
-// or, given products (amx_expansion_chunk's [D][16] fp32), those.
-template <int D>
-inline void expand_kt_bf16(const int32_t* __restrict lp, int pairs, const int32_t* __restrict tbl, const float* __restrict cos_row,
-                           const float* __restrict sin_row, const float* __restrict lane_cos, const float* __restrict lane_sin, int cnt,
-                           int32_t* __restrict kt, int nt, const uint8_t* pf, int pf_n, int64_t pf_stride, int slot_bytes,
-                           const float* __restrict products) {
-  constexpr int half = D / 2, FB = 8;
-  expand_kt<D>(cos_row, sin_row, lane_cos, lane_sin, cnt, kt, nt, pf, pf_n, pf_stride, slot_bytes, [&](int f0, __m512* x1, __m512* x2) {
-    if (products) {
+  }
 #pragma GCC unroll 8
-      for (int k = 0; k < FB; ++k) x1[k] = _mm512_loadu_ps(products + (f0 + k) * 16), x2[k] = _mm512_loadu_ps(products + (half + f0 + k) * 16);
-      return;
-    }
-    for (int k = 0; k < FB; ++k) x1[k] = x2[k] = _mm512_setzero_ps();
-    for (int pp = 0; pp < pairs; ++pp) {
-      const __m512i l = _mm512_loadu_si512(lp + pp * 16);
-      const int32_t* t = tbl + pp * D + f0;
-#pragma GCC unroll 8
-      for (int k = 0; k < FB; ++k) {
-        x1[k] = dp_bf16_bcast(x1[k], l, t + k);
-        x2[k] = dp_bf16_bcast(x2[k], l, t + half + k);
-      }
-    }
-  });
-}
-
-inline void expand_kt_page_bf16(const int32_t* lp, int R, const uint16_t* pairs_tbl, int D, const float* cos_row, const float* sin_row,
-                                const float* lane_cos, const float* lane_sin, int cnt, int32_t* kt, int nt, const uint8_t* pf, int pf_n,
-                                int64_t pf_stride, int slot_bytes, const float* products) {
-  const int32_t* t = reinterpret_cast<const int32_t*>(pairs_tbl);
-  const int np = (R + 1) / 2;
-  switch (D) {
-    case 32: expand_kt_bf16<32>(lp, np, t, cos_row, sin_row, lane_cos, lane_sin, cnt, kt, nt, pf, pf_n, pf_stride, slot_bytes, products); break;
-    case 64: expand_kt_bf16<64>(lp, np, t, cos_row, sin_row, lane_cos, lane_sin, cnt, kt, nt, pf, pf_n, pf_stride, slot_bytes, products); break;
-    default: expand_kt_bf16<128>(lp, np, t, cos_row, sin_row, lane_cos, lane_sin, cnt, kt, nt, pf, pf_n, pf_stride, slot_bytes, products); break;
+  for (int k = 0; k < FB; ++k) {
+    x1[k] = _mm512_mul_ps(_mm512_cvtepi32_ps(a1[k]), _mm512_set1_ps(qs[f0 + k]));
+    x2[k] = _mm512_mul_ps(_mm512_cvtepi32_ps(a2[k]), _mm512_set1_ps(qs[half + f0 + k]));
   }
 }
 
-inline void expand_kt_page_i8(const int32_t* lq, int R, const int8_t* quads, const float* qs, int D, const float* cos_row,
-                              const float* sin_row, const float* lane_cos, const float* lane_sin, int cnt, int32_t* kt, int nt,
-                              const uint8_t* pf, int pf_n, int64_t pf_stride, int slot_bytes) {
+// The bf16 expansion's products (as products_i8): lp [pairs][16] int32 (rows_to_lanes<false>: latent pairs,
+// tokens in lanes) times the bf16 table in VNNI pairs (tbl [pairs][D] int32, a pair broadcast per channel) by
+// vdpbf16ps, in fp32; or, given amx (amx_expansion_chunk's [D][16] fp32 products of the group), those.
+template <int D>
+THINKEYS_ALWAYS_INLINE void products_bf16(const int32_t* __restrict lp, int pairs, const int32_t* __restrict tbl, const float* __restrict amx,
+                                          int f0, __m512* x1, __m512* x2) {
+  constexpr int half = D / 2, FB = 8;
+  if (amx) {
+#pragma GCC unroll 8
+    for (int k = 0; k < FB; ++k) x1[k] = _mm512_loadu_ps(amx + (f0 + k) * 16), x2[k] = _mm512_loadu_ps(amx + (half + f0 + k) * 16);
+    return;
+  }
+  for (int k = 0; k < FB; ++k) x1[k] = x2[k] = _mm512_setzero_ps();
+  for (int pp = 0; pp < pairs; ++pp) {
+    const __m512i l = _mm512_loadu_si512(lp + pp * 16);
+    const int32_t* t = tbl + pp * D + f0;
+#pragma GCC unroll 8
+    for (int k = 0; k < FB; ++k) {
+      x1[k] = dp_bf16_bcast(x1[k], l, t + k);
+      x2[k] = dp_bf16_bcast(x2[k], l, t + half + k);
+    }
+  }
+}
+
+// A group of int8 latents (lq: its quads; quads [R4 / 4][D][4] int8 table, bias and qs as products_i8), into K^T
+// or (q32 given) into scores: see expand_group.
+inline void expand_group_i8(int D, int G, const ExpandGroup& e, const int32_t* lq, int R, const int8_t* quads, const int32_t* bias,
+                            const float* qs, const float* q32, float* sr, int srow, int32_t* kt, int nt) {
   const int32_t* t = reinterpret_cast<const int32_t*>(quads);
   const int nq = (R + 3) / 4;
-  switch (D) {
-    case 32: expand_kt_i8<32>(lq, nq, t, qs, cos_row, sin_row, lane_cos, lane_sin, cnt, kt, nt, pf, pf_n, pf_stride, slot_bytes); break;
-    case 64: expand_kt_i8<64>(lq, nq, t, qs, cos_row, sin_row, lane_cos, lane_sin, cnt, kt, nt, pf, pf_n, pf_stride, slot_bytes); break;
-    default: expand_kt_i8<128>(lq, nq, t, qs, cos_row, sin_row, lane_cos, lane_sin, cnt, kt, nt, pf, pf_n, pf_stride, slot_bytes); break;
-  }
+  expand_group(D, G, e, q32, sr, srow, kt, nt, [&](auto dtag, int f0, __m512* x1, __m512* x2) {
+    products_i8<decltype(dtag)::value>(lq, nq, t, bias, qs, f0, x1, x2);
+  });
+}
+
+// A group of bf16 latents (lp: its pairs; pairs_tbl the VNNI table; amx: its products from tiles, or null), as expand_group_i8.
+inline void expand_group_bf16(int D, int G, const ExpandGroup& e, const int32_t* lp, int R, const uint16_t* pairs_tbl, const float* amx,
+                              const float* q32, float* sr, int srow, int32_t* kt, int nt) {
+  const int32_t* t = reinterpret_cast<const int32_t*>(pairs_tbl);
+  const int np = (R + 1) / 2;
+  expand_group(D, G, e, q32, sr, srow, kt, nt, [&](auto dtag, int f0, __m512* x1, __m512* x2) {
+    products_bf16<decltype(dtag)::value>(lp, np, t, amx, f0, x1, x2);
+  });
 }
 
 // The KV heads' bf16 tables as rows of channels [H_kv][Dv][Rp] (AMX's A operand) from the VNNI pairs
@@ -997,28 +1052,6 @@ inline void rope_paired_query(const uint16_t* __restrict src, int D, uint16_t* _
     const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + half + f));
     _mm512_storeu_si512(dst + 2 * f, _mm512_permutexvar_epi16(idx, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)));
   }
-}
-
-// cos / sin of lane offsets 0 .. 15 as [D / 2][16] (rows past the table's: zero), rebuilt when the table changed.
-inline void lane_angles(ScratchBf16& s, const float* cos, const float* sin, int cs_rows, int64_t cs_row, int64_t cs_off, int D, int64_t call) {
-  const int half = D / 2;
-  if (s.lane_call == call && s.lane_table == cos && s.lane_off == cs_off && int(s.lane_cos.size()) == half * 16) return;
-  const int rows = std::min(16, cs_rows);
-  bool same = s.lane_table == cos && s.lane_off == cs_off && int(s.lane_src.size()) == 2 * 16 * half;
-  for (int o = 0; same && o < rows; ++o)
-    same = std::memcmp(s.lane_src.data() + o * half, cos + o * cs_row + cs_off, sizeof(float) * half) == 0 &&
-           std::memcmp(s.lane_src.data() + (16 + o) * half, sin + o * cs_row + cs_off, sizeof(float) * half) == 0;
-  s.lane_call = call, s.lane_table = cos, s.lane_off = cs_off;
-  if (same) return;
-  s.lane_cos.assign(size_t(half) * 16, 0.0f);
-  s.lane_sin.assign(size_t(half) * 16, 0.0f);
-  s.lane_src.assign(size_t(2) * 16 * half, 0.0f);
-  for (int o = 0; o < rows; ++o)
-    for (int f = 0; f < half; ++f) {
-      const float c = cos[o * cs_row + cs_off + f], sn = sin[o * cs_row + cs_off + f];
-      s.lane_cos[f * 16 + o] = c, s.lane_sin[f * 16 + o] = sn;
-      s.lane_src[o * half + f] = c, s.lane_src[(16 + o) * half + f] = sn;
-    }
 }
 
 // ---- P.V on the int8 value codes (Int8Quads pages) ----
@@ -1127,8 +1160,9 @@ inline void pv_page_i8(const int16_t* probs, int srow, int rows, const uint8_t* 
 // attend_page_bf16 (its vdpbf16ps branch) for int8_per_token_head pages read as codes: scores against
 // kt, softmax with int16 probabilities (softmax_row_i16), P.V on the value codes in place (values: the
 // page's first value code, rows row_bytes apart; ks / vs: per-token factors; pscale: [rows] scratch).
+// scored: the tile's scores are already in t.scores (expand_scores_i8), kt is not read.
 inline void attend_page_i8(const TileBf16& t, const int32_t* __restrict kt, int nt, int n, int page_start, const uint8_t* __restrict values,
-                           int64_t row_bytes, const float* ks, const float* vs, float* pscale) {
+                           int64_t row_bytes, const float* ks, const float* vs, float* pscale, bool scored) {
   const int P = t.P, C = t.C, srow = t.srow;
   const int ng_pad = nt / 16;
   const int max_vis = std::min(n, t.context + t.q_begin + t.nq - page_start);  // the tile's last query
@@ -1147,7 +1181,7 @@ inline void attend_page_i8(const TileBf16& t, const int32_t* __restrict kt, int 
       }
       float* sr = t.scores + int64_t(row) * srow;
       const int32_t* qp = t.q + row * P;
-      int g0 = 0;
+      int g0 = scored ? vg : 0;
       for (; g0 + 8 <= vg || (g0 + 4 < vg && g0 + 8 <= ng_pad); g0 += 8) score_groups<8>(qp, kt, P, nt, g0, sr);
       for (; g0 < vg; g0 += 4) score_groups<4>(qp, kt, P, nt, g0, sr);
       softmax_row_i16(sr, vis, width, t.scale, pr, t.row_max[row], t.row_sum[row], t.acc + int64_t(row) * C * 32, C * 32, ks, vs, pscale[row]);
@@ -1176,6 +1210,8 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
   const bool fused = fused_rope(D);
   // keys expanded with tokens in lanes straight into K^T (expand_kt_i8 / expand_kt_bf16; pairs (f, f + D / 2))
   const bool kt_direct = Enc::kQuads || (fused && !amx);
+  // decodes: the scores come out of the expansion (expand_scores), in fp32, with no K^T in between
+  const bool fused_scores = kt_direct && q_len == 1 && G <= kFusedMaxG;
   s.fit(rows, P, C, Dv, srow);
   const TileBf16 t{nq, G, rows, P, C, D, srow, kv_len - q_len, w.q0, p.scale, rows >= kAmxRows && amx,
                    s.q.data(), s.scores.data(), s.probs.data(), s.acc.data(), s.row_max.data(), s.row_sum.data()};
@@ -1183,7 +1219,10 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
     for (int g = 0; g < G; ++g) {  // the query's bf16 channels as pairs, zero-padded to P pairs
       const uint16_t* src = reinterpret_cast<const uint16_t*>(p.query + int64_t(q_start + w.q0 + i) * p.q_tok + int64_t(w.head * G + g) * p.q_head);
       uint16_t* dst = reinterpret_cast<uint16_t*>(s.q.data() + int64_t(i * G + g) * P);
-      if (kt_direct) {  // expand_kt_*'s pairs (f, f + D / 2)
+      if (fused_scores) {  // fp32 channels [G][D]
+        float* q32 = s.q32.data() + int64_t(i * G + g) * D;
+        for (int c = 0; c < D; ++c) q32[c] = c10::BFloat16(src[c], c10::BFloat16::from_bits());
+      } else if (kt_direct) {  // expand_kt_*'s pairs (f, f + D / 2)
         rope_paired_query(src, D, dst);
       } else {
         for (int c = 0; c < 2 * P; c += 32) _mm512_storeu_si512(dst + c, load_bf16_32(src + c, std::min(32, D - c)));
@@ -1211,6 +1250,12 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
   const int R4 = (R + 3) / 4 * 4;  // latent bytes the int8 expansion reads per token
   const int8_t* quads = Enc::kQuads ? p.expand_quads + int64_t(w.head) * ((R + 3) / 4) * Dv * 4 : nullptr;
   const float* qs = Enc::kQuads ? p.quad_scale + int64_t(w.head) * 2 * Dv : nullptr;
+  const int32_t* bias = nullptr;  // the int8 table's 128 * column sums as integers (exact: |sum| < 2^24)
+  if constexpr (Enc::kQuads) {
+    if (s.bias.size() < size_t(Dv)) s.bias.resize(Dv);
+    for (int c = 0; c < Dv; ++c) s.bias[c] = int32_t(qs[Dv + c]);
+    bias = s.bias.data();
+  }
   const int64_t cs_row = int64_t(p.cs_heads) * (D / 2), cs_off = (p.cs_heads == 1 ? 0 : int64_t(w.head)) * (D / 2);
   constexpr bool kPlain = std::is_same_v<Enc, PlainBf16>;
   // bf16 elements from one token's slot to the next: in the cache, or in the widened 8-bit page
@@ -1226,7 +1271,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
     ks = s.ks.data();
     vs = s.vs.data();
   }
-  if (kt_direct) lane_angles(s, p.cos, p.sin, p.cs_rows, cs_row, cs_off, D, p.call);
+  const int64_t lane_off = (p.cs_heads == 1 ? 0 : int64_t(w.head)) * (D / 2) * p.lane_stride;  // the KV head's lane tables
   // decodes of bf16 (or widened 8-bit) latents on AMX-BF16 tiles where the CPU has them (R <= 32: one tile's K)
   const uint16_t* amx_rows = nullptr;
 #if THINKEYS_AMX_EXPANSION
@@ -1298,14 +1343,15 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
         if (!kt_direct && pf) prefetch_rows(pf, pf_n, row_stride, row_bytes);  // (the K^T expansions spread theirs)
         if constexpr (Enc::kQuads) {  // vpdpbusd expansion, tokens in lanes, RoPE in registers, straight into K^T
           for (int g0 = c0; g0 < c0 + m; g0 += 16) {
-            const int64_t angle = int64_t(page_start + g0) * cs_row + cs_off;  // the group's first position
+            const int64_t lanes = lane_off + page_start + g0;  // the group's first position in the lane tables
             // the next chunk's rows: the first half during the first group, the rest during the last
             const int i0 = g0 == c0 ? 0 : (pf_n + 1) / 2, i1 = g0 + 16 >= c0 + m ? pf_n : (pf_n + 1) / 2;
-            expand_kt_page_i8(reinterpret_cast<const int32_t*>(s.lat8.data() + int64_t(g0) * R4), R, quads, qs, D, p.cos + angle,
-                              p.sin + angle, s.lane_cos.data(), s.lane_sin.data(), std::min(16, c0 + m - g0), kt + g0, nt,
-                              pf ? pf + i0 * row_stride : nullptr, std::max(0, i1 - i0), row_stride, row_bytes);
+            const ExpandGroup e{p.cos_lanes + lanes, p.sin_lanes + lanes, p.lane_stride, std::min(16, c0 + m - g0),
+                                pf ? pf + i0 * row_stride : nullptr, std::max(0, i1 - i0), row_stride, row_bytes};
+            expand_group_i8(D, G, e, reinterpret_cast<const int32_t*>(s.lat8.data() + int64_t(g0) * R4), R, quads, bias, qs,
+                            fused_scores ? s.q32.data() : nullptr, t.scores + g0, srow, kt + g0, nt);
           }
-          continue;  // K^T written: no packing
+          continue;  // K^T (or the scores) written: no packing
         } else if (kt_direct) {  // bf16 expansion, tokens in lanes, RoPE in registers, straight into K^T
           const int pairs = (R + 1) / 2;
           if (s.lanes.size() < size_t(2) * pairs * 16) s.lanes.resize(size_t(2) * pairs * 16);
@@ -1319,11 +1365,13 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
           if (amx_rows) amx_expansion_chunk(s.lanes.data(), (m + 15) / 16, amx_rows, 4 * pairs, D, s.amx_acc.data());  // the products on tiles
 #endif
           for (int g0 = c0; g0 < c0 + m; g0 += 16) {
-            const int64_t angle = int64_t(page_start + g0) * cs_row + cs_off;
+            const int64_t lanes = lane_off + page_start + g0;
             const int i0 = g0 == c0 ? 0 : (pf_n + 1) / 2, i1 = g0 + 16 >= c0 + m ? pf_n : (pf_n + 1) / 2;
-            expand_kt_page_bf16(s.lanes.data() + (g0 - c0) / 16 * pairs * 16, R, tbl, D, p.cos + angle, p.sin + angle, s.lane_cos.data(),
-                                s.lane_sin.data(), std::min(16, c0 + m - g0), kt + g0, nt, pf ? pf + i0 * row_stride : nullptr,
-                                std::max(0, i1 - i0), row_stride, row_bytes, amx_rows ? s.amx_acc.data() + (g0 - c0) / 16 * D * 16 : nullptr);
+            const ExpandGroup e{p.cos_lanes + lanes, p.sin_lanes + lanes, p.lane_stride, std::min(16, c0 + m - g0),
+                                pf ? pf + i0 * row_stride : nullptr, std::max(0, i1 - i0), row_stride, row_bytes};
+            expand_group_bf16(D, G, e, s.lanes.data() + (g0 - c0) / 16 * pairs * 16, R, tbl,
+                              amx_rows ? s.amx_acc.data() + (g0 - c0) / 16 * D * 16 : nullptr, fused_scores ? s.q32.data() : nullptr,
+                              t.scores + g0, srow, kt + g0, nt);
           }
           continue;  // K^T written: no packing
         } else {  // expansion (AMX brgemm or vdpbf16ps) into fp32, then RoPE
@@ -1340,14 +1388,14 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
       if (next_page) prefetch_rows(next, std::min(BS, kv_len - page_start - BS), row_stride, row_bytes);
     }
     if constexpr (Enc::kQuads) {  // the values read as codes, in place
-      attend_page_i8(t, kt, s.nt[b], n, page_start, raw + R, p.c_tok, ks, vs, s.pscale.data());
+      attend_page_i8(t, kt, s.nt[b], n, page_start, raw + R, p.c_tok, ks, vs, s.pscale.data(), fused_scores);
       continue;
     }
     if (t.use_brgemm && !s.vp_done[b]) {
       pack_values_vnni(page + R, stride, keep ? std::min(BS, kv_len - page_start) : n, D, C, vp);
       s.vp_done[b] = keep;
     }
-    attend_page_bf16(t, kt, s.nt[b], n, page_start, page + R, stride, vp, ks, vs);
+    attend_page_bf16(t, kt, s.nt[b], n, page_start, page + R, stride, vp, ks, vs, fused_scores);
   }
   used_brgemm = used_brgemm || t.use_brgemm || amx || amx_rows;
 #if THINKEYS_AMX_EXPANSION
@@ -1415,7 +1463,10 @@ void paged_attention(
     // int8_per_token_head: the table quantized per output channel (rebuild_kernel.int8_tables), used by the bf16 form
     // where int8_expansion_supported() and D is 32, 64 or 128 (rebuild_kernel.int8_expansion says so)
     const std::optional<at::Tensor>& expand_quads,  // [H_kv, ceil(R / 4), ceil16(D), 4] int8
-    const std::optional<at::Tensor>& quad_scale) {  // [H_kv, 2, ceil16(D)] float32: channel scales, then 128 * column sums
+    const std::optional<at::Tensor>& quad_scale,  // [H_kv, 2, ceil16(D)] float32: channel scales, then 128 * column sums
+    // cos / sin transposed [H_cs, D / 2, >= P + 16] float32 (rebuild_kernel.rope_lane_tables): needed by the bf16 form
+    const std::optional<at::Tensor>& cos_lanes,
+    const std::optional<at::Tensor>& sin_lanes) {
   TORCH_CHECK(query.dim() == 3 && kv_cache.dim() == 4 && output.dim() == 3 && expand_t.dim() == 3 && cos.dim() == 3,
               "expected query [T, H, D], kv_cache [blocks, H_kv, block_size, R + D], expand_t [H_kv, R, D], cos/sin [P, H_cs, D/2], output [T, H, D]");
   const std::string format(cache_format.data(), cache_format.size());
@@ -1462,6 +1513,14 @@ void paged_attention(
   // shared K=V slots are read by the fp32 form (it widens bf16 too)
   const bool bf16_form = THINKEYS_AVX512BF16 && query.scalar_type() == at::kBFloat16 && bf16_dot_supported() && !shared_kv;
   TORCH_CHECK(!bf16_form || pairs_given, "the bf16 form needs expand_pairs (see rebuild_kernel.prepared_tables)");
+  const bool lanes_given = cos_lanes.has_value() && sin_lanes.has_value() && cos_lanes->numel() > 0;
+  TORCH_CHECK(!bf16_form || lanes_given, "the bf16 form needs cos_lanes and sin_lanes (see rebuild_kernel.rope_lane_tables)");
+  if (lanes_given) {
+    TORCH_CHECK(cos_lanes->scalar_type() == at::kFloat && cos_lanes->is_contiguous() && sin_lanes->is_contiguous() &&
+                    cos_lanes->sizes() == sin_lanes->sizes() && cos_lanes->dim() == 3 && cos_lanes->size(0) == cos.size(1) &&
+                    cos_lanes->size(1) == D / 2 && cos_lanes->size(2) >= cos.size(0) + 16 && sin_lanes->scalar_type() == at::kFloat,
+                "cos_lanes / sin_lanes must be contiguous float32 [H_cs, D / 2, >= P + 16], the tables cos / sin transposed");
+  }
   const bool quads_given = expand_quads.has_value() && expand_quads->numel() > 0;
   if (quads_given) {
     TORCH_CHECK(expand_quads->scalar_type() == at::kChar && expand_quads->is_contiguous() && expand_quads->dim() == 4 &&
@@ -1498,7 +1557,9 @@ void paged_attention(
         reinterpret_cast<const scalar_t*>(kv_cache.data_ptr()), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         output.data_ptr<scalar_t>(), output.stride(0), output.stride(1),
         expand_t.data_ptr<float>(), pairs_given ? reinterpret_cast<const uint16_t*>(expand_pairs.data_ptr()) : nullptr,
-        cos.data_ptr<float>(), sin.data_ptr<float>(), int(cos.size(1)), int(cos.size(0)),
+        cos.data_ptr<float>(), sin.data_ptr<float>(), int(cos.size(1)),
+        lanes_given ? cos_lanes->data_ptr<float>() : nullptr, lanes_given ? sin_lanes->data_ptr<float>() : nullptr,
+        lanes_given ? cos_lanes->size(2) : 0,
         block_table.data_ptr<int32_t>(), block_table.stride(0),
         qsl, lens,
         int(H_kv), int(H / H_kv), int(R), int(D), int(block_size), float(scale), call,
@@ -1555,7 +1616,7 @@ void paged_attention(
 TORCH_LIBRARY(thinkeys_rebuild, m) {
   m.def("kernel_isa() -> str", &thinkeys::kernel_isa);
   m.def("int8_expansion_supported() -> bool", &thinkeys::int8_expansion_available);
-  m.def("paged_attention(Tensor query, Tensor kv_cache, Tensor expand_t, Tensor expand_pairs, Tensor cos, Tensor sin, Tensor block_table, Tensor query_start_loc, Tensor seq_lens, float scale, Tensor(a!) output, str cache_format=\"plain\", float k_scale=1.0, float v_scale=1.0, bool shared_kv=False, Tensor? expand_quads=None, Tensor? quad_scale=None) -> ()");
+  m.def("paged_attention(Tensor query, Tensor kv_cache, Tensor expand_t, Tensor expand_pairs, Tensor cos, Tensor sin, Tensor block_table, Tensor query_start_loc, Tensor seq_lens, float scale, Tensor(a!) output, str cache_format=\"plain\", float k_scale=1.0, float v_scale=1.0, bool shared_kv=False, Tensor? expand_quads=None, Tensor? quad_scale=None, Tensor? cos_lanes=None, Tensor? sin_lanes=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(thinkeys_rebuild, CPU, m) {

@@ -27,11 +27,14 @@
 //   [tokens, R] x [R, D] bf16 product into fp32 read in place by oneDNN's AMX brgemm
 //   (at::native::cpublas::brgemm), rotated, rounded to bf16 and packed into channel pairs (K^T). Else
 //   (decodes; every request on CPUs without AMX; D of 32, 64 or 128) 16 tokens at a time go into the
-//   lanes of the expansion (expand_kt_bf16: vdpbf16ps with a table pair broadcast per channel, or AMX-BF16
-//   tiles for decodes where the CPU has them and R <= 32), are rotated in registers and come out as
-//   K^T directly, paired (f, f + D / 2) as RoPE pairs them. Then the main kernel's bf16 page step
-//   (attention_common.h: vdpbf16ps scores and P.V straight from the page for decodes, brgemm for
-//   prefill tiles of >= 16 rows, fp32 online softmax). The table comes in the VNNI pair layout,
+//   lanes of the expansion (products_bf16: vdpbf16ps with a table pair broadcast per channel, or AMX-BF16
+//   tiles for decodes where the CPU has them and R <= 32) and are rotated in registers (angles from
+//   the transposed lane tables of rebuild_kernel.rope_lane_tables). Decodes (one query a request, at
+//   most kFusedMaxG heads a KV head) take the scores right there, each rotated channel pair against
+//   the fp32 query (expand_scores); other requests get K^T, paired (f, f + D / 2) as RoPE pairs them
+//   (expand_kt). Then the main kernel's bf16 page step (attention_common.h: vdpbf16ps scores unless
+//   fused, and P.V straight from the page for decodes, brgemm for prefill tiles of >= 16 rows, fp32
+//   online softmax). The table comes in the VNNI pair layout,
 //   prepared once per layer by rebuild_kernel.py. A thread
 //   keeps the pages it rebuilt for the (request, KV head) it is working on, so the tiles of a
 //   prefill rebuild each page once, not once per tile.
@@ -43,9 +46,8 @@
 //   (attend_page_bf16's ks / vs). int8_per_token_head latents skip the widening where the CPU has
 //   AVX512-VNNI, D is 32, 64 or 128 and rebuild_kernel.py passes the int8 table (a call of decodes, or
 //   any call where AMX does not run the prefills): they are multiplied as bytes by the table
-//   quantized to int8 per output channel (expand_kt_i8, vpdpbusd: twice vdpbf16ps' products per
-//   instruction; 16 tokens in the lanes, so the keys come out as the K^T the scores read, with no
-//   packing step), and P.V reads the value codes as they are (attend_page_i8: int16 probabilities,
+//   quantized to int8 per output channel (products_i8, vpdpbusd: twice vdpbf16ps' products per
+//   instruction; 16 tokens in the lanes, into scores or K^T as above, with no packing step), and P.V reads the value codes as they are (attend_page_i8: int16 probabilities,
 //   vpdpwssd), so nothing of such a page is widened. Other 8-bit pages are widened a chunk at a time, just before the
 //   chunk's expansion, while the next chunk's rows are prefetched. The fp32 form reads them too:
 //   each chunk's codes are dequantized to fp32 (code * scale, attention_common.h's slot formats, as
@@ -108,7 +110,7 @@ struct Problem {
   const uint8_t* cache8;
   float k_scale, v_scale;
   bool shared;  // shared K=V slots: one vector per token (R == D), the value as it is and the key once rotated
-  // int8 latents expanded in int8 (bf16 form, see expand_kt_i8): the table quantized per output
+  // int8 latents expanded in int8 (bf16 form, see products_i8): the table quantized per output
   // channel, [H_kv, Rq / 4, Dv, 4] (Rq: R rounded up to 4), and per KV head its channels' scales and
   // 128 * column sums [H_kv, 2, Dv]; null otherwise
   const int8_t* expand_quads = nullptr;
@@ -127,7 +129,7 @@ struct Codes8 {
   static constexpr bool kPerTokenHead = kPerTokenHeadV;
   static constexpr bool kQuads = false;
 };
-// int8_per_token_head pages read as the codes they are: latents expanded in int8 (expand_kt_i8), values
+// int8_per_token_head pages read as the codes they are: latents expanded in int8 (products_i8), values
 // multiplied by int16 probabilities (attend_page_i8)
 struct Int8Quads {
   using Code = Int8Code;
@@ -564,7 +566,7 @@ void attend_tile(const Problem<T>& p, const WorkItem& w, Scratch& s) {
 
 // ---- the bf16 K^T expansion on AMX tiles (decodes on CPUs with AMX-BF16) ----
 // On the AMX Xeon of session 10 vdpbf16ps issues about one per two cycles (vpdpbusd two per cycle),
-// so the bf16 expansion of decodes (expand_kt_bf16's loop) was two thirds of the op. tdpbf16ps does a
+// so the bf16 expansion of decodes (the vdpbf16ps loop of products_bf16) was two thirds of the op. tdpbf16ps does a
 // group's products, 16 channels x 16 tokens x 2 R bf16 at a time: A = the table's rows of 16 channels
 // ([Dv][Rp] bf16, table_rows), B = the group's latent pairs as rows_to_lanes lays them out (AMX's B
 // layout: [pairs][16 tokens x 2]), C = [16 channels][16 tokens] fp32, stored for rope_kt_store. For
@@ -647,7 +649,7 @@ bool amx_expansion_enabled() {
 
 struct ScratchBf16 {
   std::vector<int32_t> q;  // the tile's query pairs [rows][P]
-  std::vector<float> q32;  // fused int8 decodes (expand_scores_i8): the query in fp32 [rows][D]
+  std::vector<float> q32;  // fused decodes (expand_scores): the query in fp32 [rows][D]
   std::vector<int32_t> bias;  // the int8 table's 128 * column sums of the work item's KV head, as integers [Dv]
   std::vector<float> scores, acc, row_max, row_sum, k32;  // [rows][srow], [rows][32 C], [rows], a page's keys [srow][Dv]
   std::vector<uint16_t> probs, kb;  // [rows][srow]; a page's rotated keys [srow][32 C] bf16
@@ -789,7 +791,7 @@ THINKEYS_ALWAYS_INLINE void prefetch_spread(const uint8_t* pf, int i0, int i1, i
     for (int o = 0; o < slot_bytes; o += 64) __builtin_prefetch(pf + int64_t(i) * pf_stride + o, 0, 3);
 }
 
-// Whether expand_kt_page_bf16 / expand_kt_page_i8 handle D (the fused pass into K^T), else expansion then rope_to_bf16.
+// Whether the tokens-in-lanes expansions (expand_group_bf16 / expand_group_i8) handle D, else expansion then rope_to_bf16.
 inline bool fused_rope(int D) { return D == 32 || D == 64 || D == 128; }
 
 bool int8_expansion_supported() {
@@ -797,13 +799,13 @@ bool int8_expansion_supported() {
   return ok;
 }
 
-// ---- int8 expansion straight into K^T (expand_kt_i8) ----
+// ---- int8 expansion, tokens in lanes (products_i8) ----
 // int8 latents (int8_per_token_head codes c) times the table quantized to int8 per output channel
 // (A^T ~ s_ch * a_q): vpdpbusd multiplies four unsigned by four signed bytes per lane, so the codes
 // come in as c + 128 (xor 0x80) and 128 * sum_m a_q[m][ch] comes off; 64 products per instruction
 // where vdpbf16ps gives 32, and the latents are never widened to bf16. Then k = s_ch * (acc - bias)
-// in fp32, rotated and rounded to bf16 (the token's factor multiplies its scores, as for every 8-bit
-// page). Exact integer sums (|acc| < 2^24); the approximation is the table's int8 rounding, which
+// in fp32 and rotated, then scored or rounded to bf16 into K^T (the token's factor multiplies its scores,
+// as for every 8-bit page). Exact integer sums (|acc| < 2^24); the approximation is the table's int8 rounding, which
 // the float64 reference of the tests reproduces (rebuild_kernel.int8_table). Latent bytes past R (a
 // slot's first value codes) meet zero table rows.
 // The scoring loops read a page's keys as K^T in channel pairs, kt [P][nt]. With tokens in the lanes
@@ -1043,7 +1045,7 @@ inline const uint16_t* table_rows(ScratchBf16& s, const uint16_t* pairs, int H_k
   return s.table_rows.data();
 }
 
-// The query's D bf16 channels as the pairs expand_kt_i8 writes: (f, f + D / 2), f < D / 2 (D of 32, 64, 128).
+// The query's D bf16 channels as the pairs expand_kt writes: (f, f + D / 2), f < D / 2 (D of 32, 64, 128).
 inline void rope_paired_query(const uint16_t* __restrict src, int D, uint16_t* __restrict dst) {
   const int half = D / 2;
   const __m512i idx = interleave_halves_idx();
@@ -1160,7 +1162,7 @@ inline void pv_page_i8(const int16_t* probs, int srow, int rows, const uint8_t* 
 // attend_page_bf16 (its vdpbf16ps branch) for int8_per_token_head pages read as codes: scores against
 // kt, softmax with int16 probabilities (softmax_row_i16), P.V on the value codes in place (values: the
 // page's first value code, rows row_bytes apart; ks / vs: per-token factors; pscale: [rows] scratch).
-// scored: the tile's scores are already in t.scores (expand_scores_i8), kt is not read.
+// scored: the tile's scores are already in t.scores (expand_scores), kt is not read.
 inline void attend_page_i8(const TileBf16& t, const int32_t* __restrict kt, int nt, int n, int page_start, const uint8_t* __restrict values,
                            int64_t row_bytes, const float* ks, const float* vs, float* pscale, bool scored) {
   const int P = t.P, C = t.C, srow = t.srow;
@@ -1208,7 +1210,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
   // P.V of tiles of >= kAmxRows rows; decodes take the vdpbf16ps / int8 paths, faster for one query a request
   const bool amx = !Enc::kQuads && amx_brgemm_supported() && q_len > 1;
   const bool fused = fused_rope(D);
-  // keys expanded with tokens in lanes straight into K^T (expand_kt_i8 / expand_kt_bf16; pairs (f, f + D / 2))
+  // keys expanded with tokens in lanes straight into K^T (expand_group_i8 / expand_group_bf16; pairs (f, f + D / 2))
   const bool kt_direct = Enc::kQuads || (fused && !amx);
   // decodes: the scores come out of the expansion (expand_scores), in fp32, with no K^T in between
   const bool fused_scores = kt_direct && q_len == 1 && G <= kFusedMaxG;
@@ -1293,7 +1295,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
     // page8 a chunk at a time, just before their expansion, zero factors past them
     const int nw = keep ? std::min(BS, kv_len - page_start) : n;
     auto widen = [&](int j0, int j1, bool latents) {
-      if constexpr (Enc::kQuads) {  // latent codes to c + 128 in quads, tokens in lanes (for expand_kt_i8); the factors
+      if constexpr (Enc::kQuads) {  // latent codes to c + 128 in quads, tokens in lanes (for products_i8); the factors
         if (latents)  // j0 is a multiple of 16
           for (int g0 = j0; g0 < j1; g0 += 16)
             rows_to_lanes<true>(raw + int64_t(g0) * p.c_tok, p.c_tok, std::min(16, j1 - g0), R4,
@@ -1411,7 +1413,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
 
 // ---- entry points -------------------------------------------------------------------------------
 
-// Whether the bf16 form expands int8_per_token_head latents in int8 (expand_kt_i8) on this CPU.
+// Whether the bf16 form expands int8_per_token_head latents in int8 (products_i8) on this CPU.
 bool int8_expansion_available() {
 #if THINKEYS_AVX512BF16
   return int8_expansion_supported();

@@ -200,6 +200,30 @@ def test_per_head_rope_frequencies():
     assert shared.shape[1] == 1
 
 
+def test_rope_lane_tables_are_the_tables_transposed():
+    """The lane tables the K^T / fused-score expansions load 16 positions at a time from: cos / sin transposed
+    to [H_cs, d / 2, P + 16], zeros past the end; they grow with the tables."""
+    freqs = default_inv_freq(32, 10000.0)[None].repeat(2, 1)
+    freqs[1] *= 0.5
+    for positions in (40, 5000):
+        cos, sin = rebuild_kernel.rope_tables(freqs, positions)
+        cos_lanes, sin_lanes = rebuild_kernel.rope_lane_tables(freqs, positions)
+        p = cos.shape[0]
+        assert p >= positions and cos_lanes.shape == (2, 16, p + rebuild_kernel.LANE_PAD) and sin_lanes.shape == cos_lanes.shape
+        assert torch.equal(cos_lanes[..., :p], cos.permute(1, 2, 0)) and torch.equal(sin_lanes[..., :p], sin.permute(1, 2, 0))
+        assert not cos_lanes[..., p:].any() and not sin_lanes[..., p:].any()
+
+
+@pytest.mark.skipif(not rebuild_kernel.available() or not rebuild_kernel.kernel_isa().startswith("avx512bf16"),
+                    reason="the bf16 form (AVX512-BF16) is the one that reads the lane tables")
+def test_bf16_form_refuses_a_call_without_lane_tables():
+    query, cache, expand, freqs, table, qsl, lens, _ = scenario(*STEPS["decodes"], dtype=torch.bfloat16)
+    expand_t, pairs = rebuild_kernel.prepared_tables(expand)
+    cos, sin = rebuild_kernel.rope_tables(freqs, int(lens.max()))
+    with pytest.raises(RuntimeError, match="cos_lanes and sin_lanes"):
+        torch.ops.thinkeys_rebuild.paged_attention(query, cache, expand_t, pairs, cos, sin, table, qsl, lens, 0.125, torch.empty_like(query))
+
+
 def test_prepared_tables_follow_in_place_updates():
     """The per-layer fp32 / bf16-pair tables are cached on the table tensor and redone when it changes."""
     expand = torch.randn(2, 32, 8)

@@ -1224,7 +1224,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
       if (fused_scores) {  // fp32 channels [G][D]
         float* q32 = s.q32.data() + int64_t(i * G + g) * D;
         for (int c = 0; c < D; ++c) q32[c] = c10::BFloat16(src[c], c10::BFloat16::from_bits());
-      } else if (kt_direct) {  // expand_kt_*'s pairs (f, f + D / 2)
+      } else if (kt_direct) {  // expand_kt's pairs (f, f + D / 2)
         rope_paired_query(src, D, dst);
       } else {
         for (int c = 0; c < 2 * P; c += 32) _mm512_storeu_si512(dst + c, load_bf16_32(src + c, std::min(32, D - c)));
@@ -1343,7 +1343,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
           pf = next, pf_n = std::min(kRebuildChunk, (keep ? kv_len : kv_end) - page_start - BS);
         }
         if (!kt_direct && pf) prefetch_rows(pf, pf_n, row_stride, row_bytes);  // (the K^T expansions spread theirs)
-        if constexpr (Enc::kQuads) {  // vpdpbusd expansion, tokens in lanes, RoPE in registers, straight into K^T
+        if constexpr (Enc::kQuads) {  // vpdpbusd expansion, tokens in lanes, RoPE in registers, into the scores or K^T
           for (int g0 = c0; g0 < c0 + m; g0 += 16) {
             const int64_t lanes = lane_off + page_start + g0;  // the group's first position in the lane tables
             // the next chunk's rows: the first half during the first group, the rest during the last
@@ -1354,7 +1354,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
                             fused_scores ? s.q32.data() : nullptr, t.scores + g0, srow, kt + g0, nt);
           }
           continue;  // K^T (or the scores) written: no packing
-        } else if (kt_direct) {  // bf16 expansion, tokens in lanes, RoPE in registers, straight into K^T
+        } else if (kt_direct) {  // bf16 expansion, tokens in lanes, RoPE in registers, into the scores or K^T
           const int pairs = (R + 1) / 2;
           if (s.lanes.size() < size_t(2) * pairs * 16) s.lanes.resize(size_t(2) * pairs * 16);
           for (int g0 = c0; g0 < c0 + m; g0 += 16) {
@@ -1375,7 +1375,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
                               amx_rows ? s.amx_acc.data() + (g0 - c0) / 16 * D * 16 : nullptr, fused_scores ? s.q32.data() : nullptr,
                               t.scores + g0, srow, kt + g0, nt);
           }
-          continue;  // K^T written: no packing
+          continue;  // K^T (or the scores) written: no packing
         } else {  // expansion (AMX brgemm or vdpbf16ps) into fp32, then RoPE
           expand_page_bf16(page + c0 * stride, stride, m, R, tbl, Dv, s.k32.data(), amx);
           rope_to_bf16(s.k32.data(), Dv, m, D, p.cos, p.sin, cs_row, cs_off, page_start, c0, s.kb.data(), C * 32);

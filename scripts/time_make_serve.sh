@@ -4,7 +4,7 @@
 # Runs in a scratch clone of this repository's HEAD; stops the server it started.
 set -euo pipefail
 repo=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
-out=${1:-$repo/bench-results/startup/make_serve.json}
+out=$(realpath -m "${1:-$repo/bench-results/startup/make_serve.json}")  # absolute: the script runs in a scratch clone
 port=${PORT:-8123}
 work=$(mktemp -d)
 trap 'kill -- -$server_pid 2>/dev/null || true; rm -rf "$work"' EXIT

@@ -162,6 +162,7 @@ def rope_lane_tables(freqs: torch.Tensor, positions: int) -> tuple[torch.Tensor,
 
 
 def _rope_entry(freqs: torch.Tensor, positions: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cos, sin, cos lanes, sin lanes) for ``freqs``, built together and cached under the frequencies' bytes."""
     with _lock:
         known = _freq_keys.get(freqs)
         if known is None:

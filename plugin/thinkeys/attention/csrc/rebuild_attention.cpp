@@ -1343,13 +1343,17 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
           pf = next, pf_n = std::min(kRebuildChunk, (keep ? kv_len : kv_end) - page_start - BS);
         }
         if (!kt_direct && pf) prefetch_rows(pf, pf_n, row_stride, row_bytes);  // (the K^T expansions spread theirs)
+        // the tokens-in-lanes expansions' group from token g0: its angles in the lane tables, and the next chunk's
+        // rows to prefetch meanwhile (the first half during the chunk's first group, the rest during its last)
+        auto group_at = [&](int g0) {
+          const int64_t lanes = lane_off + page_start + g0;
+          const int i0 = g0 == c0 ? 0 : (pf_n + 1) / 2, i1 = g0 + 16 >= c0 + m ? pf_n : (pf_n + 1) / 2;
+          return ExpandGroup{p.cos_lanes + lanes, p.sin_lanes + lanes, p.lane_stride, std::min(16, c0 + m - g0),
+                             pf ? pf + i0 * row_stride : nullptr, std::max(0, i1 - i0), row_stride, row_bytes};
+        };
         if constexpr (Enc::kQuads) {  // vpdpbusd expansion, tokens in lanes, RoPE in registers, into the scores or K^T
           for (int g0 = c0; g0 < c0 + m; g0 += 16) {
-            const int64_t lanes = lane_off + page_start + g0;  // the group's first position in the lane tables
-            // the next chunk's rows: the first half during the first group, the rest during the last
-            const int i0 = g0 == c0 ? 0 : (pf_n + 1) / 2, i1 = g0 + 16 >= c0 + m ? pf_n : (pf_n + 1) / 2;
-            const ExpandGroup e{p.cos_lanes + lanes, p.sin_lanes + lanes, p.lane_stride, std::min(16, c0 + m - g0),
-                                pf ? pf + i0 * row_stride : nullptr, std::max(0, i1 - i0), row_stride, row_bytes};
+            const ExpandGroup e = group_at(g0);
             expand_group_i8(D, G, e, reinterpret_cast<const int32_t*>(s.lat8.data() + int64_t(g0) * R4), R, quads, bias, qs,
                             fused_scores ? s.q32.data() : nullptr, t.scores + g0, srow, kt + g0, nt);
           }
@@ -1367,10 +1371,7 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
           if (amx_rows) amx_expansion_chunk(s.lanes.data(), (m + 15) / 16, amx_rows, 4 * pairs, D, s.amx_acc.data());  // the products on tiles
 #endif
           for (int g0 = c0; g0 < c0 + m; g0 += 16) {
-            const int64_t lanes = lane_off + page_start + g0;
-            const int i0 = g0 == c0 ? 0 : (pf_n + 1) / 2, i1 = g0 + 16 >= c0 + m ? pf_n : (pf_n + 1) / 2;
-            const ExpandGroup e{p.cos_lanes + lanes, p.sin_lanes + lanes, p.lane_stride, std::min(16, c0 + m - g0),
-                                pf ? pf + i0 * row_stride : nullptr, std::max(0, i1 - i0), row_stride, row_bytes};
+            const ExpandGroup e = group_at(g0);
             expand_group_bf16(D, G, e, s.lanes.data() + (g0 - c0) / 16 * pairs * 16, R, tbl,
                               amx_rows ? s.amx_acc.data() + (g0 - c0) / 16 * D * 16 : nullptr, fused_scores ? s.q32.data() : nullptr,
                               t.scores + g0, srow, kt + g0, nt);
@@ -1382,7 +1383,8 @@ void attend_tile_bf16(const Problem<c10::BFloat16>& p, const WorkItem& w, Scratc
         }
         pack_key_groups(s.kb.data(), C * 32, D, n_all, P, nt, c0 / 16, (c0 + m + 15) / 16, kt);
       }
-      pack_key_groups(s.kb.data(), C * 32, D, n_all, P, nt, (n_all + 15) / 16, nt / 16, kt);  // zero groups up to nt
+      if (!fused_scores)  // K^T's zero groups up to nt (fused scores read no K^T)
+        pack_key_groups(s.kb.data(), C * 32, D, n_all, P, nt, (n_all + 15) / 16, nt / 16, kt);
       s.nt[b] = nt;
       s.vp_done[b] = 0;
     } else if constexpr (!kPlain) {  // a kept page rebuilt by an earlier tile: only its values are widened again

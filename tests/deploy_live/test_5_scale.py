@@ -7,12 +7,18 @@ every replica's ``/metrics`` (``--metrics-url`` per replica, as the README says)
 is stopped (``docker stop``). What must hold:
 
 * both replicas served requests of the run (nginx spread them);
-* no request that had not started on the stopped replica is lost: every request sent after the stop
-  was served by the other one (nginx's ``proxy_next_upstream`` takes a request whose connection to the
-  stopped replica fails to the next replica: nothing of it has been sent, so it is not run twice);
+* no request that had not begun to stream from the stopped replica is lost: every request sent once its
+  server was killed was served by the other one (nginx's ``proxy_next_upstream`` takes a request whose
+  connection to the stopped replica fails to the next replica), and nginx answered every request with 200:
+  those the stopping replica took after its engine had shut down (it answers them 500 at once, its HTTP
+  server still accepting) were passed on too (``http_500 ... non_idempotent``);
 * the run's failed-request count, which the load test reports, is at most the number of requests that
-  were in flight on the stopped replica when it stopped (nginx's access log, which names the replica of
-  each request, with its start and end).
+  were in flight on the stopped replica between the stop and its exit (nginx's access log, which names the
+  replica of each request, with its start and end).
+
+The times come from the stop itself (SIGTERM, SIGKILL after the 10 s grace) and from the container's
+exit as Docker reports it: on a busy 2-core machine a killed vLLM worker can take 30-40 s to exit, and
+``docker stop`` then reports "did not receive an exit event" although the kill lands.
 
 Both replicas run with ``--enforce-eager`` (``THINKEYS_EXTRA_ARGS``): they start faster on the 2-core
 machine, and speed is not what this shows.
@@ -36,8 +42,10 @@ from conftest import COMPOSE_FILE, DEFAULT_MODEL, FIGURES, SCALE_FILE, container
 REPLICAS = 2
 # 16 requests per user: the stop comes after the first USERS are done, so ~60 are still to be sent; docker stop
 # can take its whole 10 s grace while the survivor serves on, and a shorter run (8 per user) once ended before the
-# stop returned (CI, stop 16), leaving nothing sent after it to check.
+# stop returned (CI, stop 16), leaving nothing sent after it to check. The survivor alone serves the rest for
+# 30 s or more past the kill.
 USERS, REQUESTS_PER_USER, PROMPT_LEN, OUTPUT_LEN = 4, 16, 32, 32
+GRACE_S = 10  # docker stop's grace before SIGKILL
 DEPLOYMENTS = {
     "scale": {
         "files": (COMPOSE_FILE, SCALE_FILE),
@@ -81,8 +89,27 @@ def _requests_logged(project) -> list[dict]:
 
 
 def _running(ip: str) -> float:
-    text = httpx.get(f"http://{ip}:8000/metrics", timeout=10).text
+    """Requests running or waiting on a replica (its /metrics); 0 when it does not answer in time (busy: ask again)."""
+    try:
+        text = httpx.get(f"http://{ip}:8000/metrics", timeout=30).text
+    except httpx.TimeoutException:
+        return 0.0
     return sum(float(v) for v in re.findall(r"^vllm:num_requests_(?:running|waiting)\{[^}]*\} ([\d.e+]+)$", text, re.M))
+
+
+def _exited(container: str, stop: subprocess.CompletedProcess, timeout_s: float = 120) -> float:
+    """When the stopped container was seen to have exited.
+
+    On a 2-core machine under load, SIGKILL can take longer than the engine waits for the container's exit
+    (10 s): ``docker stop`` then fails with "tried to kill container, but did not receive an exit event"
+    although the kill lands a few seconds later. Anything else is an error."""
+    if stop.returncode != 0 and "did not receive an exit event" not in stop.stderr:
+        raise AssertionError(f"docker stop {container} failed: {stop.stderr.strip()}")
+    deadline = time.monotonic() + timeout_s
+    while docker("inspect", "--format", "{{.State.Running}}", container).stdout.strip() == "true":
+        assert time.monotonic() < deadline, f"{container} still runs {timeout_s:.0f} s after docker stop: {stop.stderr.strip()}"
+        time.sleep(0.2)
+    return time.time()
 
 
 @pytest.fixture(scope="module")
@@ -116,17 +143,20 @@ def load_run(scaled, model_dirs, tmp_path_factory):
         time.sleep(0.5)
     assert in_flight_metrics is not None, f"the load never reached both replicas: {''.join(output)[-3000:]}"
     t_stop = time.time()
-    docker("stop", "--time", "10", stopped)  # the entrypoint passes SIGTERM on to vLLM's server
-    t_stopped = time.time()
-    FIGURES["scale: docker stop of a replica (10 s grace), s"] = round(t_stopped - t_stop, 1)
+    stop = docker("stop", "--time", str(GRACE_S), stopped, check=False)  # the entrypoint passes SIGTERM on to vLLM's server
+    t_exited = _exited(stopped, stop)
+    FIGURES["scale: docker stop of a replica (10 s grace) until it exited, s"] = round(t_exited - t_stop, 1)
     assert run.wait(timeout=600) == 0, "".join(output)[-4000:]
-    FIGURES["scale: load test ended, s after the stop returned"] = round(time.time() - t_stopped, 1)
+    FIGURES["scale: load test ended, s after the stop began"] = round(time.time() - t_stop, 1)
     reader.join(10)
     report = json.loads((out / "scale.json").read_text())
     (step,) = report["results"][0]["steps"]
     entries = [e for e in _requests_logged(scaled) if e["start"] >= t_run - 1]
+    lb_log = scaled.logs("lb")
+    (out / "lb.log").write_text(lb_log)
     return {
-        "step": step, "entries": entries, "ips": ips, "stopped": stopped, "t_stop": t_stop, "t_stopped": t_stopped,
+        "lb_errors": [line for line in lb_log.splitlines() if "[error]" in line or "[warn]" in line][-20:],
+        "step": step, "entries": entries, "ips": ips, "stopped": stopped, "t_stop": t_stop, "t_exited": t_exited,
         "in_flight_metrics": in_flight_metrics, "output": "".join(output), "scaled": scaled,
     }  # fmt: skip
 
@@ -149,14 +179,23 @@ def test_replicas_behind_nginx_share_the_load_test(load_run):
 def test_stopping_a_replica_mid_run_loses_only_what_was_running_on_it(load_run):
     step, ips, stopped = load_run["step"], load_run["ips"], load_run["stopped"]
     stopped_addr = f"{ips[stopped]}:8000"
-    t_stop, t_stopped = load_run["t_stop"], load_run["t_stopped"]
+    t_stop, t_exited = load_run["t_stop"], load_run["t_exited"]
     entries = load_run["entries"]
-    # In flight on the stopped replica: sent to it (its last upstream) before the stop returned, open when it began.
-    in_flight = [e for e in entries if e["upstreams"][-1] == stopped_addr and e["start"] <= t_stopped and e["end"] >= t_stop]
-    assert step["failed"] <= len(in_flight), (step["failed"], in_flight, step["errors"])
-    # Every request nginx received after the stop had returned went to the surviving replica and was served;
-    # those that first tried the stopped one were passed on (its address, then the other's, in the log).
-    after = [e for e in entries if e["start"] > t_stopped]
+    # In flight on the stopped replica: sent to it (its last upstream) before it exited, open when the stop began.
+    in_flight = [e for e in entries if e["upstreams"][-1] == stopped_addr and e["start"] <= t_exited and e["end"] >= t_stop]
+    not_served = [e for e in entries if e["status"] != 200]
+    assert step["failed"] <= len(in_flight), {
+        "failed": step["failed"], "errors": step["errors"], "t_stop": t_stop, "t_exited": t_exited,
+        "stopped": stopped_addr, "in_flight": in_flight, "not 200 in nginx's log": not_served,
+        "nginx's errors": load_run["lb_errors"],
+    }  # fmt: skip
+    # nginx answered 200 to all: what the stopping replica refused or failed before generating was passed on
+    assert not not_served, not_served
+    # Every request nginx received once the stopped replica's server was killed (the grace past, its listening socket
+    # closed with it: a container can take much longer to exit, on a busy 2-core machine 40 s) went to the surviving
+    # replica and was served; those that first tried the stopped one were passed on (its address, then the other's).
+    t_killed = t_stop + GRACE_S + 2
+    after = [e for e in entries if e["start"] > min(t_killed, t_exited)]
     assert after, "no request was sent after the stop: the run ended too early to show anything"
     assert all(e["status"] == 200 and e["upstreams"][-1] != stopped_addr for e in after), after
     retried = [e for e in entries if len(e["upstreams"]) > 1 and e["upstreams"][0] == stopped_addr]

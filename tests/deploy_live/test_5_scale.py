@@ -190,7 +190,7 @@ def test_stopping_a_replica_mid_run_loses_only_what_was_running_on_it(load_run):
         "nginx's errors": load_run["lb_errors"],
     }  # fmt: skip
     # nginx answered 200 to all: what the stopping replica refused or failed before generating was passed on
-    assert not not_served, not_served
+    assert not not_served, {"not 200 in nginx's log": not_served, "nginx's errors": load_run["lb_errors"]}
     # Every request nginx received once the stopped replica's server was killed (the grace past, its listening socket
     # closed with it: a container can take much longer to exit, on a busy 2-core machine 40 s) went to the surviving
     # replica and was served; those that first tried the stopped one were passed on (its address, then the other's).

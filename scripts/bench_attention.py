@@ -365,8 +365,9 @@ def plot(results: list[CaseResult], args) -> None:
     print(f"wrote {args.plot}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
+    """The shape, cache and kernel options (shared with scripts/profile_attention.py)."""
+    p = argparse.ArgumentParser(description=description.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--heads", type=int, default=9, help="query heads (default: SmolLM2-135M's 9)")
     p.add_argument("--kv-heads", type=int, default=3)
     p.add_argument("--head-dim", type=int, default=64, help="d: stock key width and value width")
@@ -390,13 +391,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="time shared K=V slots (THINKEYS_SHARED_KV: one d-wide vector, rotated when read as a key) as 'thin'")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of the ratios here (needs matplotlib)")
-    args = p.parse_args(argv)
+    return p
 
-    torch.set_num_threads(args.threads)
+
+def init_amx() -> None:
     if torch.cpu._is_amx_tile_supported():
         # CPU_ATTN picks its AMX kernel for bf16 here; the kernel asks Linux for the AMX tile state, which
         # a process must request first (vLLM's engine does it through oneDNN; a bare call dies on SIGILL).
         torch.cpu._init_amx()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    init_amx()
     machine_at_start = machine_info()
     from thinkeys.attention import kernels
 

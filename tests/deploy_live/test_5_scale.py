@@ -20,6 +20,9 @@ The times come from the stop itself (SIGTERM, SIGKILL after the 10 s grace) and 
 exit as Docker reports it: on a busy 2-core machine a killed vLLM worker can take 30-40 s to exit, and
 ``docker stop`` then reports "did not receive an exit event" although the kill lands.
 
+A stop's timing decides which of nginx's rules a run meets; ``test_nginx_passes_on_what_a_replica_fails_before_answering``
+checks the rules themselves with stand-in replicas (a 500, a cut answer) behind the shipped nginx.conf.
+
 Both replicas run with ``--enforce-eager`` (``THINKEYS_EXTRA_ARGS``): they start faster on the 2-core
 machine, and speed is not what this shows.
 """
@@ -209,3 +212,98 @@ def test_stopping_a_replica_mid_run_loses_only_what_was_running_on_it(load_run):
         "sent after the stop": len(after), "passed on from the stopped replica (proxy_next_upstream)": len(retried),
         "errors": step["errors"],
     }  # fmt: skip
+
+
+# A stand-in replica for the retry rules: POST answers 500 at once ("500"), 200 with a body ("200"), or a 200
+# whose body stops half-way ("cut": the replica dies mid-stream); GET /count says how many POSTs it received.
+STUB_REPLICA = r"""
+import http.server, sys, threading
+mode, seen, lock = sys.argv[1], [0], threading.Lock()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = str(seen[0]).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with lock:
+            seen[0] += 1
+        body = b'{"replica": "%s"}' % mode.encode()
+        self.send_response(500 if mode == "500" else 200)
+        self.send_header("Content-Length", str(len(body) * (2 if mode == "cut" else 1)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+        if mode == "cut":
+            self.close_connection = True
+http.server.ThreadingHTTPServer(("0.0.0.0", 8000), H).serve_forever()
+"""
+
+
+def test_nginx_passes_on_what_a_replica_fails_before_answering(base_images, tmp_path):
+    """deploy/nginx.conf's retry rules, with stand-in replicas behind the shipped config (no vLLM: the rules are
+    nginx's): a POST a replica answers 500 (as vLLM does while its engine shuts down) goes to the other replica;
+    one whose answer has begun (a stream cut half-way) is never sent again; when every replica fails, the client
+    gets the error after one try each (proxy_next_upstream_tries bounds it)."""
+    from conftest import TEST_LABEL, free_port
+
+    network = f"thinkeys-dt-retry-{free_port()}"
+    names: list[str] = []
+    docker("network", "create", "--label", TEST_LABEL, network)
+
+    def start(modes: tuple[str, str]) -> str:
+        for name in names:
+            docker("rm", "-f", name, check=False)
+        names.clear()
+        for i, mode in enumerate(modes):
+            names.append(f"{network}-{mode}-{i}")
+            docker("run", "-d", "--label", TEST_LABEL, "--network", network, "--network-alias", "thinkeys", "--name", names[-1],
+                   "python:3.11-slim-bookworm", "python3", "-c", STUB_REPLICA, mode)  # fmt: skip
+        port = free_port()
+        names.append(f"{network}-lb")
+        docker("run", "-d", "--label", TEST_LABEL, "--network", network, "--name", names[-1], "-p", f"127.0.0.1:{port}:8080",
+               "-v", f"{COMPOSE_FILE.parent / 'nginx.conf'}:/etc/nginx/nginx.conf:ro", "nginx:1.28-alpine")  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:  # nginx up and both stand-ins answering through it
+            try:
+                if httpx.get(f"{url}/count", timeout=5).status_code == 200:
+                    ips = [container_ip(n) for n in names[:2]]
+                    if all(httpx.get(f"http://{ip}:8000/count", timeout=5).status_code == 200 for ip in ips):
+                        return url
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, docker("logs", names[-1], check=False).stderr[-2000:]
+            time.sleep(0.5)
+
+    def post_all(url: str, n: int = 8) -> list[tuple[int, bytes | str]]:
+        out = []
+        for _ in range(n):
+            try:
+                r = httpx.post(f"{url}/v1/completions", json={"prompt": "x"}, timeout=30)
+                out.append((r.status_code, r.content))
+            except httpx.TransportError as e:  # the cut answer: fewer bytes than its Content-Length
+                out.append((0, type(e).__name__))
+        return out
+
+    def received(i: int) -> int:
+        return int(httpx.get(f"http://{container_ip(names[i])}:8000/count", timeout=5).text)
+
+    try:
+        url = start(("500", "200"))
+        got = post_all(url)
+        assert all(status == 200 and b'"200"' in body for status, body in got), got
+        assert received(0) >= 1 and received(1) == len(got)  # the 500 replica was tried, the other served all
+
+        url = start(("cut", "200"))
+        got = post_all(url)
+        cut = [g for g in got if g[0] != 200]
+        assert cut and received(0) == len(cut), (got, received(0))  # every request the cut replica took failed there...
+        assert received(1) == len(got) - len(cut)  # ...and none of them was sent to the other replica
+
+        url = start(("500", "500"))
+        got = post_all(url, 2)  # (2: under max_fails, so neither is taken out of the rotation)
+        assert [s for s, _ in got] == [500] * 2 and received(0) + received(1) == 4, got  # one try per replica, then the error
+    finally:
+        for name in names:
+            docker("rm", "-f", name, check=False)
+        docker("network", "rm", network, check=False)

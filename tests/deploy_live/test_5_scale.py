@@ -40,7 +40,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import COMPOSE_FILE, DEFAULT_MODEL, FIGURES, SCALE_FILE, container_ip, docker, wait_http
+from conftest import COMPOSE_FILE, DEFAULT_MODEL, FIGURES, SCALE_FILE, TEST_LABEL, container_ip, docker, free_port, wait_http
 
 REPLICAS = 2
 # 16 requests per user: the stop comes after the first USERS are done, so ~60 are still to be sent; docker stop
@@ -244,8 +244,6 @@ def test_nginx_passes_on_what_a_replica_fails_before_answering(base_images, tmp_
     nginx's): a POST a replica answers 500 (as vLLM does while its engine shuts down) goes to the other replica;
     one whose answer has begun (a stream cut half-way) is never sent again; when every replica fails, the client
     gets the error after one try each (proxy_next_upstream_tries bounds it)."""
-    from conftest import TEST_LABEL, free_port
-
     network = f"thinkeys-dt-retry-{free_port()}"
     names: list[str] = []
     docker("network", "create", "--label", TEST_LABEL, network)

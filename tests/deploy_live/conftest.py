@@ -288,6 +288,11 @@ def container_ip(container: str) -> str:
     return ips[0]
 
 
+def container_running(container: str) -> bool:
+    """Whether Docker reports the container running (False once it exited, or if it is gone)."""
+    return docker("inspect", "--format", "{{.State.Running}}", container, check=False).stdout.strip() == "true"
+
+
 def server_healthy(container: str, port: int = 8000) -> bool:
     try:
         ip = container_ip(container)

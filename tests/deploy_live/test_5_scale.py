@@ -40,7 +40,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import COMPOSE_FILE, DEFAULT_MODEL, FIGURES, SCALE_FILE, TEST_LABEL, container_ip, docker, free_port, wait_http
+from conftest import (
+    COMPOSE_FILE, DEFAULT_MODEL, FIGURES, SCALE_FILE, TEST_LABEL, container_ip, container_running, docker, free_port, wait_http,
+)  # fmt: skip
 
 REPLICAS = 2
 # 16 requests per user: the stop comes after the first USERS are done, so ~60 are still to be sent; docker stop
@@ -109,7 +111,7 @@ def _exited(container: str, stop: subprocess.CompletedProcess, timeout_s: float 
     if stop.returncode != 0 and "did not receive an exit event" not in stop.stderr:
         raise AssertionError(f"docker stop {container} failed: {stop.stderr.strip()}")
     deadline = time.monotonic() + timeout_s
-    while docker("inspect", "--format", "{{.State.Running}}", container).stdout.strip() == "true":
+    while container_running(container):
         assert time.monotonic() < deadline, f"{container} still runs {timeout_s:.0f} s after docker stop: {stop.stderr.strip()}"
         time.sleep(0.2)
     return time.time()

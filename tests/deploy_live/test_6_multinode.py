@@ -37,7 +37,7 @@ import pytest
 
 from conftest import (
     FIGURES, IMAGE, PROJECT_PREFIX, REFERENCE, REFERENCE_PROMPTS, SERVED_MODEL_NAME, TEST_LABEL, docker, free_port,
-    GreedyAnswer, assert_same_greedy, greedy_answer, server_healthy,
+    GreedyAnswer, assert_same_greedy, container_running, greedy_answer, server_healthy,
 )  # fmt: skip
 
 NAME = PROJECT_PREFIX + "multinode"
@@ -67,7 +67,7 @@ class Cluster:
         return out.stdout + out.stderr
 
     def running(self, node: int) -> bool:
-        return docker("inspect", "--format", "{{.State.Running}}", self.nodes[node], check=False).stdout.strip() == "true"
+        return container_running(self.nodes[node])
 
     def down(self) -> None:
         for node in self.nodes:

@@ -94,6 +94,27 @@ def test_train_freqs_also_moves_the_rope_tables(setup, tmp_path):
     assert dst_state["model.layers.0.self_attn.thin_rope_freqs"].dtype == torch.float32
 
 
+def test_bfloat16_activation_store_halves_memory_and_fits_as_well(setup, uninterrupted, tmp_path):
+    """--layerwise-store bfloat16 keeps the teacher's activations in half the memory; the fit (float32) lands
+    where the float32 store's does, up to bf16 rounding of its inputs."""
+    from transformers import AutoModelForCausalLM
+
+    from thinkeys.train.layerwise import capture_teacher
+
+    teacher = AutoModelForCausalLM.from_pretrained(setup["teacher"], dtype=torch.float32).eval()
+    windows = torch.randint(0, teacher.config.vocab_size, (2, 32))
+    full = capture_teacher(teacher, windows, progress=False)
+    half = capture_teacher(teacher, windows, progress=False, dtype=torch.bfloat16)
+    assert all(t.dtype == torch.bfloat16 for t in half.inputs + half.outputs)
+    assert half.inputs[0].element_size() * 2 == full.inputs[0].element_size()
+    torch.testing.assert_close(half.outputs[1].float(), full.outputs[1], rtol=1e-2, atol=1e-2)
+
+    report, _ = uninterrupted
+    bf16 = run(setup, tmp_path / "bf16", e2e_steps=0, layerwise_store="bfloat16", work_dir=tmp_path / "work")
+    for (before, after), (before32, after32) in zip(bf16.layerwise_error, report.layerwise_error):
+        assert before == pytest.approx(before32, rel=0.02) and after == pytest.approx(after32, rel=0.1, abs=1e-3)
+
+
 def test_resume_after_interruptions_gives_the_uninterrupted_result(setup, uninterrupted, tmp_path, monkeypatch):
     """Interrupt once in the layer-wise stage and once in the end-to-end stage; the resumed run matches."""
     dst = tmp_path / "resumed"

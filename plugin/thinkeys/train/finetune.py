@@ -56,6 +56,8 @@ class FinetuneSettings(BaseModel):
     layerwise_batch: int = Field(2, ge=1)
     layerwise_lr: float = Field(1e-3, gt=0)
     layerwise_queries: int = Field(64, ge=1, description="query positions per window and step (all positions stay keys)")
+    layerwise_store: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype the teacher's activations are kept in (bfloat16: half the memory, twice the windows)")
     e2e_steps: int | None = Field(None, ge=0, description="end-to-end steps (None: limited by e2e_minutes only)")
     e2e_minutes: float | None = Field(None, ge=0, description="end-to-end wall-time budget")
     e2e_batch: int = Field(1, ge=1, description="windows per end-to-end step")
@@ -226,7 +228,7 @@ def finetune(
         # --- stage 1: layer-wise ---------------------------------------------------------------
         if n_lw and state["layers_done"] < n_layers:
             start = time.monotonic()
-            acts = capture_teacher(teacher_model, windows[:n_lw], progress=progress)
+            acts = capture_teacher(teacher_model, windows[:n_lw], progress=progress, dtype=DTYPES[settings.layerwise_store])
             bar = tqdm(total=n_layers, initial=state["layers_done"], desc="layer-wise", unit="layer", disable=not progress)
             try:
                 for l, (prefix, attn) in enumerate(attn_modules.items()):

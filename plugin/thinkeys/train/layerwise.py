@@ -44,14 +44,17 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def capture_teacher(teacher: nn.Module, windows: torch.Tensor, *, progress: bool = True) -> TeacherActivations:
-    """Run the teacher over ``windows`` ``[N, T]`` and keep every layer's attention input and output."""
+def capture_teacher(
+    teacher: nn.Module, windows: torch.Tensor, *, progress: bool = True, dtype: torch.dtype = torch.float32
+) -> TeacherActivations:
+    """Run the teacher over ``windows`` ``[N, T]`` and keep every layer's attention input and output, stored as ``dtype``
+    (:func:`fit_layer` computes in float32 on minibatches of them)."""
     layers = _decoder_layers(teacher)
     n, t = windows.shape
     hidden = teacher.config.hidden_size
     device = next(teacher.parameters()).device
-    inputs = [torch.empty(n, t, hidden, device=device) for _ in layers]
-    outputs = [torch.empty(n, t, hidden, device=device) for _ in layers]
+    inputs = [torch.empty(n, t, hidden, device=device, dtype=dtype) for _ in layers]
+    outputs = [torch.empty(n, t, hidden, device=device, dtype=dtype) for _ in layers]
     row = {"i": 0}
 
     def hooks_for(l: int) -> tuple[Callable, Callable]:
@@ -120,7 +123,7 @@ def attention_rows(attn: nn.Module, x: torch.Tensor, v: torch.Tensor, rows: torc
 def _values(attn: nn.Module, inputs: torch.Tensor, batch: int) -> torch.Tensor:
     n, t, _ = inputs.shape
     return torch.cat([
-        attn.v_proj(inputs[i : i + batch]).view(-1, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        attn.v_proj(inputs[i : i + batch].float()).view(-1, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
         for i in range(0, n, batch)
     ])  # [N, Hkv, T, d]
 
@@ -156,9 +159,10 @@ def fit_layer(
         with torch.no_grad():
             num = den = 0.0
             for i in range(0, n, batch):
-                out = attention_rows(attn, inputs[i : i + batch], values[i : i + batch], probe)
-                num += float((out - targets[i : i + batch, probe]).pow(2).sum())
-                den += float(targets[i : i + batch, probe].pow(2).sum())
+                target = targets[i : i + batch, probe].float()
+                out = attention_rows(attn, inputs[i : i + batch].float(), values[i : i + batch], probe)
+                num += float((out - target).pow(2).sum())
+                den += float(target.pow(2).sum())
             return num / max(den, 1e-12)
 
     before = error_on_all()
@@ -179,8 +183,8 @@ def fit_layer(
         scale = cosine_lr(1.0, step / steps)
         for group, base in zip(optimizer.param_groups, (lr, freq_lr)):
             group["lr"] = base * scale
-        out = attention_rows(attn, inputs[idx], values[idx], rows)  # [b, Q, D]
-        loss = relative_error(out, targets[idx][:, rows])
+        out = attention_rows(attn, inputs[idx].float(), values[idx], rows)  # [b, Q, D]
+        loss = relative_error(out, targets[idx][:, rows].float())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -15,7 +15,9 @@ when present: the run resumes). ``table`` then reports, per thin checkpoint and 
 - its 95% interval from a paired bootstrap over windows (the same windows resampled for both models,
   10,000 draws): how far another sample of the same kind of text could move it;
 - the cost on the first 2,048 tokens (the frontier's figure) and the range over the disjoint 2,048-token
-  blocks of the sample: how much a frontier-sized sample varies.
+  blocks of the sample: how much a frontier-sized sample varies;
+- for other recipes of the same rank, their perplexity against the shipped one's (``--against``), paired
+  the same way: whether a recipe change moved anything beyond sampling noise.
 
 Writes ``confidence.md``, ``confidence.json`` and ``confidence.png`` beside the evals.
 """
@@ -28,7 +30,7 @@ import math
 import time
 from pathlib import Path
 
-OUT = Path("bench-results/quality/confidence")
+OUT = Path("bench-results/quality/confidence")  # --out changes it
 TEXTS = {"wiki": "data/wiki/eval.txt", "kjv": "data/heldout/kjv.txt", "fortunes": "data/heldout/fortunes.txt"}
 WINDOW, FRONTIER_TOKENS, DRAWS = 512, 2048, 10_000
 
@@ -92,17 +94,27 @@ def cmd_table(args: argparse.Namespace) -> None:
     rows = [{"label": label, "checkpoint": e["checkpoint"], "rank": e["thin_keys"]["rank"], "machine": e["machine"],
              "texts": {t: paired_costs(e["texts"][t], base["texts"][t], rng) for t in TEXTS}}
             for label, e in evals.items()]
+    if args.against in evals:  # each other checkpoint of the same rank against the reference one, paired the same way
+        ref = evals[args.against]
+        for r in rows:
+            if r["label"] != args.against and r["rank"] == ref["thin_keys"]["rank"]:
+                for t, c in r["texts"].items():
+                    vs = paired_costs(evals[r["label"]]["texts"][t], ref["texts"][t], rng)
+                    c["vs_reference"] = {"reference": args.against, "ppl_ratio": vs["cost"], "ci95": vs["ci95"]}
     (OUT / "confidence.json").write_text(json.dumps({"window": WINDOW, "draws": DRAWS, "original": {
         t: {"ppl": base["texts"][t]["ppl"], "tokens": base["texts"][t]["tokens_scored"]} for t in TEXTS}, "rows": rows},
         indent=1) + "\n")
-    lines = ["| checkpoint | text | tokens | PPL cost, all tokens | 95% interval (paired bootstrap) | first 2,048 tokens (frontier) | 2,048-token blocks: min / median / max |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| checkpoint | text | tokens | PPL cost, all tokens | 95% interval (paired bootstrap) | first 2,048 tokens (frontier) | "
+             f"2,048-token blocks: min / median / max | PPL vs {args.against} (95% interval) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for t, c in r["texts"].items():
             lo, hi = c["ci95"]
             b = sorted(c["blocks_2048"])
+            vs = c.get("vs_reference")
+            against = f"{vs['ppl_ratio']:+.1%} ({vs['ci95'][0]:+.1%} .. {vs['ci95'][1]:+.1%})" if vs else "-"
             lines.append(f"| {r['label']} | {t} | {c['tokens']:,} | {c['cost']:+.1%} | {lo:+.1%} .. {hi:+.1%} | "
-                         f"{c['first_2048']:+.1%} | {b[0]:+.1%} / {float(np.median(b)):+.1%} / {b[-1]:+.1%} |")
+                         f"{c['first_2048']:+.1%} | {b[0]:+.1%} / {float(np.median(b)):+.1%} / {b[-1]:+.1%} | {against} |")
     (OUT / "confidence.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(rows)
@@ -134,14 +146,19 @@ def plot(rows: list[dict]) -> None:
 
 
 def main() -> None:
+    global OUT
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("eval")
     e.add_argument("--checkpoint", action="append", required=True, help="LABEL=PATH; the unmodified model's label is 'original'")
     e.add_argument("--max-tokens", type=int, default=32_768, help="tokens of each text scored (default: 64 windows of 512)")
     e.add_argument("--force", action="store_true")
-    sub.add_parser("table")
+    t = sub.add_parser("table")
+    t.add_argument("--against", default="rebuild-r32-long-lw-e2e",
+                   help="the reference thin checkpoint other recipes of its rank are compared with, paired (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=OUT, help="results folder (default %(default)s)")
     args = parser.parse_args()
+    OUT = args.out
     {"eval": cmd_eval, "table": cmd_table}[args.cmd](args)
 
 

@@ -16,7 +16,7 @@ when present: the run resumes). ``table`` then reports, per thin checkpoint and 
   10,000 draws): how far another sample of the same kind of text could move it;
 - the cost on the first 2,048 tokens (the frontier's figure) and the range over the disjoint 2,048-token
   blocks of the sample: how much a frontier-sized sample varies;
-- for other recipes of the same rank, their perplexity against the shipped one's (``--against``), paired
+- for other recipes of the same rank, their perplexity against the shipped one's of that rank (``--against``), paired
   the same way: whether a recipe change moved anything beyond sampling noise.
 
 Writes ``confidence.md``, ``confidence.json`` and ``confidence.png`` beside the evals.
@@ -94,25 +94,26 @@ def cmd_table(args: argparse.Namespace) -> None:
     rows = [{"label": label, "checkpoint": e["checkpoint"], "rank": e["thin_keys"]["rank"], "machine": e["machine"],
              "texts": {t: paired_costs(e["texts"][t], base["texts"][t], rng) for t in TEXTS}}
             for label, e in evals.items()]
-    if args.against in evals:  # each other checkpoint of the same rank against the reference one, paired the same way
-        ref = evals[args.against]
-        for r in rows:
-            if r["label"] != args.against and r["rank"] == ref["thin_keys"]["rank"]:
-                for t, c in r["texts"].items():
-                    vs = paired_costs(evals[r["label"]]["texts"][t], ref["texts"][t], rng)
-                    c["vs_reference"] = {"reference": args.against, "ppl_ratio": vs["cost"], "ci95": vs["ci95"]}
+    references = {evals[label]["thin_keys"]["rank"]: label for label in args.against if label in evals}
+    for r in rows:  # each other recipe against the reference of its rank, paired the same way
+        ref = references.get(r["rank"])
+        if ref is not None and r["label"] != ref:
+            for t, c in r["texts"].items():
+                vs = paired_costs(evals[r["label"]]["texts"][t], evals[ref]["texts"][t], rng)
+                c["vs_reference"] = {"reference": ref, "ppl_ratio": vs["cost"], "ci95": vs["ci95"]}
     (OUT / "confidence.json").write_text(json.dumps({"window": WINDOW, "draws": DRAWS, "original": {
         t: {"ppl": base["texts"][t]["ppl"], "tokens": base["texts"][t]["tokens_scored"]} for t in TEXTS}, "rows": rows},
         indent=1) + "\n")
     lines = ["| checkpoint | text | tokens | PPL cost, all tokens | 95% interval (paired bootstrap) | first 2,048 tokens (frontier) | "
-             f"2,048-token blocks: min / median / max | PPL vs {args.against} (95% interval) |",
+             "2,048-token blocks: min / median / max | PPL vs the reference of its rank (95% interval) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for t, c in r["texts"].items():
             lo, hi = c["ci95"]
             b = sorted(c["blocks_2048"])
             vs = c.get("vs_reference")
-            against = f"{vs['ppl_ratio']:+.1%} ({vs['ci95'][0]:+.1%} .. {vs['ci95'][1]:+.1%})" if vs else "-"
+            against = (f"{vs['ppl_ratio']:+.1%} ({vs['ci95'][0]:+.1%} .. {vs['ci95'][1]:+.1%}) vs {vs['reference']}" if vs
+                       else "(reference)" if r["label"] in args.against else "-")
             lines.append(f"| {r['label']} | {t} | {c['tokens']:,} | {c['cost']:+.1%} | {lo:+.1%} .. {hi:+.1%} | "
                          f"{c['first_2048']:+.1%} | {b[0]:+.1%} / {float(np.median(b)):+.1%} / {b[-1]:+.1%} | {against} |")
     (OUT / "confidence.md").write_text("\n".join(lines) + "\n")
@@ -154,8 +155,9 @@ def main() -> None:
     e.add_argument("--max-tokens", type=int, default=32_768, help="tokens of each text scored (default: 64 windows of 512)")
     e.add_argument("--force", action="store_true")
     t = sub.add_parser("table")
-    t.add_argument("--against", default="rebuild-r32-long-lw-e2e",
-                   help="the reference thin checkpoint other recipes of its rank are compared with, paired (default %(default)s)")
+    t.add_argument("--against", nargs="+", default=["rebuild-r32-long-lw-e2e", "rebuild-r16-long-lw-e2e"],
+                   help="reference thin checkpoints (the shipped ones): other recipes of a reference's rank are compared "
+                   "with it, paired (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=OUT, help="results folder (default %(default)s)")
     args = parser.parse_args()
     OUT = args.out

@@ -225,6 +225,24 @@ def test_rebuild_at_read_recovers_its_latent_key_projection_and_expansion(setup,
     load_thin_model(dst)
 
 
+def test_rebuild_recovery_with_train_queries_also_trains_the_source_query(setup, tmp_path):
+    """--train-queries: a rebuild checkpoint's d-wide q_proj trains with the latent k_proj and the expansion, fits
+    each layer's attention output better than without it, and the result is still a rebuild checkpoint."""
+    student = convert_checkpoint(setup["teacher"], tmp_path / "rebuild", 8, rope="rebuild", progress=False)
+    options = {**FAST, "e2e_steps": setup["windows"]}
+    plain = finetune(student, tmp_path / "plain", teacher=setup["teacher"], text=setup["text"], progress=False, **options)
+    with_q = finetune(student, tmp_path / "with-q", teacher=setup["teacher"], text=setup["text"], progress=False,
+                      train_queries=True, **options)
+    src_state, dst_state = load_file(student / "model.safetensors"), load_file(tmp_path / "with-q" / "model.safetensors")
+    changed = {n for n in src_state if not torch.equal(src_state[n], dst_state[n])}
+    assert changed == {f"model.layers.{i}.self_attn.{t}" for i in range(2)
+                       for t in ("q_proj.weight", "k_proj.weight", "thin_rebuild")}
+    assert dst_state["model.layers.0.self_attn.q_proj.weight"].shape == src_state["model.layers.0.self_attn.q_proj.weight"].shape
+    assert sum(a for _, a in with_q.layerwise_error) < sum(a for _, a in plain.layerwise_error)
+    assert json.loads((tmp_path / "with-q" / "config.json").read_text())["thin_keys"]["rope"] == "rebuild"
+    load_thin_model(tmp_path / "with-q")
+
+
 def test_qwen3_recovery_trains_the_post_norm_maps(tmp_path):
     """Qwen3 keeps its d-wide q/k projections and norms: recovery trains thin_q_map / thin_k_map only."""
     from tiny_models import make_tiny_qwen3

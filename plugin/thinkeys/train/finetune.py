@@ -10,7 +10,8 @@ see bench-results/quality/README.md):
    KL divergence to the original model's next-token distribution, for ``e2e_steps`` steps or
    ``e2e_minutes`` of wall time (whichever ends first), each step on fresh tune windows.
 
-Only the thin query/key projections (and with ``train_freqs`` the per-head RoPE tables) change
+Only the thin query/key projections (and with ``train_freqs`` the per-head RoPE tables; with ``train_queries`` a
+rebuild-at-read checkpoint's query projection) change
 (:mod:`thinkeys.train.params`); the result is written with
 :func:`thinkeys.reference.save_thin_model`, so it is a normal thin-key checkpoint that the plugin
 serves unchanged. The run is resumable from its work folder and an interrupted run never leaves
@@ -64,6 +65,7 @@ class FinetuneSettings(BaseModel):
     e2e_lr: float = Field(5e-4, gt=0)
     loss: Literal["kl", "ce", "kl+ce"] = "kl"
     train_freqs: bool = False
+    train_queries: bool = Field(False, description="rebuild-at-read: also train the source's d-wide query projection")
     freq_lr: float = Field(1e-4, ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
@@ -206,7 +208,7 @@ def finetune(
         raise ThinKeyError("--device cuda: no CUDA device is visible to torch here")
     model = load_thin_model(student, torch.float32, device=device)
     out_dtype = DTYPES[settings.dtype] if settings.dtype else _checkpoint_dtype(student)
-    named = trainable_tensors(model, train_freqs=settings.train_freqs)
+    named = trainable_tensors(model, train_freqs=settings.train_freqs, train_queries=settings.train_queries)
     state: dict[str, Any] = {"layers_done": 0, "e2e_step": 0, "e2e_seconds": 0.0, "seconds": {}, "tokens": {},
                              "layerwise_error": [], "optimizer": None}
     if resuming:

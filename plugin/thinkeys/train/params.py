@@ -1,7 +1,9 @@
 """What recovery trains: the thin query/key projections, and optionally each layer's RoPE frequency table.
 
 Rebuild-at-read checkpoints (``rope: rebuild``) keep the source's queries: there the latent key
-projection ``k_proj`` ``[Hkv r, D]`` and its expansion ``thin_rebuild`` ``[Hkv, d, r]`` train.
+projection ``k_proj`` ``[Hkv r, D]`` and its expansion ``thin_rebuild`` ``[Hkv, d, r]`` train, and with
+``train_queries`` the source's d-wide ``q_proj`` ``[H d, D]`` too (queries are never cached, so the
+cache is unchanged; the recovered delta grows by the query weights: 20 MB in bf16 for SmolLM2-135M).
 QK-norm families (Qwen3) keep the source's d-wide projections and norms: their post-norm maps
 ``thin_q_map`` / ``thin_k_map`` ``[Hkv, r, d]`` train.
 
@@ -33,8 +35,9 @@ def thin_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def trainable_tensors(model: nn.Module, *, train_freqs: bool = False) -> dict[str, nn.Parameter]:
-    """Freeze the model except thin q/k (and, with ``train_freqs``, the RoPE tables); returns ``state-dict name -> parameter``."""
+def trainable_tensors(model: nn.Module, *, train_freqs: bool = False, train_queries: bool = False) -> dict[str, nn.Parameter]:
+    """Freeze the model except thin q/k (and, with ``train_freqs``, the RoPE tables; with ``train_queries``, the
+    source's query projection of rebuild-at-read layers); returns ``state-dict name -> parameter``."""
     for p in model.parameters():
         p.requires_grad_(False)
     named: dict[str, nn.Parameter] = {}
@@ -51,7 +54,7 @@ def trainable_tensors(model: nn.Module, *, train_freqs: bool = False) -> dict[st
                 named[f"{prefix}.{name}"] = p
             projections: tuple[str, ...] = ()
         else:
-            projections = ("k_proj",) if rebuild else ("q_proj", "k_proj")
+            projections = ("k_proj",) if rebuild and not train_queries else ("q_proj", "k_proj")
         for proj in projections:
             for kind in ("weight", "bias"):
                 p = getattr(getattr(attn, proj), kind)

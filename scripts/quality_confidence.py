@@ -130,7 +130,7 @@ def plot(rows: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for i, r in enumerate(rows):
         for j, (t, c) in enumerate(r["texts"].items()):
-            x = j + (i - (len(rows) - 1) / 2) * 0.25
+            x = j + (i - (len(rows) - 1) / 2) * 0.8 / len(rows)  # the rows side by side within each text
             lo, hi = c["ci95"]
             ax.scatter([x] * len(c["blocks_2048"]), [100 * b for b in c["blocks_2048"]], s=8, color=f"C{i}", alpha=0.3)
             ax.errorbar(x, 100 * c["cost"], yerr=[[100 * (c["cost"] - lo)], [100 * (hi - c["cost"])]], fmt="o",

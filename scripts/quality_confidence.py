@@ -42,7 +42,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     (OUT / "evals").mkdir(parents=True, exist_ok=True)
     for spec in args.checkpoint:
-        label, path = spec.split("=", 1)
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not (Path(path) / "config.json").is_file():
+            raise SystemExit(f"--checkpoint {spec}: give LABEL=PATH with PATH a model folder holding config.json")
         dest = OUT / "evals" / f"{label}.json"
         if dest.is_file() and not args.force:
             print(f"{label}: {dest} exists, skipped")
@@ -69,7 +71,7 @@ def paired_costs(thin: dict, base: dict, rng) -> dict:
     import numpy as np
 
     if thin["text_sha256"] != base["text_sha256"] or thin["window_tokens"] != base["window_tokens"]:
-        raise SystemExit("the thin and original evals scored different text or windows: re-run both with the same --max-tokens")
+        raise SystemExit("two evals compared here scored different text or windows: re-run both with the same --max-tokens and texts")
     nll_t, nll_b = np.array(thin["window_nll"]), np.array(base["window_nll"])
     tokens = np.array(base["window_tokens"], dtype=float)
     cost = math.exp((nll_t.sum() - nll_b.sum()) / tokens.sum()) - 1

@@ -30,14 +30,14 @@ import math
 import time
 from pathlib import Path
 
+from quality_frontier import MAX_TOKENS as FRONTIER_TOKENS  # the frontier's texts, window and sample size
+from quality_frontier import TEXTS, WINDOW, machine
+
 OUT = Path("bench-results/quality/confidence")  # --out changes it
-TEXTS = {"wiki": "data/wiki/eval.txt", "kjv": "data/heldout/kjv.txt", "fortunes": "data/heldout/fortunes.txt"}
-WINDOW, FRONTIER_TOKENS, DRAWS = 512, 2048, 10_000
+DRAWS = 10_000
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from quality_frontier import machine
-
     from thinkeys.evaluate.torch_backend import perplexity_torch
 
     (OUT / "evals").mkdir(parents=True, exist_ok=True)

@@ -243,6 +243,39 @@ def test_rebuild_recovery_with_train_queries_also_trains_the_source_query(setup,
     load_thin_model(tmp_path / "with-q")
 
 
+def test_low_rank_query_change_is_rank_k_and_continues_across_stages(setup, tmp_path):
+    """--query-rank K: the trained query weights differ from the teacher's by a rank-K change (up to the
+    checkpoint's rounding), a second stage that starts from the first continues that change (still rank K,
+    not 2K)."""
+    student = convert_checkpoint(setup["teacher"], tmp_path / "rebuild", 8, rope="rebuild", progress=False)
+    options = {**FAST, "e2e_steps": setup["windows"]}
+    low = finetune(student, tmp_path / "low", teacher=setup["teacher"], text=setup["text"], progress=False,
+                   train_queries=True, query_rank=2, **{**options, "e2e_steps": None})
+    assert low.settings.query_rank == 2
+    again = finetune(tmp_path / "low", tmp_path / "again", teacher=setup["teacher"], text=setup["text"], progress=False,
+                     train_queries=True, query_rank=2, **{**options, "layerwise_steps": 0})
+    assert again.e2e_steps == setup["windows"]
+    teacher = load_file(setup["teacher"] / "model.safetensors")
+    for dst in ("low", "again"):
+        state = load_file(tmp_path / dst / "model.safetensors")
+        for i in range(2):
+            name = f"model.layers.{i}.self_attn.q_proj.weight"
+            change = state[name].double() - teacher[name].double()
+            s = torch.linalg.svdvals(change)
+            assert s[1] > 0 and s[2] < 1e-6 * s[0], (dst, i, s[:4])  # the tiny teacher is float32: exact rank 2
+        assert "model.layers.0.self_attn.q_proj.parametrizations.weight.original" not in state
+    assert not torch.equal(load_file(tmp_path / "low" / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"],
+                           load_file(tmp_path / "again" / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"])
+    load_thin_model(tmp_path / "again")
+    with pytest.raises(ThinKeyError, match="--query-rank needs --train-queries"):
+        finetune(student, tmp_path / "bad", teacher=setup["teacher"], text=setup["text"], progress=False,
+                 query_rank=2, **options)
+    with pytest.raises(ThinKeyError, match="no rebuild-at-read layer"):
+        finetune(setup["student"], tmp_path / "bad", teacher=setup["teacher"], text=setup["text"], progress=False,
+                 train_queries=True, query_rank=2, **options)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_qwen3_recovery_trains_the_post_norm_maps(tmp_path):
     """Qwen3 keeps its d-wide q/k projections and norms: recovery trains thin_q_map / thin_k_map only."""
     from tiny_models import make_tiny_qwen3

@@ -83,6 +83,45 @@ def test_a_damaged_delta_or_another_base_is_refused_and_nothing_is_written(recov
         apply_delta(delta, recovered["base"], tmp_path / "out3")
 
 
+def test_low_rank_delta_stores_factors_of_the_query_change_and_rebuilds_it(recovered, tmp_path):
+    """--low-rank K: a rebuild checkpoint whose d-wide q_proj changed by a rank-K update ships that change as
+    two thin factors; apply rebuilds the checkpoint (to float rounding); a checkpoint without such a tensor is refused."""
+    thin = convert_checkpoint(recovered["base"], tmp_path / "rebuild", 8, rope="rebuild", progress=False)
+    state = hf_io.load_state_dict(thin)
+    gen = torch.Generator().manual_seed(1)
+    queries = [n for n in state if n.endswith("q_proj.weight")]
+    for name in queries:
+        out_f, in_f = state[name].shape
+        state[name] = state[name] + 0.01 * torch.randn(out_f, 2, generator=gen) @ torch.randn(2, in_f, generator=gen)
+    save_file(state, thin / "model.safetensors")
+    delta = tmp_path / "d" / "low.safetensors"
+    make_delta(thin, recovered["base"], delta, license="Apache-2.0 (test)", regenerate="pytest", low_rank=2)
+    stored = load_file(delta)
+    assert not any(n in stored for n in queries)
+    assert all(stored[n + ".low_rank_u"].shape == (state[n].shape[0], 2) for n in queries)
+    assert all(stored[n + ".low_rank_v"].shape == (2, state[n].shape[1]) for n in queries)
+    manifest = read_manifest(delta)
+    assert manifest.low_rank == 2 and manifest.low_rank_kept > 0.999999
+
+    out = tmp_path / "rebuilt"
+    assert thinkeys_main(["recovered", "apply", str(delta), "--base", str(recovered["base"]), "--out", str(out)]) == 0
+    got = hf_io.load_state_dict(out)
+    assert set(got) == set(state)
+    for name, want in state.items():
+        if name in queries:
+            torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(got[name], want), name
+
+    other = make_tiny_llama(tmp_path / "other", seed=1, tie_word_embeddings=True)
+    with pytest.raises(ThinKeyError, match="not the base model"):  # the factored tensors' base is checked too
+        apply_delta(delta, other, tmp_path / "out2")
+    with pytest.raises(ThinKeyError, match="no changed tensor .* keeps its base shape"):
+        make_delta(recovered["thin"], recovered["base"], tmp_path / "e" / "x.safetensors", license="x", regenerate="x",
+                   low_rank=2)
+    assert not (tmp_path / "e" / "x.safetensors").exists()
+
+
 def test_the_shipped_deltas_match_their_manifests():
     from thinkeys.recovered import DEFAULT_DELTA, SHIPPED_DIR, shipped_delta
 

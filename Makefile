@@ -26,30 +26,44 @@ DELTA := configs/recovered/smollm2-135m-instruct-thin-r$(RANK)-$(ROPE).safetenso
 CONVERTED := $(MODELS)/SmolLM2-135M-Instruct-thin-r$(RANK)-$(ROPE)
 RECOVERED_MODEL := $(CONVERTED)-recovered
 SERVED := $(if $(and $(filter-out 0,$(RECOVERED)),$(wildcard $(DELTA))),$(RECOVERED_MODEL),$(CONVERTED))
-# Recovery recipe of the shipped default (`make recover-default`), tune-side text only:
-# layer-wise distillation on Wikipedia tune articles (800 steps per layer on 256 windows of 512 tokens,
-# the teacher's activations kept in bf16), training the latent key projection, its expansion and the
-# (never cached) query projection; then E2E_STEPS end-to-end distillation steps on the original
-# model's own chat answers + tune prose (data/chat/tune.txt from `thinkeys chat-data`; E2E_STEPS=0
-# stops after the layer-wise stage). The delta stores the query change as rank-QUERY_DELTA_RANK factors
-# (truncated SVD: 8.8 MB instead of 20, measured to keep the full change's perplexity);
-# TRAIN_QUERIES=0 keeps the source's queries (session 8's recipe). About 15 minutes per rank on a quiet
-# 2-core Xeon (9 + 5), several times that on a busy machine.
+# Recovery recipes of the shipped `rebuild` weights (`make recover-default [RECIPE_RANK=16]`), tune-side
+# text only: layer-wise distillation on Wikipedia tune articles (800 steps per layer on
+# LAYERWISE_WINDOWS windows of 512 tokens), then end-to-end distillation on the original model's own
+# chat answers + tune prose (data/chat/tune.txt from `thinkeys chat-data`) for E2E_STEPS steps, or
+# E2E_MINUTES of wall time when that is given (0 stops after the layer-wise stage).
+# r = 16 (session 14): 256 windows kept in bf16, and the (never cached) query projection trains too
+# (TRAIN_QUERIES=1); its delta stores the query change as rank-QUERY_DELTA_RANK factors (truncated
+# SVD: 8.8 MB instead of 20, measured to keep the full change's perplexity). About 15 minutes on a
+# quiet 2-core Xeon (9 + 5). r = 32, the default (session 7): 128 windows, queries frozen, 25 minutes
+# end-to-end (114 steps there), one thread. The session-14 recipe at r = 32 scores better on text but
+# its served chat answer to the README's own example flipped (README, Quality), so it is not shipped:
+# `make recover-default TRAIN_QUERIES=1 LAYERWISE_WINDOWS=256 LAYERWISE_STORE=bfloat16 E2E_MINUTES= RECIPE_THREADS=2`.
 CHAT := $(DATA)/chat/tune.txt
 LAYERWISE_STEPS ?= 800
-LAYERWISE_WINDOWS ?= 256
-TRAIN_QUERIES ?= 1
 QUERY_DELTA_RANK ?= 128
 E2E_STEPS ?= 114
+ifeq ($(or $(RECIPE_RANK),32),32)
+TRAIN_QUERIES ?= 0
+LAYERWISE_WINDOWS ?= 128
+LAYERWISE_STORE ?= float32
+E2E_MINUTES ?= 25
+RECIPE_THREADS ?= 1
+else
+TRAIN_QUERIES ?= 1
+LAYERWISE_WINDOWS ?= 256
+LAYERWISE_STORE ?= bfloat16
+E2E_MINUTES ?=
 RECIPE_THREADS ?= 2
+endif
 # RECIPE_RANK=16 runs the same recipe at r = 16 (its delta ships beside the default's; `make serve RANK=16`).
 RECIPE_RANK ?= $(DEFAULT_RANK)
 RECIPE_DELTA := configs/recovered/smollm2-135m-instruct-thin-r$(RECIPE_RANK)-$(DEFAULT_ROPE).safetensors
 RECIPE_BASE := $(MODELS)/SmolLM2-135M-Instruct-thin-r$(RECIPE_RANK)-$(DEFAULT_ROPE)
 RECIPE_QUERIES := $(if $(filter-out 0,$(TRAIN_QUERIES)),--train-queries)
 RECIPE_LW := $(RECIPE_BASE)-lw$(LAYERWISE_WINDOWS)$(if $(RECIPE_QUERIES),-q)
-RECIPE_E2E := $(RECIPE_LW)-chat$(E2E_STEPS)
-RECIPE_FINAL := $(if $(filter 0,$(E2E_STEPS)),$(RECIPE_LW),$(RECIPE_E2E))
+RECIPE_E2E_LENGTH := $(if $(E2E_MINUTES),--e2e-minutes $(E2E_MINUTES),--e2e-steps $(E2E_STEPS))
+RECIPE_E2E := $(RECIPE_LW)-chat$(if $(E2E_MINUTES),$(E2E_MINUTES)min,$(E2E_STEPS))
+RECIPE_FINAL := $(if $(filter 0,$(or $(E2E_MINUTES),$(E2E_STEPS))),$(RECIPE_LW),$(RECIPE_E2E))
 HOST ?= 127.0.0.1
 PORT ?= 8000
 KV_CACHE_GIB ?= 1
@@ -102,12 +116,12 @@ endif
 
 $(RECIPE_LW)/config.json: $(RECIPE_BASE)/config.json
 	$(BIN)/thinkeys finetune $(RECIPE_BASE) $(RECIPE_LW) --teacher $(DEFAULT_SRC) --text $(CALIBRATION) \
-		--layerwise-steps $(LAYERWISE_STEPS) --layerwise-windows $(LAYERWISE_WINDOWS) --layerwise-store bfloat16 \
+		--layerwise-steps $(LAYERWISE_STEPS) --layerwise-windows $(LAYERWISE_WINDOWS) --layerwise-store $(LAYERWISE_STORE) \
 		$(RECIPE_QUERIES) --threads $(RECIPE_THREADS) --force
 
 $(RECIPE_E2E)/config.json: $(RECIPE_LW)/config.json $(CHAT)
 	$(BIN)/thinkeys finetune $(RECIPE_LW) $(RECIPE_E2E) --teacher $(DEFAULT_SRC) --text $(CHAT) \
-		--layerwise-steps 0 --e2e-steps $(E2E_STEPS) $(RECIPE_QUERIES) --threads $(RECIPE_THREADS) --force
+		--layerwise-steps 0 $(RECIPE_E2E_LENGTH) $(RECIPE_QUERIES) --threads $(RECIPE_THREADS) --force
 
 recover-default: setup $(RECIPE_FINAL)/config.json
 	$(BIN)/thinkeys recovered make $(RECIPE_FINAL) --base $(DEFAULT_SRC) --out $(RECIPE_DELTA) \
